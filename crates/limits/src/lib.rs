@@ -1,0 +1,29 @@
+//! Per-grant send quotas: policies, all-or-nothing reservations, and two stores with the
+//! same behaviour (in memory, and in Redis for many replicas).
+//!
+//! This crate knows nothing of HTTP or Nylas: it speaks scopes, costs, profiles and
+//! decisions.
+//!
+//! # Layout
+//! - [`policy`]: profiles, windows and their validation; the built-in provider profiles.
+//! - [`decision`]: costs, reservations, usage, allowances and denials.
+//! - [`store`]: the [`QuotaStore`] trait and [`StoreError`].
+//! - [`memory`]: [`MemoryStore`], the embedded default.
+//! - [`redis`]: [`RedisStore`], one Lua script round trip per decision.
+//! - [`clock`]: the injectable [`Clock`] and a [`FakeClock`] for tests.
+//! - `window`: bucket and calendar arithmetic shared by both stores.
+
+pub mod clock;
+pub mod decision;
+pub mod memory;
+pub mod policy;
+pub mod redis;
+pub mod store;
+mod window;
+
+pub use clock::{Clock, FakeClock, Millis, SystemClock};
+pub use decision::{Allowance, Charge, Cost, Decision, Denial, MetricUsage, Reservation, Usage, WindowUsage};
+pub use memory::MemoryStore;
+pub use policy::{CalendarUnit, Metric, Period, PeriodSpec, PolicyError, Profile, ProfileSpec, Window, WindowSpec};
+pub use redis::{RedisConfig, RedisStore};
+pub use store::{IDEMPOTENCY_TTL, MAX_IDEMPOTENCY_KEY, QuotaStore, StoreError};

@@ -1,0 +1,428 @@
+//! The shared store: quota counters in Redis, for many gateway replicas.
+//!
+//! Every reservation is one `EVALSHA` of `reserve.lua` (loaded again and retried once on
+//! `NOSCRIPT`), which reads the time from Redis, checks every window and metric of the
+//! profile, and charges all of them or none. Release is one `EVALSHA` of `release.lua`.
+//!
+//! Keys look like `<prefix>:{<scope>}:w:<window id>`: the `{scope}` hash tag keeps all keys
+//! of a scope in one Cluster slot, and the window id names the period and bucketing but never
+//! the limit, so changing a limit keeps the usage. Every key written gets an absolute expiry
+//! in the same script.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+
+use crate::clock::{Clock, Millis, SystemClock};
+use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
+use crate::policy::{Metric, Period, Profile};
+use crate::store::{IDEMPOTENCY_TTL, QuotaStore, StoreError, check_idempotency_key};
+use crate::window::{Over, calendar_bounds, denial, usage_of};
+
+/// Default per-call timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "sendgw";
+
+/// How to reach Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://[user:pass@]host:port[/db]` or `rediss://...` for one server (or a Sentinel-
+    /// managed primary behind a stable address); `redis+cluster://host:port,host:port` for
+    /// Redis Cluster (seed nodes).
+    pub url: String,
+    /// Prefix of every key; must not contain `{` or `}`.
+    pub key_prefix: String,
+    /// Longest wait for any one call.
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: DEFAULT_PREFIX.into(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// One multiplexed connection that reconnects by itself.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Quota counters in Redis (standalone or Cluster).
+pub struct RedisStore {
+    conn: Conn,
+    prefix: String,
+    timeout: Duration,
+    reserve: Script,
+    release: Script,
+    /// Set only by tests: pass this clock's time to the script instead of Redis `TIME`.
+    clock_override: Option<Arc<dyn Clock>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("cluster", &matches!(self.conn, Conn::Cluster(_)))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to Redis. The connection is multiplexed and reconnects on its own.
+    ///
+    /// # Errors
+    /// A malformed URL or prefix ([`StoreError::Invalid`]), or Redis unreachable within the
+    /// timeout.
+    pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
+        if config.key_prefix.contains(['{', '}']) {
+            return Err(StoreError::Invalid("key_prefix must not contain '{' or '}'".into()));
+        }
+        let timeout = config.timeout;
+        let conn = if let Some(nodes) = config.url.strip_prefix("redis+cluster://") {
+            let nodes: Vec<String> = nodes
+                .split(',')
+                .filter(|n| !n.trim().is_empty())
+                .map(|n| format!("redis://{}", n.trim()))
+                .collect();
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .build()
+                .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
+            let conn = within(timeout, client.get_async_connection()).await?;
+            Conn::Cluster(conn)
+        } else {
+            let client = redis::Client::open(config.url.as_str())
+                .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
+            let cfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(2);
+            let conn = within(timeout, ConnectionManager::new_with_config(client, cfg)).await?;
+            Conn::Single(conn)
+        };
+        Ok(RedisStore {
+            conn,
+            prefix: config.key_prefix.clone(),
+            timeout,
+            reserve: Script::new(include_str!("reserve.lua")),
+            release: Script::new(include_str!("release.lua")),
+            clock_override: None,
+        })
+    }
+
+    /// Uses `clock` instead of Redis `TIME`. Meant for tests that move time by hand; in
+    /// production the Redis clock keeps replicas with skewed clocks in agreement.
+    pub fn with_clock_override(mut self, clock: impl Clock) -> Self {
+        self.clock_override = Some(Arc::new(clock));
+        self
+    }
+
+    fn key(&self, scope: &str, kind: &str, name: &str) -> String {
+        format!("{}:{{{scope}}}:{kind}{name}", self.prefix)
+    }
+
+    fn window_key(&self, scope: &str, window_id: &str) -> String {
+        self.key(scope, "w:", window_id)
+    }
+
+    /// The names of the keys holding `scope`'s windows under `profile` (for inspection).
+    pub fn window_keys(&self, scope: &str, profile: &Profile) -> Vec<String> {
+        profile.windows().iter().map(|w| self.window_key(scope, w.id())).collect()
+    }
+
+    async fn run_reserve(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        key: Option<&str>,
+        mode: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        let local_now = match &self.clock_override {
+            Some(c) => c.now_ms(),
+            None => SystemClock.now_ms(),
+        };
+        let mut inv = self.reserve.prepare_invoke();
+        for w in profile.windows() {
+            inv.key(self.window_key(scope, w.id()));
+        }
+        inv.key(self.key(scope, "k", ""));
+        let idem_ttl = match key {
+            Some(k) if mode == "r" => {
+                inv.key(self.key(scope, "i:", k));
+                IDEMPOTENCY_TTL.as_millis() as u64
+            }
+            _ => 0,
+        };
+        let id = rand::random::<u64>() >> 2;
+        inv.arg(self.clock_override.as_ref().map(|c| c.now_ms().to_string()).unwrap_or_default())
+            .arg(id)
+            .arg(idem_ttl)
+            .arg(cost.messages)
+            .arg(cost.recipients)
+            .arg(cost.bytes)
+            .arg(mode)
+            .arg(profile.windows().len());
+        for w in profile.windows() {
+            let lim = |m: Metric| w.limit(m).map_or(0, |v| v.get());
+            let (kind, p) = match w.period() {
+                Period::Rolling { bucket_ms, buckets, .. } => {
+                    (0, [bucket_ms.get(), u64::from(buckets.get()), 0, 0, 0, 0])
+                }
+                Period::Calendar { unit, tz, .. } => {
+                    // The script picks whichever period holds the Redis time.
+                    let (s1, e1) = calendar_bounds(*unit, tz, local_now);
+                    let (s0, e0) = calendar_bounds(*unit, tz, s1.saturating_sub(1));
+                    let (s2, e2) = calendar_bounds(*unit, tz, e1);
+                    (1, [s0, e0, s1, e1, s2, e2])
+                }
+            };
+            inv.arg(kind).arg(lim(Metric::Messages)).arg(lim(Metric::Recipients)).arg(lim(Metric::Bytes));
+            for v in p {
+                inv.arg(v);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let reply: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
+        let mut fields = ints(&reply)?;
+        if fields.first() == Some(&3) {
+            // An idempotent repeat: the first reply, stored as text.
+            let Value::Array(items) = &reply else { return Err(protocol("idempotent reply")) };
+            let text = match items.get(1) {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => return Err(protocol("idempotent reply")),
+            };
+            fields = text
+                .split(',')
+                .map(|s| s.parse::<i64>().map_err(|_| protocol("idempotent record")))
+                .collect::<Result<_, _>>()?;
+        }
+        if fields.len() != 8 + 6 * profile.windows().len() {
+            return Err(protocol("reply length does not match the profile"));
+        }
+        Ok(fields)
+    }
+}
+
+fn protocol(what: &str) -> StoreError {
+    StoreError::Protocol(format!("unexpected {what} from Redis"))
+}
+
+fn map_err(e: RedisError, timeout: Duration) -> StoreError {
+    if e.is_timeout() {
+        StoreError::Timeout(timeout)
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_unrecoverable_error() {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Protocol(e.to_string())
+    }
+}
+
+async fn within<T>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(map_err(e, timeout)),
+        Err(_) => Err(StoreError::Timeout(timeout)),
+    }
+}
+
+fn ints(v: &Value) -> Result<Vec<i64>, StoreError> {
+    let Value::Array(items) = v else { return Err(protocol("reply")) };
+    items
+        .iter()
+        .map(|item| match item {
+            Value::Int(i) => Ok(*i),
+            Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).ok_or(()),
+            // The idempotent-repeat marker's payload is parsed by the caller.
+            _ => Err(()),
+        })
+        .enumerate()
+        .map(|(i, r)| match r {
+            Ok(v) => Ok(v),
+            Err(()) if i == 1 && items.first() == Some(&Value::Int(3)) => Ok(0),
+            Err(()) => Err(protocol("reply field")),
+        })
+        .collect()
+}
+
+/// Reads the per-window part of a reply.
+fn windows_of(fields: &[i64]) -> impl Iterator<Item = (u64, u64, Cost, Option<Millis>)> + '_ {
+    fields[8..].chunks_exact(6).map(|c| {
+        let u = |v: i64| u64::try_from(v).unwrap_or(0);
+        (u(c[0]), u(c[1]), Cost::new(u(c[2]), u(c[3]), u(c[4])), u64::try_from(c[5]).ok())
+    })
+}
+
+#[async_trait]
+impl QuotaStore for RedisStore {
+    async fn reserve(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        idempotency_key: Option<&str>,
+    ) -> Result<Decision, StoreError> {
+        check_idempotency_key(idempotency_key)?;
+        let f = self.run_reserve(scope, profile, cost, idempotency_key, "r").await?;
+        let now = u64::try_from(f[2]).unwrap_or(0);
+        let raw: Vec<(Cost, Option<Millis>)> = windows_of(&f).map(|(_, _, used, nf)| (used, nf)).collect();
+        let usage = usage_of(profile, &raw, now);
+        match f[0] {
+            1 => {
+                let charges = profile
+                    .windows()
+                    .iter()
+                    .zip(windows_of(&f))
+                    .map(|(w, (slot, expires_at_ms, _, _))| Charge {
+                        window_id: Arc::from(w.id()),
+                        slot,
+                        expires_at_ms,
+                    })
+                    .collect();
+                let reservation = Reservation {
+                    id: u64::try_from(f[1]).map_err(|_| protocol("reservation id"))?,
+                    scope: Arc::from(scope),
+                    cost,
+                    charges,
+                };
+                Ok(Decision::Allowed(Allowance { reservation, usage }))
+            }
+            0 => {
+                let window = usize::try_from(f[3] - 1).map_err(|_| protocol("denial window"))?;
+                let metric = usize::try_from(f[4] - 1)
+                    .ok()
+                    .and_then(|m| Metric::ALL.get(m).copied())
+                    .ok_or_else(|| protocol("denial metric"))?;
+                if window >= profile.windows().len() {
+                    return Err(protocol("denial window"));
+                }
+                let over = Over {
+                    window,
+                    metric,
+                    used: u64::try_from(f[5]).unwrap_or(0),
+                    limit: u64::try_from(f[6]).unwrap_or(0),
+                    retry_ms: u64::try_from(f[7]).ok(),
+                };
+                Ok(Decision::Denied(denial(profile, over, cost, usage)))
+            }
+            _ => Err(protocol("decision status")),
+        }
+    }
+
+    async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {
+        if reservation.charges.is_empty() {
+            return Ok(());
+        }
+        let scope = reservation.scope();
+        let mut inv = self.release.prepare_invoke();
+        for c in &reservation.charges {
+            inv.key(self.window_key(scope, &c.window_id));
+        }
+        inv.key(self.key(scope, "x:", &reservation.id.to_string()));
+        // The marker must outlive the charged buckets; a minute's margin covers clock skew
+        // between this host and Redis.
+        let until = reservation.charges.iter().map(|c| c.expires_at_ms).max().unwrap_or(0);
+        let now = self.clock_override.as_ref().map_or_else(|| SystemClock.now_ms(), |c| c.now_ms());
+        let marker_ttl = until.saturating_sub(now) + 60_000;
+        let cost = reservation.cost;
+        inv.arg(marker_ttl)
+            .arg(cost.messages)
+            .arg(cost.recipients)
+            .arg(cost.bytes)
+            .arg(reservation.charges.len());
+        for c in &reservation.charges {
+            // Calendar slots are period starts in ms; rolling slots are bucket numbers.
+            let kind = u8::from(c.window_id.contains('@'));
+            inv.arg(kind).arg(c.slot);
+        }
+        let mut conn = self.conn.clone();
+        let _: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn usage(&self, scope: &str, profile: &Profile) -> Result<Usage, StoreError> {
+        let f = self.run_reserve(scope, profile, Cost::default(), None, "u").await?;
+        let now = u64::try_from(f[2]).unwrap_or(0);
+        let raw: Vec<_> = windows_of(&f).map(|(_, _, used, nf)| (used, nf)).collect();
+        Ok(usage_of(profile, &raw, now))
+    }
+
+    async fn reset(&self, scope: &str) -> Result<(), StoreError> {
+        let index = self.key(scope, "k", "");
+        let mut conn = self.conn.clone();
+        let members: Vec<String> =
+            within(self.timeout, redis::cmd("SMEMBERS").arg(&index).query_async(&mut conn)).await?;
+        let mut del = redis::cmd("DEL");
+        del.arg(&index);
+        for k in members {
+            del.arg(k);
+        }
+        let _: i64 = within(self.timeout, del.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = within(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn calendar_ids_carry_an_at_and_rolling_ids_do_not() {
+        use crate::{CalendarUnit, ProfileSpec, WindowSpec};
+        let p = ProfileSpec::default()
+            .window(WindowSpec::rolling(std::time::Duration::from_secs(60)).messages(1))
+            .window(WindowSpec::calendar(CalendarUnit::Day, "Europe/Berlin").messages(1))
+            .build("p")
+            .unwrap();
+        assert!(!p.windows()[0].id().contains('@'));
+        assert!(p.windows()[1].id().contains('@'));
+    }
+}

@@ -1,0 +1,50 @@
+//! Builds the two backends for the shared contract suite.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use limits::{FakeClock, MemoryStore, QuotaStore, RedisConfig, RedisStore};
+use testkit::RedisServer;
+
+/// 2026-03-01T00:00:00Z, a bucket boundary for every bucket width used here.
+pub const T0: u64 = 1_772_323_200_000;
+
+/// A store under test with the clock that drives it.
+pub struct Harness {
+    pub store: Arc<dyn QuotaStore>,
+    pub clock: FakeClock,
+    pub redis: Option<RedisServer>,
+}
+
+impl Harness {
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+
+    /// A second store on the same data (a second connection, or the same memory store).
+    pub async fn second(&self) -> Arc<dyn QuotaStore> {
+        match &self.redis {
+            Some(r) => Arc::new(redis_store(r, &self.clock).await),
+            None => Arc::clone(&self.store),
+        }
+    }
+}
+
+pub fn memory() -> Harness {
+    let clock = FakeClock::new(T0);
+    Harness { store: Arc::new(MemoryStore::with_clock(clock.clone())), clock, redis: None }
+}
+
+pub async fn redis_store(server: &RedisServer, clock: &FakeClock) -> RedisStore {
+    let cfg = RedisConfig { url: server.url(), timeout: Duration::from_secs(2), ..RedisConfig::default() };
+    RedisStore::connect(&cfg).await.expect("connect to test redis").with_clock_override(clock.clone())
+}
+
+pub async fn redis() -> Harness {
+    let server = RedisServer::start();
+    let clock = FakeClock::new(T0);
+    let store = redis_store(&server, &clock).await;
+    Harness { store: Arc::new(store), clock, redis: Some(server) }
+}
