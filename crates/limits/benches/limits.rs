@@ -1,1 +1,157 @@
-fn main(){}
+//! Quota engine benchmarks (`cargo bench -p limits`). Figures and the machine they were
+//! taken on are in `crates/limits/BENCHMARKS.md`.
+//!
+//! - `memory/reserve`: decisions per second of the memory store on one core (one
+//!   current-thread runtime), over 10,000 grants with the iCloud profile.
+//! - `redis/reserve` vs `redis/ping`: one reserve against a bare PING on the same
+//!   connection to a private redis-server; the ratio is printed at the end.
+//! - Redis bytes held by one grant whose iCloud window has every bucket used, printed.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use limits::{Cost, FakeClock, MemoryStore, Profile, QuotaStore, RedisConfig, RedisStore};
+use testkit::RedisServer;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn memory(c: &mut Criterion) {
+    let rt = runtime();
+    let store = Arc::new(MemoryStore::new());
+    let profile = Profile::builtin("icloud").unwrap();
+    let grants: Vec<String> = (0..10_000).map(|i| format!("grant-{i}")).collect();
+    let mut g = c.benchmark_group("memory");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("reserve", |b| {
+        b.to_async(&rt).iter(|| {
+            i = (i + 1) % grants.len();
+            let (store, grant, profile) = (&store, &grants[i], &profile);
+            async move {
+                let d = store
+                    .reserve(grant, profile, Cost::new(1, 1, 0), None)
+                    .await
+                    .unwrap();
+                // Keep grants under their limit so the bench measures the allowed path.
+                if let Some(r) = d.reservation()
+                    && r.id() % 512 == 0 {
+                        store.reset(grant).await.unwrap();
+                    }
+                black_box(d)
+            }
+        })
+    });
+    g.finish();
+}
+
+fn redis(c: &mut Criterion) {
+    let server = RedisServer::start();
+    let rt = runtime();
+    let cfg = RedisConfig {
+        url: server.url(),
+        timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    };
+    let store = rt.block_on(RedisStore::connect(&cfg)).unwrap();
+    let profile = Profile::builtin("icloud").unwrap();
+    // A limit no bench run reaches, so every call takes the allowed path.
+    let big = limits::ProfileSpec::default()
+        .window(
+            limits::WindowSpec::rolling(Duration::from_secs(86_400))
+                .messages(u64::MAX / 4)
+                .recipients(u64::MAX / 4),
+        )
+        .build("bench")
+        .unwrap();
+    rt.block_on(store.reserve("warm", &profile, Cost::new(1, 1, 0), None))
+        .unwrap();
+
+    let mut g = c.benchmark_group("redis");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("ping", |b| {
+        b.to_async(&rt)
+            .iter(|| async { store.ping().await.unwrap() })
+    });
+    g.bench_function("reserve", |b| {
+        b.to_async(&rt).iter(|| async {
+            black_box(
+                store
+                    .reserve("g", &big, Cost::new(1, 3, 0), None)
+                    .await
+                    .unwrap(),
+            )
+        })
+    });
+    g.bench_function("reserve_denied", |b| {
+        b.to_async(&rt).iter(|| async {
+            black_box(
+                store
+                    .reserve("g", &profile, Cost::new(1, 3, 0), None)
+                    .await
+                    .unwrap(),
+            )
+        })
+    });
+    g.finish();
+
+    // The ratio, measured interleaved so both see the same machine load.
+    let rounds = 20_000;
+    let (mut ping, mut reserve) = (Duration::ZERO, Duration::ZERO);
+    rt.block_on(async {
+        for _ in 0..rounds {
+            let t = Instant::now();
+            store.ping().await.unwrap();
+            ping += t.elapsed();
+            let t = Instant::now();
+            black_box(
+                store
+                    .reserve("g", &big, Cost::new(1, 3, 0), None)
+                    .await
+                    .unwrap(),
+            );
+            reserve += t.elapsed();
+        }
+    });
+    println!(
+        "redis reserve/ping latency ratio: {:.2} (reserve {:.1} µs, ping {:.1} µs, mean of {rounds})",
+        reserve.as_secs_f64() / ping.as_secs_f64(),
+        reserve.as_secs_f64() * 1e6 / f64::from(rounds),
+        ping.as_secs_f64() * 1e6 / f64::from(rounds),
+    );
+
+    // Bytes held by a grant with every bucket of its iCloud window used.
+    let clock = FakeClock::new(1_772_323_200_000);
+    let store = rt
+        .block_on(RedisStore::connect(&cfg))
+        .unwrap()
+        .with_clock_override(clock.clone());
+    for _ in 0..97 {
+        rt.block_on(store.reserve("full", &profile, Cost::new(1, 10, 20_000_000), None))
+            .unwrap();
+        clock.advance(Duration::from_secs(900));
+    }
+    let keys = server.command(&["KEYS", "sendgw:{full}:*"]).unwrap();
+    let total: i64 = keys
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with('$'))
+        .map(|k| server.int(&["MEMORY", "USAGE", k, "SAMPLES", "0"]))
+        .sum();
+    println!(
+        "redis bytes per grant with every iCloud bucket used: {total} (MEMORY USAGE over its keys)"
+    );
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
+    targets = memory, redis
+}
+criterion_main!(benches);

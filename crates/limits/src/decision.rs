@@ -19,7 +19,11 @@ pub struct Cost {
 impl Cost {
     /// A cost of `messages`, `recipients` and `bytes`.
     pub const fn new(messages: u64, recipients: u64, bytes: u64) -> Self {
-        Cost { messages, recipients, bytes }
+        Cost {
+            messages,
+            recipients,
+            bytes,
+        }
     }
 
     /// The amount of `metric`.
@@ -36,7 +40,11 @@ impl Cost {
     }
 
     pub(crate) const fn from_array(a: [u64; 3]) -> Self {
-        Cost { messages: a[0], recipients: a[1], bytes: a[2] }
+        Cost {
+            messages: a[0],
+            recipients: a[1],
+            bytes: a[2],
+        }
     }
 }
 

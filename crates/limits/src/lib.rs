@@ -22,8 +22,12 @@ pub mod store;
 mod window;
 
 pub use clock::{Clock, FakeClock, Millis, SystemClock};
-pub use decision::{Allowance, Charge, Cost, Decision, Denial, MetricUsage, Reservation, Usage, WindowUsage};
+pub use decision::{
+    Allowance, Charge, Cost, Decision, Denial, MetricUsage, Reservation, Usage, WindowUsage,
+};
 pub use memory::MemoryStore;
-pub use policy::{CalendarUnit, Metric, Period, PeriodSpec, PolicyError, Profile, ProfileSpec, Window, WindowSpec};
+pub use policy::{
+    CalendarUnit, Metric, Period, PeriodSpec, PolicyError, Profile, ProfileSpec, Window, WindowSpec,
+};
 pub use redis::{RedisConfig, RedisStore};
 pub use store::{IDEMPOTENCY_TTL, MAX_IDEMPOTENCY_KEY, QuotaStore, StoreError};

@@ -107,7 +107,10 @@ impl MemoryStore {
     fn maybe_sweep(&self, now: Millis) {
         let last = self.last_sweep.load(Ordering::Relaxed);
         if now >= last.saturating_add(SWEEP_EVERY_MS)
-            && self.last_sweep.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && self
+                .last_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
         {
             self.scopes.retain(|_, s| s.expires_at > now);
         }
@@ -128,10 +131,14 @@ impl MemoryStore {
                 return decision.clone();
             }
         }
-        let decision = state.decide(scope_arc, profile, cost, now, || self.next_id.fetch_add(1, Ordering::Relaxed));
+        let decision = state.decide(scope_arc, profile, cost, now, || {
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        });
         if let Some(key) = key {
             let exp = now + IDEMPOTENCY_TTL.as_millis() as u64;
-            state.idempotent.insert(key.to_owned(), (decision.clone(), exp));
+            state
+                .idempotent
+                .insert(key.to_owned(), (decision.clone(), exp));
             state.expires_at = state.expires_at.max(exp);
         }
         decision
@@ -144,10 +151,17 @@ impl ScopeState {
             Some(pos) => pos,
             None => {
                 let state = match w.period() {
-                    Period::Rolling { .. } => WindowState::Rolling { buckets: VecDeque::new(), totals: [0; 3] },
+                    Period::Rolling { .. } => WindowState::Rolling {
+                        buckets: VecDeque::new(),
+                        totals: [0; 3],
+                    },
                     Period::Calendar { unit, tz, .. } => {
                         let (start, end) = calendar_bounds(*unit, tz, now);
-                        WindowState::Calendar { start, end, counts: [0; 3] }
+                        WindowState::Calendar {
+                            start,
+                            end,
+                            counts: [0; 3],
+                        }
                     }
                 };
                 self.windows.push((Arc::clone(w.id_arc()), state));
@@ -177,8 +191,15 @@ impl ScopeState {
                 let Some(limit) = w.limit(m) else { continue };
                 let (limit, u, req) = (limit.get(), used[m.index()], want[m.index()]);
                 if u.saturating_add(req) > limit {
-                    let retry_ms = (req <= limit).then(|| state.free_at(w, m, u + req - limit).saturating_sub(now));
-                    overs.push(Over { window: i, metric: m, used: u, limit, retry_ms });
+                    let retry_ms = (req <= limit)
+                        .then(|| state.free_at(w, m, u + req - limit).saturating_sub(now));
+                    overs.push(Over {
+                        window: i,
+                        metric: m,
+                        used: u,
+                        limit,
+                        retry_ms,
+                    });
                 }
             }
             raw.push((Cost::from_array(used), state.next_free_at(w)));
@@ -197,7 +218,12 @@ impl ScopeState {
             charges.push(charge);
         }
         Decision::Allowed(Allowance {
-            reservation: Reservation { id: next_id(), scope, cost, charges },
+            reservation: Reservation {
+                id: next_id(),
+                scope,
+                cost,
+                charges,
+            },
             usage: usage_of(profile, &raw, now),
         })
     }
@@ -207,7 +233,13 @@ impl ScopeState {
         if self.released.contains_key(&r.id) {
             return;
         }
-        let until = r.charges.iter().map(|c| c.expires_at_ms).max().unwrap_or(now).max(now + 1);
+        let until = r
+            .charges
+            .iter()
+            .map(|c| c.expires_at_ms)
+            .max()
+            .unwrap_or(now)
+            .max(now + 1);
         self.released.insert(r.id, until);
         self.expires_at = self.expires_at.max(until);
         let give = r.cost.to_array();
@@ -224,7 +256,9 @@ impl WindowState {
     fn advance(&mut self, w: &Window, now: Millis) {
         match (self, w.period()) {
             (WindowState::Rolling { buckets, totals }, period) => {
-                let Some(geo) = Rolling::of(period) else { return };
+                let Some(geo) = Rolling::of(period) else {
+                    return;
+                };
                 let oldest = geo.oldest_live(now);
                 while let Some(&(slot, counts)) = buckets.front() {
                     if slot >= oldest {
@@ -258,9 +292,14 @@ impl WindowState {
         match self {
             WindowState::Rolling { buckets, .. } => {
                 let geo = Rolling::of(w.period())?;
-                buckets.iter().find(|(_, c)| c.iter().any(|&v| v > 0)).map(|&(slot, _)| geo.expiry(slot))
+                buckets
+                    .iter()
+                    .find(|(_, c)| c.iter().any(|&v| v > 0))
+                    .map(|&(slot, _)| geo.expiry(slot))
             }
-            WindowState::Calendar { end, counts, .. } => counts.iter().any(|&v| v > 0).then_some(*end),
+            WindowState::Calendar { end, counts, .. } => {
+                counts.iter().any(|&v| v > 0).then_some(*end)
+            }
         }
     }
 
@@ -268,7 +307,9 @@ impl WindowState {
     fn free_at(&self, w: &Window, m: Metric, need: u64) -> Millis {
         match self {
             WindowState::Rolling { buckets, .. } => {
-                let Some(geo) = Rolling::of(w.period()) else { return 0 };
+                let Some(geo) = Rolling::of(w.period()) else {
+                    return 0;
+                };
                 let mut freed = 0u64;
                 for &(slot, counts) in buckets {
                     freed = freed.saturating_add(counts[m.index()]);
@@ -286,7 +327,10 @@ impl WindowState {
     fn charge(&mut self, w: &Window, now: Millis, want: [u64; 3]) -> Charge {
         let (slot, expires_at_ms) = match self {
             WindowState::Rolling { buckets, totals } => {
-                let geo = Rolling::of(w.period()).unwrap_or(Rolling { bucket_ms: 1, buckets: 0 });
+                let geo = Rolling::of(w.period()).unwrap_or(Rolling {
+                    bucket_ms: 1,
+                    buckets: 0,
+                });
                 let mut slot = geo.slot(now);
                 match buckets.back_mut() {
                     // A clock that stepped back charges the newest bucket: counted longer, never less.
@@ -304,7 +348,11 @@ impl WindowState {
                 (*start, *end)
             }
         };
-        Charge { window_id: Arc::clone(w.id_arc()), slot, expires_at_ms }
+        Charge {
+            window_id: Arc::clone(w.id_arc()),
+            slot,
+            expires_at_ms,
+        }
     }
 
     fn give_back(&mut self, slot: u64, give: [u64; 3]) {
@@ -371,7 +419,11 @@ impl QuotaStore for MemoryStore {
     async fn usage(&self, scope: &str, profile: &Profile) -> Result<Usage, StoreError> {
         let now = self.clock.now_ms();
         let Some(mut state) = self.scopes.get_mut(scope) else {
-            return Ok(usage_of(profile, &vec![(Cost::default(), None); profile.windows().len()], now));
+            return Ok(usage_of(
+                profile,
+                &vec![(Cost::default(), None); profile.windows().len()],
+                now,
+            ));
         };
         let raw: Vec<_> = profile
             .windows()

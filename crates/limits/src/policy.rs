@@ -136,8 +136,14 @@ impl Window {
     pub fn nominal_seconds(&self) -> u64 {
         match &self.period {
             Period::Rolling { length, .. } => length.as_secs().max(1),
-            Period::Calendar { unit: CalendarUnit::Day, .. } => 86_400,
-            Period::Calendar { unit: CalendarUnit::Month, .. } => 31 * 86_400,
+            Period::Calendar {
+                unit: CalendarUnit::Day,
+                ..
+            } => 86_400,
+            Period::Calendar {
+                unit: CalendarUnit::Month,
+                ..
+            } => 31 * 86_400,
         }
     }
 }
@@ -289,7 +295,11 @@ impl WindowSpec {
     fn build(&self, field: &str) -> Result<Window, PolicyError> {
         let err = |key: &str, problem: String| PolicyError::new(format!("{field}.{key}"), problem);
         let mut limits = [None; 3];
-        for (metric, value) in Metric::ALL.into_iter().zip([self.messages, self.recipients, self.bytes]) {
+        for (metric, value) in
+            Metric::ALL
+                .into_iter()
+                .zip([self.messages, self.recipients, self.bytes])
+        {
             if let Some(v) = value {
                 let v = NonZeroU64::new(v)
                     .ok_or_else(|| err(metric.as_str(), "must be greater than zero".into()))?;
@@ -305,14 +315,23 @@ impl WindowSpec {
         let (id, label, period) = match &self.period {
             PeriodSpec::Rolling(length) => {
                 if self.timezone.is_some() {
-                    return Err(err("timezone", "only calendar windows (\"day\", \"month\") take a time zone".into()));
+                    return Err(err(
+                        "timezone",
+                        "only calendar windows (\"day\", \"month\") take a time zone".into(),
+                    ));
                 }
                 if *length < MIN_ROLLING || *length > MAX_ROLLING {
-                    return Err(err("period", "a rolling window must be from 1s to 31d long".into()));
+                    return Err(err(
+                        "period",
+                        "a rolling window must be from 1s to 31d long".into(),
+                    ));
                 }
                 let length_ms = u64::try_from(length.as_millis()).unwrap_or(u64::MAX);
                 if length.subsec_nanos() % 1_000_000 != 0 {
-                    return Err(err("period", "must be a whole number of milliseconds".into()));
+                    return Err(err(
+                        "period",
+                        "must be a whole number of milliseconds".into(),
+                    ));
                 }
                 let requested = self.buckets.unwrap_or(DEFAULT_BUCKETS);
                 if requested == 0 || requested > MAX_BUCKETS {
@@ -346,11 +365,20 @@ impl WindowSpec {
                 (
                     format!("{unit_name}@{tz_name}"),
                     unit_name.to_owned(),
-                    Period::Calendar { unit: *unit, tz_name, tz },
+                    Period::Calendar {
+                        unit: *unit,
+                        tz_name,
+                        tz,
+                    },
                 )
             }
         };
-        Ok(Window { id: id.into(), label: label.into(), period, limits })
+        Ok(Window {
+            id: id.into(),
+            label: label.into(),
+            period,
+            limits,
+        })
     }
 }
 
@@ -368,7 +396,11 @@ pub struct ProfileSpec {
 impl ProfileSpec {
     /// A spec with per-message caps and no windows yet.
     pub fn new(max_recipients_per_message: Option<u64>, max_message_size: Option<u64>) -> Self {
-        ProfileSpec { max_recipients_per_message, max_message_size, windows: Vec::new() }
+        ProfileSpec {
+            max_recipients_per_message,
+            max_message_size,
+            windows: Vec::new(),
+        }
     }
 
     /// Adds a window.
@@ -393,12 +425,14 @@ impl ProfileSpec {
         let base = format!("profiles.{name}");
         let nonzero = |v: Option<u64>, key: &str| match v {
             None => Ok(None),
-            Some(v) => NonZeroU64::new(v)
-                .map(Some)
-                .ok_or_else(|| PolicyError::new(format!("{base}.{key}"), "must be greater than zero".into())),
+            Some(v) => NonZeroU64::new(v).map(Some).ok_or_else(|| {
+                PolicyError::new(format!("{base}.{key}"), "must be greater than zero".into())
+            }),
         };
-        let max_recipients_per_message =
-            nonzero(self.max_recipients_per_message, "max_recipients_per_message")?;
+        let max_recipients_per_message = nonzero(
+            self.max_recipients_per_message,
+            "max_recipients_per_message",
+        )?;
         let max_message_size = nonzero(self.max_message_size, "max_message_size")?;
         let mut windows: Vec<Window> = Vec::with_capacity(self.windows.len());
         for (i, spec) in self.windows.iter().enumerate() {
@@ -418,7 +452,12 @@ impl ProfileSpec {
             }
             windows.push(window);
         }
-        Ok(Profile { name: name.to_owned(), max_recipients_per_message, max_message_size, windows })
+        Ok(Profile {
+            name: name.to_owned(),
+            max_recipients_per_message,
+            max_message_size,
+            windows,
+        })
     }
 }
 
@@ -432,7 +471,10 @@ pub struct PolicyError {
 
 impl PolicyError {
     fn new(field: impl Into<String>, problem: String) -> Self {
-        PolicyError { field: field.into(), problem }
+        PolicyError {
+            field: field.into(),
+            problem,
+        }
     }
 
     /// The dotted path of the field at fault, e.g. `profiles.icloud.windows[0].messages`.
@@ -445,19 +487,19 @@ impl PolicyError {
 /// exactly and the "at most one bucket longer" guarantee holds to the millisecond.
 fn largest_divisor_at_most(n: u64, cap: u64) -> u64 {
     let cap = cap.min(n).max(1);
-    (1..=cap).rev().find(|d| n % d == 0).unwrap_or(1)
+    (1..=cap).rev().find(|d| n.is_multiple_of(*d)).unwrap_or(1)
 }
 
 fn humanize(d: Duration) -> String {
     let ms = d.as_millis();
     let secs = d.as_secs();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
-    } else if secs % 86_400 == 0 && secs > 86_400 {
+    } else if secs.is_multiple_of(86_400) && secs > 86_400 {
         format!("{}d", secs / 86_400)
-    } else if secs % 3600 == 0 {
+    } else if secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
-    } else if secs % 60 == 0 {
+    } else if secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")
@@ -484,7 +526,9 @@ mod tests {
         assert_eq!(w.limit(Metric::Bytes), None);
         assert_eq!(w.id(), "r86400000b96");
         match w.period() {
-            Period::Rolling { buckets, bucket_ms, .. } => {
+            Period::Rolling {
+                buckets, bucket_ms, ..
+            } => {
                 assert_eq!(buckets.get(), 96);
                 assert_eq!(bucket_ms.get(), 900_000);
             }
@@ -495,15 +539,23 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases: Vec<(ProfileSpec, &str)> = vec![
-            (ProfileSpec::new(None, Some(0)), "profiles.p.max_message_size"),
             (
-                ProfileSpec::default().window(WindowSpec::rolling(Duration::from_secs(60)).messages(0)),
+                ProfileSpec::new(None, Some(0)),
+                "profiles.p.max_message_size",
+            ),
+            (
+                ProfileSpec::default()
+                    .window(WindowSpec::rolling(Duration::from_secs(60)).messages(0)),
                 "profiles.p.windows[0].messages",
             ),
             (
                 ProfileSpec::default()
                     .window(WindowSpec::rolling(Duration::from_secs(60)).messages(1))
-                    .window(WindowSpec::rolling(Duration::from_secs(60)).buckets(0).messages(1)),
+                    .window(
+                        WindowSpec::rolling(Duration::from_secs(60))
+                            .buckets(0)
+                            .messages(1),
+                    ),
                 "profiles.p.windows[1].buckets",
             ),
             (
@@ -512,11 +564,13 @@ mod tests {
                 "profiles.p.windows[0].timezone",
             ),
             (
-                ProfileSpec::default().window(WindowSpec::rolling(Duration::from_millis(999)).messages(1)),
+                ProfileSpec::default()
+                    .window(WindowSpec::rolling(Duration::from_millis(999)).messages(1)),
                 "profiles.p.windows[0].period",
             ),
             (
-                ProfileSpec::default().window(WindowSpec::rolling(Duration::from_secs(32 * 86_400)).bytes(1)),
+                ProfileSpec::default()
+                    .window(WindowSpec::rolling(Duration::from_secs(32 * 86_400)).bytes(1)),
                 "profiles.p.windows[0].period",
             ),
             (
@@ -542,7 +596,9 @@ mod tests {
         let w = WindowSpec::rolling(Duration::from_secs(1)).messages(1);
         let p = ProfileSpec::default().window(w).build("p").unwrap();
         match p.windows()[0].period() {
-            Period::Rolling { buckets, bucket_ms, .. } => {
+            Period::Rolling {
+                buckets, bucket_ms, ..
+            } => {
                 assert_eq!(buckets.get(), 50);
                 assert_eq!(bucket_ms.get(), 20);
             }
@@ -554,7 +610,11 @@ mod tests {
 
     #[test]
     fn calendar_windows_default_to_utc_and_name_the_zone() {
-        let spec = WindowSpec { timezone: None, ..WindowSpec::calendar(CalendarUnit::Month, "x") }.messages(5);
+        let spec = WindowSpec {
+            timezone: None,
+            ..WindowSpec::calendar(CalendarUnit::Month, "x")
+        }
+        .messages(5);
         let p = ProfileSpec::default().window(spec).build("p").unwrap();
         assert_eq!(p.windows()[0].id(), "month@UTC");
         assert_eq!(p.windows()[0].label(), "month");

@@ -115,7 +115,9 @@ impl RedisStore {
     /// timeout.
     pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
         if config.key_prefix.contains(['{', '}']) {
-            return Err(StoreError::Invalid("key_prefix must not contain '{' or '}'".into()));
+            return Err(StoreError::Invalid(
+                "key_prefix must not contain '{' or '}'".into(),
+            ));
         }
         let timeout = config.timeout;
         let conn = if let Some(nodes) = config.url.strip_prefix("redis+cluster://") {
@@ -168,7 +170,11 @@ impl RedisStore {
 
     /// The names of the keys holding `scope`'s windows under `profile` (for inspection).
     pub fn window_keys(&self, scope: &str, profile: &Profile) -> Vec<String> {
-        profile.windows().iter().map(|w| self.window_key(scope, w.id())).collect()
+        profile
+            .windows()
+            .iter()
+            .map(|w| self.window_key(scope, w.id()))
+            .collect()
     }
 
     async fn run_reserve(
@@ -196,20 +202,25 @@ impl RedisStore {
             _ => 0,
         };
         let id = rand::random::<u64>() >> 2;
-        inv.arg(self.clock_override.as_ref().map(|c| c.now_ms().to_string()).unwrap_or_default())
-            .arg(id)
-            .arg(idem_ttl)
-            .arg(cost.messages)
-            .arg(cost.recipients)
-            .arg(cost.bytes)
-            .arg(mode)
-            .arg(profile.windows().len());
+        inv.arg(
+            self.clock_override
+                .as_ref()
+                .map(|c| c.now_ms().to_string())
+                .unwrap_or_default(),
+        )
+        .arg(id)
+        .arg(idem_ttl)
+        .arg(cost.messages)
+        .arg(cost.recipients)
+        .arg(cost.bytes)
+        .arg(mode)
+        .arg(profile.windows().len());
         for w in profile.windows() {
             let lim = |m: Metric| w.limit(m).map_or(0, |v| v.get());
             let (kind, p) = match w.period() {
-                Period::Rolling { bucket_ms, buckets, .. } => {
-                    (0, [bucket_ms.get(), u64::from(buckets.get()), 0, 0, 0, 0])
-                }
+                Period::Rolling {
+                    bucket_ms, buckets, ..
+                } => (0, [bucket_ms.get(), u64::from(buckets.get()), 0, 0, 0, 0]),
                 Period::Calendar { unit, tz, .. } => {
                     // The script picks whichever period holds the Redis time.
                     let (s1, e1) = calendar_bounds(*unit, tz, local_now);
@@ -218,7 +229,10 @@ impl RedisStore {
                     (1, [s0, e0, s1, e1, s2, e2])
                 }
             };
-            inv.arg(kind).arg(lim(Metric::Messages)).arg(lim(Metric::Recipients)).arg(lim(Metric::Bytes));
+            inv.arg(kind)
+                .arg(lim(Metric::Messages))
+                .arg(lim(Metric::Recipients))
+                .arg(lim(Metric::Bytes));
             for v in p {
                 inv.arg(v);
             }
@@ -228,7 +242,9 @@ impl RedisStore {
         let mut fields = ints(&reply)?;
         if fields.first() == Some(&3) {
             // An idempotent repeat: the first reply, stored as text.
-            let Value::Array(items) = &reply else { return Err(protocol("idempotent reply")) };
+            let Value::Array(items) = &reply else {
+                return Err(protocol("idempotent reply"));
+            };
             let text = match items.get(1) {
                 Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
                 _ => return Err(protocol("idempotent reply")),
@@ -252,7 +268,11 @@ fn protocol(what: &str) -> StoreError {
 fn map_err(e: RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
         StoreError::Timeout(timeout)
-    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_unrecoverable_error() {
+    } else if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+    {
         StoreError::Unavailable(e.to_string())
     } else {
         StoreError::Protocol(e.to_string())
@@ -271,12 +291,17 @@ async fn within<T>(
 }
 
 fn ints(v: &Value) -> Result<Vec<i64>, StoreError> {
-    let Value::Array(items) = v else { return Err(protocol("reply")) };
+    let Value::Array(items) = v else {
+        return Err(protocol("reply"));
+    };
     items
         .iter()
         .map(|item| match item {
             Value::Int(i) => Ok(*i),
-            Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).ok_or(()),
+            Value::BulkString(b) => std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or(()),
             // The idempotent-repeat marker's payload is parsed by the caller.
             _ => Err(()),
         })
@@ -293,7 +318,12 @@ fn ints(v: &Value) -> Result<Vec<i64>, StoreError> {
 fn windows_of(fields: &[i64]) -> impl Iterator<Item = (u64, u64, Cost, Option<Millis>)> + '_ {
     fields[8..].chunks_exact(6).map(|c| {
         let u = |v: i64| u64::try_from(v).unwrap_or(0);
-        (u(c[0]), u(c[1]), Cost::new(u(c[2]), u(c[3]), u(c[4])), u64::try_from(c[5]).ok())
+        (
+            u(c[0]),
+            u(c[1]),
+            Cost::new(u(c[2]), u(c[3]), u(c[4])),
+            u64::try_from(c[5]).ok(),
+        )
     })
 }
 
@@ -307,9 +337,12 @@ impl QuotaStore for RedisStore {
         idempotency_key: Option<&str>,
     ) -> Result<Decision, StoreError> {
         check_idempotency_key(idempotency_key)?;
-        let f = self.run_reserve(scope, profile, cost, idempotency_key, "r").await?;
+        let f = self
+            .run_reserve(scope, profile, cost, idempotency_key, "r")
+            .await?;
         let now = u64::try_from(f[2]).unwrap_or(0);
-        let raw: Vec<(Cost, Option<Millis>)> = windows_of(&f).map(|(_, _, used, nf)| (used, nf)).collect();
+        let raw: Vec<(Cost, Option<Millis>)> =
+            windows_of(&f).map(|(_, _, used, nf)| (used, nf)).collect();
         let usage = usage_of(profile, &raw, now);
         match f[0] {
             1 => {
@@ -365,8 +398,16 @@ impl QuotaStore for RedisStore {
         inv.key(self.key(scope, "x:", &reservation.id.to_string()));
         // The marker must outlive the charged buckets; a minute's margin covers clock skew
         // between this host and Redis.
-        let until = reservation.charges.iter().map(|c| c.expires_at_ms).max().unwrap_or(0);
-        let now = self.clock_override.as_ref().map_or_else(|| SystemClock.now_ms(), |c| c.now_ms());
+        let until = reservation
+            .charges
+            .iter()
+            .map(|c| c.expires_at_ms)
+            .max()
+            .unwrap_or(0);
+        let now = self
+            .clock_override
+            .as_ref()
+            .map_or_else(|| SystemClock.now_ms(), |c| c.now_ms());
         let marker_ttl = until.saturating_sub(now) + 60_000;
         let cost = reservation.cost;
         inv.arg(marker_ttl)
@@ -385,7 +426,9 @@ impl QuotaStore for RedisStore {
     }
 
     async fn usage(&self, scope: &str, profile: &Profile) -> Result<Usage, StoreError> {
-        let f = self.run_reserve(scope, profile, Cost::default(), None, "u").await?;
+        let f = self
+            .run_reserve(scope, profile, Cost::default(), None, "u")
+            .await?;
         let now = u64::try_from(f[2]).unwrap_or(0);
         let raw: Vec<_> = windows_of(&f).map(|(_, _, used, nf)| (used, nf)).collect();
         Ok(usage_of(profile, &raw, now))
@@ -394,8 +437,11 @@ impl QuotaStore for RedisStore {
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {
         let index = self.key(scope, "k", "");
         let mut conn = self.conn.clone();
-        let members: Vec<String> =
-            within(self.timeout, redis::cmd("SMEMBERS").arg(&index).query_async(&mut conn)).await?;
+        let members: Vec<String> = within(
+            self.timeout,
+            redis::cmd("SMEMBERS").arg(&index).query_async(&mut conn),
+        )
+        .await?;
         let mut del = redis::cmd("DEL");
         del.arg(&index);
         for k in members {

@@ -172,7 +172,7 @@ end
 local idx_expiry = 0
 for i = 1, nwin do
   local w = windows[i]
-  local slot, expiry = 0, 0
+  local slot, expiry, extend = 0, 0, false
   if status == 1 then
     if w.kind == 0 then
       slot = w.cur
@@ -186,19 +186,32 @@ for i = 1, nwin do
       local oldest = w.oldest
       if not oldest or slot < oldest then oldest = slot end
       expiry = (slot + w.nb + 1) * w.width
-      redis.call('HSET', w.key, slot, fmt(v), 't', fmt(w.totals), 'o', oldest, 'n', slot)
+      -- The key's expiry only moves when a newer bucket opens (once per bucket width).
+      extend = not w.exists or w.newest ~= slot
+      if extend then
+        redis.call('HSET', w.key, slot, fmt(v), 't', fmt(w.totals), 'o', oldest, 'n', slot)
+      else
+        redis.call('HSET', w.key, slot, fmt(v), 't', fmt(w.totals))
+      end
       w.next_free = (oldest + w.nb + 1) * w.width
     else
       slot, expiry = w.start, w.finish
       for m = 1, 3 do w.totals[m] = w.totals[m] + cost[m] end
-      redis.call('HSET', w.key, 't', fmt(w.totals), 'o', w.start, 'e', w.finish)
+      extend = not w.exists or w.fresh
+      if extend then
+        redis.call('HSET', w.key, 't', fmt(w.totals), 'o', w.start, 'e', w.finish)
+      else
+        redis.call('HSET', w.key, 't', fmt(w.totals))
+      end
       w.next_free = w.finish
     end
-    -- Relative to the script's clock, which is Redis TIME in production: the same instant as
-    -- PEXPIREAT, and still right when a test passes its own clock.
-    redis.call('PEXPIRE', w.key, math.max(1, expiry - now))
-    if not w.exists then redis.call('SADD', idx_key, w.key) end
-    if expiry > idx_expiry then idx_expiry = expiry end
+    if extend then
+      -- Relative to the script's clock, which is Redis TIME in production: the same instant
+      -- as PEXPIREAT, and still right when a test passes its own clock.
+      redis.call('PEXPIRE', w.key, math.max(1, expiry - now))
+      redis.call('SADD', idx_key, w.key)
+      if expiry > idx_expiry then idx_expiry = expiry end
+    end
   end
   local base = 8 + (i - 1) * 6
   reply[base + 1], reply[base + 2] = slot, expiry

@@ -82,9 +82,9 @@ pub enum StoreError {
 
 pub(crate) fn check_idempotency_key(key: Option<&str>) -> Result<(), StoreError> {
     match key {
-        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY => Err(StoreError::Invalid(format!(
-            "idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"
-        ))),
+        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY => Err(StoreError::Invalid(
+            format!("idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
+        )),
         _ => Ok(()),
     }
 }

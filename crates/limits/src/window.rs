@@ -15,7 +15,11 @@ use crate::policy::{CalendarUnit, Metric, Period, Profile, Window};
 ///
 /// Days run from local midnight to the next local midnight, so they last 23 or 25 hours on
 /// DST changes; where a zone skips midnight, the day starts at the first instant it has.
-pub(crate) fn calendar_bounds(unit: CalendarUnit, tz: &TimeZone, now_ms: Millis) -> (Millis, Millis) {
+pub(crate) fn calendar_bounds(
+    unit: CalendarUnit,
+    tz: &TimeZone,
+    now_ms: Millis,
+) -> (Millis, Millis) {
     let compute = || -> Result<(i64, i64), jiff::Error> {
         let now = Timestamp::from_millisecond(i64::try_from(now_ms).unwrap_or(i64::MAX))?
             .to_zoned(tz.clone());
@@ -27,7 +31,10 @@ pub(crate) fn calendar_bounds(unit: CalendarUnit, tz: &TimeZone, now_ms: Millis)
             CalendarUnit::Day => start.tomorrow()?.start_of_day()?,
             CalendarUnit::Month => start.checked_add(1.month())?.start_of_day()?,
         };
-        Ok((start.timestamp().as_millisecond(), end.timestamp().as_millisecond()))
+        Ok((
+            start.timestamp().as_millisecond(),
+            end.timestamp().as_millisecond(),
+        ))
     };
     match compute() {
         Ok((s, e)) if s >= 0 && e > s => (s as u64, e as u64),
@@ -49,9 +56,12 @@ pub(crate) struct Rolling {
 impl Rolling {
     pub(crate) fn of(period: &Period) -> Option<Rolling> {
         match period {
-            Period::Rolling { buckets, bucket_ms, .. } => {
-                Some(Rolling { bucket_ms: bucket_ms.get(), buckets: u64::from(buckets.get()) })
-            }
+            Period::Rolling {
+                buckets, bucket_ms, ..
+            } => Some(Rolling {
+                bucket_ms: bucket_ms.get(),
+                buckets: u64::from(buckets.get()),
+            }),
             Period::Calendar { .. } => None,
         }
     }
@@ -85,13 +95,23 @@ pub(crate) fn usage_of(profile: &Profile, raw: &[(Cost, Option<Millis>)], now_ms
     Usage { windows }
 }
 
-pub(crate) fn window_usage(w: &Window, used: Cost, next_free_at: Option<Millis>, now_ms: Millis) -> WindowUsage {
+pub(crate) fn window_usage(
+    w: &Window,
+    used: Cost,
+    next_free_at: Option<Millis>,
+    now_ms: Millis,
+) -> WindowUsage {
     let metrics = Metric::ALL
         .into_iter()
         .filter_map(|m| {
             let limit = w.limit(m)?.get();
             let used = used.get(m);
-            Some(MetricUsage { metric: m, limit, used, remaining: limit.saturating_sub(used) })
+            Some(MetricUsage {
+                metric: m,
+                limit,
+                used,
+                remaining: limit.saturating_sub(used),
+            })
         })
         .collect();
     let any_used = used.to_array().iter().any(|&v| v > 0);
@@ -182,7 +202,10 @@ mod tests {
 
     #[test]
     fn rolling_geometry() {
-        let r = Rolling { bucket_ms: 900_000, buckets: 96 };
+        let r = Rolling {
+            bucket_ms: 900_000,
+            buckets: 96,
+        };
         assert_eq!(r.slot(899_999), 0);
         assert_eq!(r.expiry(0), 97 * 900_000);
         assert_eq!(r.oldest_live(97 * 900_000), 1);
@@ -190,9 +213,25 @@ mod tests {
 
     #[test]
     fn pick_prefers_impossible_then_latest() {
-        let o = |window, retry_ms| Over { window, metric: Metric::Messages, used: 0, limit: 1, retry_ms };
-        assert_eq!(pick_denial(&[o(0, Some(5)), o(1, Some(9)), o(2, Some(9))]).unwrap().window, 1);
-        assert_eq!(pick_denial(&[o(0, Some(5)), o(1, None), o(2, None)]).unwrap().window, 1);
+        let o = |window, retry_ms| Over {
+            window,
+            metric: Metric::Messages,
+            used: 0,
+            limit: 1,
+            retry_ms,
+        };
+        assert_eq!(
+            pick_denial(&[o(0, Some(5)), o(1, Some(9)), o(2, Some(9))])
+                .unwrap()
+                .window,
+            1
+        );
+        assert_eq!(
+            pick_denial(&[o(0, Some(5)), o(1, None), o(2, None)])
+                .unwrap()
+                .window,
+            1
+        );
         assert!(pick_denial(&[]).is_none());
     }
 }

@@ -15,7 +15,12 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 fn rolling(secs: u64, buckets: u32, messages: u64, recipients: u64) -> Profile {
     ProfileSpec::default()
-        .window(WindowSpec::rolling(Duration::from_secs(secs)).buckets(buckets).messages(messages).recipients(recipients))
+        .window(
+            WindowSpec::rolling(Duration::from_secs(secs))
+                .buckets(buckets)
+                .messages(messages)
+                .recipients(recipients),
+        )
         .build("test")
         .unwrap()
 }
@@ -25,7 +30,10 @@ fn used(u: &Usage, window: usize, metric: Metric) -> u64 {
 }
 
 async fn reserve(h: &Harness, scope: &str, p: &Profile, cost: Cost) -> Decision {
-    h.store.reserve(scope, p, cost, None).await.expect("reserve")
+    h.store
+        .reserve(scope, p, cost, None)
+        .await
+        .expect("reserve")
 }
 
 async fn allowed(h: &Harness, scope: &str, p: &Profile, cost: Cost) -> Reservation {
@@ -39,22 +47,41 @@ async fn allows_up_to_the_limit_then_denies_without_charging(h: Harness) {
     let p = rolling(60, 6, 3, 100);
     for i in 0..3 {
         let d = reserve(&h, "g", &p, Cost::new(1, 2, 10)).await;
-        let Decision::Allowed(a) = d else { panic!("send {i} denied") };
+        let Decision::Allowed(a) = d else {
+            panic!("send {i} denied")
+        };
         let m = &a.usage.windows[0].metrics[0];
-        assert_eq!((m.metric, m.limit, m.used, m.remaining), (Metric::Messages, 3, i + 1, 2 - i));
+        assert_eq!(
+            (m.metric, m.limit, m.used, m.remaining),
+            (Metric::Messages, 3, i + 1, 2 - i)
+        );
     }
     let before = h.store.usage("g", &p).await.unwrap();
     assert_eq!(used(&before, 0, Metric::Messages), 3);
     assert_eq!(used(&before, 0, Metric::Recipients), 6);
-    assert_eq!(used(&before, 0, Metric::Bytes), 30, "unlimited metrics are still counted");
+    assert_eq!(
+        used(&before, 0, Metric::Bytes),
+        30,
+        "unlimited metrics are still counted"
+    );
     for _ in 0..5 {
-        let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 2, 10)).await else { panic!("allowed") };
+        let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 2, 10)).await else {
+            panic!("allowed")
+        };
         assert_eq!(d.metric, Metric::Messages);
         assert_eq!((d.limit, d.used, d.requested), (3, 3, 1));
         assert_eq!(&*d.window, "1m");
-        assert_eq!(d.retry_after, Some(Duration::from_secs(70)), "oldest bucket (10 s) expires after 60 s + 10 s");
+        assert_eq!(
+            d.retry_after,
+            Some(Duration::from_secs(70)),
+            "oldest bucket (10 s) expires after 60 s + 10 s"
+        );
     }
-    assert_eq!(h.store.usage("g", &p).await.unwrap(), before, "denials change no counter");
+    assert_eq!(
+        h.store.usage("g", &p).await.unwrap(),
+        before,
+        "denials change no counter"
+    );
 }
 
 async fn all_or_nothing_across_windows_and_metrics(h: Harness) {
@@ -64,18 +91,33 @@ async fn all_or_nothing_across_windows_and_metrics(h: Harness) {
         .build("two")
         .unwrap();
     allowed(&h, "g", &p, Cost::new(1, 4, 0)).await;
-    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 2, 0)).await else { panic!("allowed") };
-    assert_eq!((d.metric, &*d.window, d.limit, d.used, d.requested), (Metric::Recipients, "day", 5, 4, 2));
-    assert_eq!(d.retry_after, Some(Duration::from_secs(86_400)), "the UTC day ends 24 h after T0");
+    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 2, 0)).await else {
+        panic!("allowed")
+    };
+    assert_eq!(
+        (d.metric, &*d.window, d.limit, d.used, d.requested),
+        (Metric::Recipients, "day", 5, 4, 2)
+    );
+    assert_eq!(
+        d.retry_after,
+        Some(Duration::from_secs(86_400)),
+        "the UTC day ends 24 h after T0"
+    );
     let u = h.store.usage("g", &p).await.unwrap();
-    assert_eq!(used(&u, 0, Metric::Messages), 1, "the 60 s window was not charged by the denial");
+    assert_eq!(
+        used(&u, 0, Metric::Messages),
+        1,
+        "the 60 s window was not charged by the denial"
+    );
     assert_eq!(used(&u, 1, Metric::Recipients), 4);
     allowed(&h, "g", &p, Cost::new(1, 1, 0)).await;
 }
 
 async fn a_cost_above_the_limit_never_passes(h: Harness) {
     let p = rolling(60, 6, 10, 5);
-    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 6, 0)).await else { panic!("allowed") };
+    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 6, 0)).await else {
+        panic!("allowed")
+    };
     assert_eq!(d.retry_after, None);
     assert_eq!((d.metric, d.used, d.requested), (Metric::Recipients, 0, 6));
 }
@@ -85,13 +127,25 @@ async fn retry_after_is_exact(h: Harness) {
     allowed(&h, "g", &p, Cost::new(1, 1, 0)).await;
     h.advance(Duration::from_millis(25_500));
     allowed(&h, "g", &p, Cost::new(1, 1, 0)).await;
-    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 1, 0)).await else { panic!("allowed") };
+    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 1, 0)).await else {
+        panic!("allowed")
+    };
     // The first send sits in bucket [T0, T0+10 s), which stops counting at T0 + 70 s.
-    assert_eq!(d.retry_after, Some(Duration::from_secs(45)), "70 s - 25.5 s, rounded up");
+    assert_eq!(
+        d.retry_after,
+        Some(Duration::from_secs(45)),
+        "70 s - 25.5 s, rounded up"
+    );
     h.advance(Duration::from_secs(44));
-    assert!(!reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed(), "one second early");
+    assert!(
+        !reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed(),
+        "one second early"
+    );
     h.advance(Duration::from_secs(1));
-    assert!(reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed(), "at retry_after");
+    assert!(
+        reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed(),
+        "at retry_after"
+    );
 }
 
 async fn rolling_counts_at_least_the_window_and_at_most_one_bucket_more(h: Harness) {
@@ -99,16 +153,25 @@ async fn rolling_counts_at_least_the_window_and_at_most_one_bucket_more(h: Harne
     h.advance(Duration::from_millis(9_999)); // last millisecond of the first bucket
     allowed(&h, "g", &p, Cost::new(1, 1, 0)).await;
     h.advance(Duration::from_millis(59_999));
-    assert!(!reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed(), "forgot before the window's length");
+    assert!(
+        !reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed(),
+        "forgot before the window's length"
+    );
     h.advance(Duration::from_millis(2));
-    assert!(reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed(), "remembered more than one bucket extra");
+    assert!(
+        reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed(),
+        "remembered more than one bucket extra"
+    );
     let before = h.store.usage("g2", &p).await.unwrap();
     assert_eq!(before.windows[0].next_free, None);
     allowed(&h, "g2", &p, Cost::new(1, 1, 0)).await; // at the start of a bucket
     h.advance(Duration::from_millis(69_999));
     assert!(!reserve(&h, "g2", &p, Cost::new(1, 1, 0)).await.is_allowed());
     h.advance(Duration::from_millis(1));
-    assert!(reserve(&h, "g2", &p, Cost::new(1, 1, 0)).await.is_allowed(), "window plus exactly one bucket");
+    assert!(
+        reserve(&h, "g2", &p, Cost::new(1, 1, 0)).await.is_allowed(),
+        "window plus exactly one bucket"
+    );
 }
 
 async fn release_gives_back_exactly_once(h: Harness) {
@@ -116,11 +179,22 @@ async fn release_gives_back_exactly_once(h: Harness) {
     let before = h.store.usage("g", &p).await.unwrap();
     let r = allowed(&h, "g", &p, Cost::new(1, 3, 500)).await;
     h.store.release(&r).await.unwrap();
-    assert_eq!(h.store.usage("g", &p).await.unwrap(), before, "reserve then release is a no-op");
+    assert_eq!(
+        h.store.usage("g", &p).await.unwrap(),
+        before,
+        "reserve then release is a no-op"
+    );
     let keep = allowed(&h, "g", &p, Cost::new(1, 3, 500)).await;
     h.store.release(&r).await.unwrap();
     let u = h.store.usage("g", &p).await.unwrap();
-    assert_eq!((used(&u, 0, Metric::Messages), used(&u, 0, Metric::Recipients)), (1, 3), "second release is a no-op");
+    assert_eq!(
+        (
+            used(&u, 0, Metric::Messages),
+            used(&u, 0, Metric::Recipients)
+        ),
+        (1, 3),
+        "second release is a no-op"
+    );
     assert_eq!(keep.cost(), Cost::new(1, 3, 500));
 }
 
@@ -131,7 +205,14 @@ async fn release_never_goes_below_zero_and_skips_expired_buckets(h: Harness) {
     let small = allowed(&h, "g", &p, Cost::new(1, 1, 0)).await;
     h.store.release(&old).await.unwrap();
     let u = h.store.usage("g", &p).await.unwrap();
-    assert_eq!((used(&u, 0, Metric::Messages), used(&u, 0, Metric::Recipients)), (0, 0), "clamped at zero");
+    assert_eq!(
+        (
+            used(&u, 0, Metric::Messages),
+            used(&u, 0, Metric::Recipients)
+        ),
+        (0, 0),
+        "clamped at zero"
+    );
     h.store.release(&small).await.unwrap();
     let u = h.store.usage("g", &p).await.unwrap();
     assert_eq!(used(&u, 0, Metric::Recipients), 0);
@@ -141,7 +222,11 @@ async fn release_never_goes_below_zero_and_skips_expired_buckets(h: Harness) {
     allowed(&h, "g", &p, Cost::new(1, 2, 0)).await;
     h.store.release(&stale).await.unwrap();
     let u = h.store.usage("g", &p).await.unwrap();
-    assert_eq!(used(&u, 0, Metric::Recipients), 2, "releasing an expired bucket touches nothing live");
+    assert_eq!(
+        used(&u, 0, Metric::Recipients),
+        2,
+        "releasing an expired bucket touches nothing live"
+    );
 }
 
 async fn release_targets_the_bucket_it_charged(h: Harness) {
@@ -159,13 +244,25 @@ async fn release_targets_the_bucket_it_charged(h: Harness) {
 
 async fn idempotent_repeats_return_the_first_decision(h: Harness) {
     let p = rolling(3600, 12, 5, 5);
-    let a = h.store.reserve("g", &p, Cost::new(1, 2, 0), Some("key-1")).await.unwrap();
+    let a = h
+        .store
+        .reserve("g", &p, Cost::new(1, 2, 0), Some("key-1"))
+        .await
+        .unwrap();
     h.advance(Duration::from_secs(10));
-    let b = h.store.reserve("g", &p, Cost::new(1, 2, 0), Some("key-1")).await.unwrap();
+    let b = h
+        .store
+        .reserve("g", &p, Cost::new(1, 2, 0), Some("key-1"))
+        .await
+        .unwrap();
     assert_eq!(a.reservation().unwrap().id(), b.reservation().unwrap().id());
     assert_eq!(a, b, "the repeat returns the first decision as it was");
     let u = h.store.usage("g", &p).await.unwrap();
-    assert_eq!(used(&u, 0, Metric::Recipients), 2, "the repeat charged nothing");
+    assert_eq!(
+        used(&u, 0, Metric::Recipients),
+        2,
+        "the repeat charged nothing"
+    );
     // Releasing through both copies gives back once.
     h.store.release(a.reservation().unwrap()).await.unwrap();
     h.store.release(b.reservation().unwrap()).await.unwrap();
@@ -173,14 +270,34 @@ async fn idempotent_repeats_return_the_first_decision(h: Harness) {
     let u = h.store.usage("g", &p).await.unwrap();
     assert_eq!(used(&u, 0, Metric::Recipients), 2);
     // A denial is remembered too, and another key is another request.
-    let big = h.store.reserve("g", &p, Cost::new(1, 9, 0), Some("key-2")).await.unwrap();
+    let big = h
+        .store
+        .reserve("g", &p, Cost::new(1, 9, 0), Some("key-2"))
+        .await
+        .unwrap();
     assert!(!big.is_allowed());
-    assert_eq!(h.store.reserve("g", &p, Cost::new(1, 9, 0), Some("key-2")).await.unwrap(), big);
+    assert_eq!(
+        h.store
+            .reserve("g", &p, Cost::new(1, 9, 0), Some("key-2"))
+            .await
+            .unwrap(),
+        big
+    );
     // The key is scoped: the same key on another grant is a new request.
-    assert!(h.store.reserve("other", &p, Cost::new(1, 2, 0), Some("key-1")).await.unwrap().is_allowed());
+    assert!(
+        h.store
+            .reserve("other", &p, Cost::new(1, 2, 0), Some("key-1"))
+            .await
+            .unwrap()
+            .is_allowed()
+    );
     // After an hour the key is forgotten.
     h.advance(HOUR);
-    let c = h.store.reserve("g", &p, Cost::new(1, 2, 0), Some("key-1")).await.unwrap();
+    let c = h
+        .store
+        .reserve("g", &p, Cost::new(1, 2, 0), Some("key-1"))
+        .await
+        .unwrap();
     assert_ne!(c.reservation().unwrap().id(), a.reservation().unwrap().id());
 }
 
@@ -188,7 +305,9 @@ async fn over_long_idempotency_keys_are_refused(h: Harness) {
     let p = rolling(60, 6, 5, 5);
     let key = "k".repeat(limits::MAX_IDEMPOTENCY_KEY + 1);
     assert!(matches!(
-        h.store.reserve("g", &p, Cost::new(1, 1, 0), Some(&key)).await,
+        h.store
+            .reserve("g", &p, Cost::new(1, 1, 0), Some(&key))
+            .await,
         Err(limits::StoreError::Invalid(_))
     ));
 }
@@ -205,7 +324,14 @@ async fn usage_reports_limit_used_remaining_and_next_free(h: Harness) {
     let w = &u.windows[0];
     assert_eq!((&*w.label, w.seconds), ("24h", 86_400));
     assert_eq!(w.metrics[1].metric, Metric::Recipients);
-    assert_eq!((w.metrics[1].limit, w.metrics[1].used, w.metrics[1].remaining), (1000, 7, 993));
+    assert_eq!(
+        (
+            w.metrics[1].limit,
+            w.metrics[1].used,
+            w.metrics[1].remaining
+        ),
+        (1000, 7, 993)
+    );
     // Sent in the bucket [T0, T0+15 min): frees at T0 + 24 h + 15 min.
     assert_eq!(w.next_free, Some(Duration::from_secs(86_400 + 900 - 600)));
 }
@@ -226,9 +352,15 @@ async fn changing_a_limit_keeps_usage(h: Harness) {
         allowed(&h, "g", &loose, Cost::new(1, 1, 0)).await;
     }
     let d = reserve(&h, "g", &tight, Cost::new(1, 1, 0)).await;
-    let Decision::Allowed(a) = d else { panic!("denied") };
+    let Decision::Allowed(a) = d else {
+        panic!("denied")
+    };
     assert_eq!(a.usage.windows[0].metrics[0].remaining, 0);
-    assert!(!reserve(&h, "g", &tight, Cost::new(1, 1, 0)).await.is_allowed());
+    assert!(
+        !reserve(&h, "g", &tight, Cost::new(1, 1, 0))
+            .await
+            .is_allowed()
+    );
 }
 
 async fn calendar_days_follow_new_york_dst(h: Harness) {
@@ -240,18 +372,25 @@ async fn calendar_days_follow_new_york_dst(h: Harness) {
     let day_start = 1_772_946_000_000; // 2026-03-08T05:00:00Z
     h.clock.set(day_start + 3_600_000);
     allowed(&h, "g", &p, Cost::new(1, 1, 0)).await;
-    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 1, 0)).await else { panic!("allowed") };
+    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 1, 0)).await else {
+        panic!("allowed")
+    };
     assert_eq!(d.retry_after, Some(Duration::from_secs(22 * 3600)));
     h.clock.set(day_start + 23 * 3_600_000 - 1);
     assert!(!reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed());
     h.clock.set(day_start + 23 * 3_600_000);
-    assert!(reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed(), "a new local day");
+    assert!(
+        reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed(),
+        "a new local day"
+    );
     // 2026-11-01 lasts 25 hours: 04:00Z to 2026-11-02T05:00Z.
     let fall = 1_793_505_600_000; // 2026-11-01T04:00:00Z
     h.clock.set(fall + 1);
     allowed(&h, "g", &p, Cost::new(1, 1, 0)).await;
     h.clock.set(fall + 25 * 3_600_000 - 1);
-    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 1, 0)).await else { panic!("allowed") };
+    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 1, 0)).await else {
+        panic!("allowed")
+    };
     assert_eq!(d.retry_after, Some(Duration::from_secs(1)));
     h.clock.set(fall + 25 * 3_600_000);
     assert!(reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed());
@@ -266,14 +405,21 @@ async fn calendar_months_in_berlin_cross_dst_and_month_ends(h: Harness) {
     let end = 1_774_994_400_000; // 2026-03-31T22:00:00Z
     h.clock.set(end - 3_600_000);
     allowed(&h, "g", &p, Cost::new(1, 10, 0)).await;
-    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 1, 0)).await else { panic!("allowed") };
+    let Decision::Denied(d) = reserve(&h, "g", &p, Cost::new(1, 1, 0)).await else {
+        panic!("allowed")
+    };
     assert_eq!(d.retry_after, Some(Duration::from_secs(3600)));
     h.clock.set(end - 1);
     assert!(!reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed());
     h.clock.set(end);
-    let Decision::Allowed(a) = reserve(&h, "g", &p, Cost::new(1, 10, 0)).await else { panic!("denied") };
+    let Decision::Allowed(a) = reserve(&h, "g", &p, Cost::new(1, 10, 0)).await else {
+        panic!("denied")
+    };
     // April has 30 days and no DST change: 720 hours.
-    assert_eq!(a.usage.windows[0].next_free, Some(Duration::from_secs(720 * 3600)));
+    assert_eq!(
+        a.usage.windows[0].next_free,
+        Some(Duration::from_secs(720 * 3600))
+    );
     // A release of March's charge after the month changed does nothing to April.
     let u = h.store.usage("g", &p).await.unwrap();
     assert_eq!(used(&u, 0, Metric::Recipients), 10);
@@ -289,7 +435,12 @@ async fn sixty_four_tasks_on_two_connections_admit_exactly_the_limit(h: Harness)
         tasks.push(tokio::spawn(async move {
             let mut admitted = 0u64;
             for _ in 0..4 {
-                if store.reserve("hot", &p, Cost::new(1, 1, 0), None).await.unwrap().is_allowed() {
+                if store
+                    .reserve("hot", &p, Cost::new(1, 1, 0), None)
+                    .await
+                    .unwrap()
+                    .is_allowed()
+                {
                     admitted += 1;
                 }
             }
@@ -310,11 +461,17 @@ async fn scopes_are_independent(h: Harness) {
     allowed(&h, "grant-a", &p, Cost::new(1, 1, 0)).await;
     allowed(&h, "grant-b", &p, Cost::new(1, 1, 0)).await;
     allowed(&h, "we{ird}:scope", &p, Cost::new(1, 1, 0)).await;
-    assert!(!reserve(&h, "grant-a", &p, Cost::new(1, 1, 0)).await.is_allowed());
+    assert!(
+        !reserve(&h, "grant-a", &p, Cost::new(1, 1, 0))
+            .await
+            .is_allowed()
+    );
 }
 
 async fn profiles_without_windows_always_allow(h: Harness) {
-    let p = ProfileSpec::new(Some(10), Some(1000)).build("caps-only").unwrap();
+    let p = ProfileSpec::new(Some(10), Some(1000))
+        .build("caps-only")
+        .unwrap();
     for _ in 0..3 {
         assert!(reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed());
     }

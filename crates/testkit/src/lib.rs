@@ -51,13 +51,22 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(&self.dir)
+        .args(&self.extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{MISSING_REDIS}"),
@@ -71,7 +80,10 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not answer PING within 10 s", self.port);
+        panic!(
+            "redis-server on port {} did not answer PING within 10 s",
+            self.port
+        );
     }
 
     /// The server's port.
@@ -110,7 +122,10 @@ impl RedisServer {
 
     fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
-            let status = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+            let status = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
             assert!(status.is_ok_and(|s| s.success()), "kill -{sig} failed");
         }
     }
@@ -138,7 +153,10 @@ impl RedisServer {
     /// When the reply is not an integer.
     pub fn int(&self, args: &[&str]) -> i64 {
         let r = self.command(args).expect("redis command");
-        r.trim().strip_prefix(':').and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("not an integer reply: {r:?}"))
+        r.trim()
+            .strip_prefix(':')
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("not an integer reply: {r:?}"))
     }
 }
 

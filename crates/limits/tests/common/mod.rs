@@ -34,17 +34,32 @@ impl Harness {
 
 pub fn memory() -> Harness {
     let clock = FakeClock::new(T0);
-    Harness { store: Arc::new(MemoryStore::with_clock(clock.clone())), clock, redis: None }
+    Harness {
+        store: Arc::new(MemoryStore::with_clock(clock.clone())),
+        clock,
+        redis: None,
+    }
 }
 
 pub async fn redis_store(server: &RedisServer, clock: &FakeClock) -> RedisStore {
-    let cfg = RedisConfig { url: server.url(), timeout: Duration::from_secs(2), ..RedisConfig::default() };
-    RedisStore::connect(&cfg).await.expect("connect to test redis").with_clock_override(clock.clone())
+    let cfg = RedisConfig {
+        url: server.url(),
+        timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    };
+    RedisStore::connect(&cfg)
+        .await
+        .expect("connect to test redis")
+        .with_clock_override(clock.clone())
 }
 
 pub async fn redis() -> Harness {
     let server = RedisServer::start();
     let clock = FakeClock::new(T0);
     let store = redis_store(&server, &clock).await;
-    Harness { store: Arc::new(store), clock, redis: Some(server) }
+    Harness {
+        store: Arc::new(store),
+        clock,
+        redis: Some(server),
+    }
 }

@@ -1,0 +1,242 @@
+//! What only the Redis store has to show: its keys, their expiry, Redis's clock, one round
+//! trip per decision, and typed errors when Redis misbehaves.
+
+mod common;
+
+use std::time::Duration;
+
+use limits::{
+    CalendarUnit, Cost, FakeClock, Profile, ProfileSpec, QuotaStore, RedisConfig, RedisStore,
+    StoreError, WindowSpec,
+};
+use testkit::RedisServer;
+
+fn config(server: &RedisServer, timeout: Duration) -> RedisConfig {
+    RedisConfig {
+        url: server.url(),
+        timeout,
+        key_prefix: "t".into(),
+    }
+}
+
+fn keys(server: &RedisServer) -> Vec<String> {
+    let raw = server.command(&["KEYS", "*"]).unwrap();
+    raw.lines()
+        .skip(1)
+        .filter(|l| !l.starts_with('$'))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn uses_redis_time_and_expires_every_key() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&config(&server, Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let p = ProfileSpec::default()
+        .window(WindowSpec::rolling(Duration::from_secs(3600)).messages(2))
+        .window(WindowSpec::calendar(CalendarUnit::Day, "Europe/Berlin").recipients(100))
+        .build("mixed")
+        .unwrap();
+    let d = store
+        .reserve("grant-1", &p, Cost::new(1, 3, 0), Some("idem"))
+        .await
+        .unwrap();
+    assert!(d.is_allowed());
+    store.release(d.reservation().unwrap()).await.unwrap();
+    assert!(
+        store
+            .reserve("grant-1", &p, Cost::new(1, 3, 0), None)
+            .await
+            .unwrap()
+            .is_allowed()
+    );
+    let all = keys(&server);
+    assert!(
+        all.len() >= 4,
+        "windows, index, idempotency record and release marker: {all:?}"
+    );
+    for k in &all {
+        assert!(
+            k.starts_with("t:{grant-1}:"),
+            "every key carries the scope's hash tag: {k}"
+        );
+        assert!(
+            !k.contains("100") && !k.contains(":2"),
+            "keys never name a limit: {k}"
+        );
+        let ttl = server.int(&["PTTL", k]);
+        assert!(ttl > 0, "{k} has no expiry ({ttl})");
+    }
+    // With Redis's own clock, the rolling key lives about an hour (plus one 37.5 s bucket).
+    let rolling = all.iter().find(|k| k.contains(":w:r3600000")).unwrap();
+    let ttl = server.int(&["PTTL", rolling]);
+    assert!(ttl > 3_500_000 && ttl <= 3_637_500, "{ttl}");
+    let u = store.usage("grant-1", &p).await.unwrap();
+    assert_eq!(u.windows[0].used.messages, 1);
+    assert_eq!(u.windows[1].used.recipients, 3);
+}
+
+#[tokio::test]
+async fn one_round_trip_per_decision() {
+    let server = RedisServer::start();
+    let clock = FakeClock::new(common::T0);
+    let store = RedisStore::connect(&config(&server, Duration::from_secs(2)))
+        .await
+        .unwrap()
+        .with_clock_override(clock);
+    let p = Profile::builtin("icloud").unwrap();
+    // Load the script once, then count commands.
+    store
+        .reserve("warm", &p, Cost::new(1, 1, 0), None)
+        .await
+        .unwrap();
+    server.command(&["CONFIG", "RESETSTAT"]).unwrap();
+    for i in 0..10 {
+        store
+            .reserve("g", &p, Cost::new(1, 100, 0), None)
+            .await
+            .unwrap()
+            .reservation()
+            .map(|_| i);
+    }
+    let info = server.command(&["INFO", "commandstats"]).unwrap();
+    let calls = |cmd: &str| -> u64 {
+        info.lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // Ten allowed and denied decisions (the limit is 1,000 recipients), ten EVALSHA calls.
+    assert_eq!(calls("evalsha"), 10, "{info}");
+    assert_eq!(calls("eval"), 0);
+}
+
+#[tokio::test]
+async fn reloads_the_script_after_script_flush() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&config(&server, Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let p = Profile::builtin("google").unwrap();
+    assert!(
+        store
+            .reserve("g", &p, Cost::new(1, 1, 0), None)
+            .await
+            .unwrap()
+            .is_allowed()
+    );
+    server.command(&["SCRIPT", "FLUSH"]).unwrap();
+    assert!(
+        store
+            .reserve("g", &p, Cost::new(1, 1, 0), None)
+            .await
+            .unwrap()
+            .is_allowed()
+    );
+    let u = store.usage("g", &p).await.unwrap();
+    assert_eq!(u.windows[0].used.messages, 2);
+}
+
+#[tokio::test]
+async fn a_full_icloud_window_fits_in_4_kib() {
+    let server = RedisServer::start();
+    let clock = FakeClock::new(common::T0);
+    let store = RedisStore::connect(&config(&server, Duration::from_secs(2)))
+        .await
+        .unwrap()
+        .with_clock_override(clock.clone());
+    let p = Profile::builtin("icloud").unwrap();
+    // One send in every one of the 97 buckets that can be live at once, 10 recipients each.
+    for _ in 0..97 {
+        assert!(
+            store
+                .reserve("full", &p, Cost::new(1, 10, 20_000_000), None)
+                .await
+                .unwrap()
+                .is_allowed()
+        );
+        clock.advance(Duration::from_secs(900));
+    }
+    let total: i64 = keys(&server)
+        .iter()
+        .map(|k| server.int(&["MEMORY", "USAGE", k, "SAMPLES", "0"]))
+        .sum();
+    assert!(total <= 4096, "a full iCloud grant uses {total} bytes");
+}
+
+#[tokio::test]
+async fn errors_are_typed_and_the_connection_recovers() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(300);
+    let store = RedisStore::connect(&config(&server, timeout))
+        .await
+        .unwrap();
+    let p = Profile::builtin("icloud").unwrap();
+    assert!(
+        store
+            .reserve("g", &p, Cost::new(1, 1, 0), None)
+            .await
+            .unwrap()
+            .is_allowed()
+    );
+
+    server.pause();
+    let err = store
+        .reserve("g", &p, Cost::new(1, 1, 0), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err, StoreError::Timeout(timeout));
+    server.resume();
+
+    server.stop();
+    let err = store
+        .reserve("g", &p, Cost::new(1, 1, 0), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Unavailable(_) | StoreError::Timeout(_)),
+        "{err:?}"
+    );
+    assert!(store.ping().await.is_err());
+
+    server.restart();
+    let mut recovered = false;
+    for _ in 0..50 {
+        if store
+            .reserve("g", &p, Cost::new(1, 1, 0), None)
+            .await
+            .is_ok()
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "the connection manager reconnects after a restart"
+    );
+    store.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_configuration_is_refused() {
+    let err = RedisStore::connect(&RedisConfig {
+        key_prefix: "a{b".into(),
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)));
+    let err = RedisStore::connect(&RedisConfig {
+        url: "http://nope".into(),
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+}
