@@ -1,0 +1,395 @@
+//! Which requests send mail: [`classify`] maps a method and URI to a [`SendRoute`].
+//!
+//! Matching is deliberately generous, because a send that is not recognised is passed
+//! through without a quota check, while a non-send taken for one only costs a
+//! reservation that the failed upstream call gives back:
+//! - segments are percent-decoded one by one (so `%2F` inside a draft id stays inside
+//!   it), the literal segments compare ASCII case-insensitively;
+//! - empty segments (`//`, a trailing slash) and `.` are dropped, `..` removes the
+//!   segment before it;
+//! - a path that only matches once decoded as a whole (`messages%2Fsend`) still counts.
+
+use http::{Method, Uri};
+use percent_encoding::percent_decode_str;
+
+/// A request that sends mail, as recognised by [`classify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendRoute {
+    /// E1 / E1m: `POST /v3/grants/{grant}/messages/send`, JSON or multipart (decided by
+    /// the content type in [`inspect`](super::inspect())).
+    Message {
+        /// The grant identifier as it appeared in the path, percent-decoded.
+        grant: String,
+    },
+    /// E2: `POST /v3/grants/{grant}/messages/send?type=mime`, a whole RFC 5322 message.
+    Mime {
+        /// The grant identifier, percent-decoded.
+        grant: String,
+    },
+    /// E3: `POST /v3/grants/{grant}/drafts/{draft_id}`, sends a saved draft.
+    Draft {
+        /// The grant identifier, percent-decoded.
+        grant: String,
+        /// The draft id, percent-decoded (`draft%2F1%23x` is `draft/1#x`).
+        draft_id: String,
+        /// The request path exactly as received (still percent-encoded): `GET` it
+        /// upstream to read the draft's recipients.
+        path: String,
+    },
+    /// E7: `POST /v3/domains/{domain}/messages/send`, transactional send without a grant.
+    Domain {
+        /// The sending domain, percent-decoded.
+        domain: String,
+    },
+}
+
+/// The kind of a [`SendRoute`], without its data; for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SendKind {
+    /// E1 / E1m.
+    Message,
+    /// E2.
+    Mime,
+    /// E3.
+    Draft,
+    /// E7.
+    Domain,
+}
+
+impl SendKind {
+    /// A short stable name: `message`, `mime`, `draft` or `domain`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendKind::Message => "message",
+            SendKind::Mime => "mime",
+            SendKind::Draft => "draft",
+            SendKind::Domain => "domain",
+        }
+    }
+}
+
+impl SendRoute {
+    /// The kind of this route.
+    pub fn kind(&self) -> SendKind {
+        match self {
+            SendRoute::Message { .. } => SendKind::Message,
+            SendRoute::Mime { .. } => SendKind::Mime,
+            SendRoute::Draft { .. } => SendKind::Draft,
+            SendRoute::Domain { .. } => SendKind::Domain,
+        }
+    }
+
+    /// The grant identifier (decoded), for every route but [`SendRoute::Domain`].
+    pub fn grant(&self) -> Option<&str> {
+        match self {
+            SendRoute::Message { grant }
+            | SendRoute::Mime { grant }
+            | SendRoute::Draft { grant, .. } => Some(grant),
+            SendRoute::Domain { .. } => None,
+        }
+    }
+
+    /// The sending domain of a [`SendRoute::Domain`].
+    pub fn domain(&self) -> Option<&str> {
+        match self {
+            SendRoute::Domain { domain } => Some(domain),
+            _ => None,
+        }
+    }
+
+    /// The draft id of a [`SendRoute::Draft`].
+    pub fn draft_id(&self) -> Option<&str> {
+        match self {
+            SendRoute::Draft { draft_id, .. } => Some(draft_id),
+            _ => None,
+        }
+    }
+}
+
+/// Tells whether a request sends mail, and through which endpoint.
+///
+/// Only `POST` can send. Anything that is not one of the send endpoints gives `None`
+/// and should be passed through untouched.
+///
+/// # Examples
+///
+/// ```
+/// use gateway::send::{classify, SendRoute};
+/// use http::{Method, Uri};
+///
+/// let uri: Uri = "/v3/grants/me/drafts/draft%2F1%23x".parse().unwrap();
+/// let route = classify(&Method::POST, &uri).unwrap();
+/// assert_eq!(route.draft_id(), Some("draft/1#x"));
+/// assert!(classify(&Method::GET, &uri).is_none());
+/// ```
+pub fn classify(method: &Method, uri: &Uri) -> Option<SendRoute> {
+    if method != Method::POST {
+        return None;
+    }
+    let raw_path = uri.path();
+    let segments = normalize(raw_path.split('/').map(decode));
+    match_segments(&segments, uri, raw_path).or_else(|| {
+        // A router that decodes the whole path before splitting would still see a send.
+        let whole = decode(raw_path);
+        let segments = normalize(whole.split('/').map(str::to_owned));
+        match_segments(&segments, uri, raw_path)
+    })
+}
+
+fn match_segments(segments: &[String], uri: &Uri, raw_path: &str) -> Option<SendRoute> {
+    let lit = |i: usize, want: &str| {
+        segments
+            .get(i)
+            .is_some_and(|s| s.eq_ignore_ascii_case(want))
+    };
+    if segments.len() != 5 || !lit(0, "v3") {
+        return None;
+    }
+    let third = segments[2].clone();
+    if lit(1, "grants") && lit(3, "messages") && lit(4, "send") {
+        return Some(if wants_mime(uri.query()) {
+            SendRoute::Mime { grant: third }
+        } else {
+            SendRoute::Message { grant: third }
+        });
+    }
+    if lit(1, "grants") && lit(3, "drafts") {
+        return Some(SendRoute::Draft {
+            grant: third,
+            draft_id: segments[4].clone(),
+            path: raw_path.to_owned(),
+        });
+    }
+    if lit(1, "domains") && lit(3, "messages") && lit(4, "send") {
+        return Some(SendRoute::Domain { domain: third });
+    }
+    None
+}
+
+/// Drops empty and `.` segments and applies `..`, as RFC 3986 dot-segment removal.
+fn normalize(segments: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for segment in segments {
+        match segment.as_str() {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            _ => out.push(segment),
+        }
+    }
+    out
+}
+
+fn decode(s: &str) -> String {
+    percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
+/// True when any `type` query parameter is `mime` (form-urlencoded, case-insensitive).
+///
+/// Any `type=mime` wins: the inspection then insists on a `mime` part, so a request
+/// that is not really raw MIME is refused rather than counted wrongly.
+fn wants_mime(query: Option<&str>) -> bool {
+    let Some(query) = query else { return false };
+    query.split('&').any(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        form_decode(key) == "type" && form_decode(value).eq_ignore_ascii_case("mime")
+    })
+}
+
+fn form_decode(s: &str) -> String {
+    decode(&s.replace('+', " "))
+}
+
+/// How a grant identifier from a path maps to a quota key; see [`grant_ref`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantRef {
+    /// Already the canonical grant id (UUIDs are lowercased).
+    Id(String),
+    /// An email address, `email:`, `external:`, `me` or any other prefixed form: ask
+    /// Nylas (`GET /v3/grants/{identifier}`) for the canonical id, and cache it.
+    NeedsResolution(String),
+}
+
+/// Sorts a decoded grant identifier into a canonical id or one that needs resolving.
+///
+/// `grant:<id>` and a plain id (no `@`, no `:`, not `me`) are ids; everything else
+/// needs resolution, so that the same grant reached through two spellings shares one
+/// quota. A UUID is lowercased, as hex case carries no meaning.
+///
+/// # Examples
+///
+/// ```
+/// use gateway::send::{grant_ref, GrantRef};
+///
+/// assert_eq!(grant_ref("grant:abc"), GrantRef::Id("abc".into()));
+/// assert_eq!(grant_ref("me"), GrantRef::NeedsResolution("me".into()));
+/// assert_eq!(grant_ref("a@b.c"), GrantRef::NeedsResolution("a@b.c".into()));
+/// ```
+pub fn grant_ref(identifier: &str) -> GrantRef {
+    let unprefixed = strip_prefix_ignore_case(identifier, "grant:").unwrap_or(identifier);
+    let plain = !unprefixed.is_empty()
+        && !unprefixed.contains(['@', ':'])
+        && !unprefixed.eq_ignore_ascii_case("me");
+    if plain {
+        GrantRef::Id(canonical_id(unprefixed))
+    } else {
+        GrantRef::NeedsResolution(identifier.to_owned())
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+fn canonical_id(id: &str) -> String {
+    let is_uuid = id.len() == 36
+        && id.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    if is_uuid {
+        id.to_ascii_lowercase()
+    } else {
+        id.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(uri: &str) -> Option<SendRoute> {
+        classify(&Method::POST, &uri.parse().expect("test uri"))
+    }
+
+    fn message(g: &str) -> Option<SendRoute> {
+        Some(SendRoute::Message { grant: g.into() })
+    }
+
+    fn mime(g: &str) -> Option<SendRoute> {
+        Some(SendRoute::Mime { grant: g.into() })
+    }
+
+    #[test]
+    fn classification_table() {
+        let draft = |g: &str, d: &str, p: &str| {
+            Some(SendRoute::Draft {
+                grant: g.into(),
+                draft_id: d.into(),
+                path: p.into(),
+            })
+        };
+        let cases: Vec<(&str, Option<SendRoute>)> = vec![
+            ("/v3/grants/g1/messages/send", message("g1")),
+            ("/v3/grants/g1/messages/send/", message("g1")),
+            (
+                "https://api.us.nylas.com/v3/grants/g1/messages/send",
+                message("g1"),
+            ),
+            ("/v3/grants/a%40b.com/messages/send", message("a@b.com")),
+            (
+                "/v3/grants/email:a@b.com/messages/send",
+                message("email:a@b.com"),
+            ),
+            ("/v3/grants/g1/messages/send?type=mime", mime("g1")),
+            (
+                "/v3/grants/g1/messages/send?foo=1&type=mime&bar",
+                mime("g1"),
+            ),
+            ("/v3/grants/g1/messages/send?type=MIME", mime("g1")),
+            ("/v3/grants/g1/messages/send?t%79pe=%6Dime", mime("g1")),
+            ("/v3/grants/g1/messages/send?type=json", message("g1")),
+            ("/v3/grants/g1/messages/send?subtype=mime", message("g1")),
+            ("/v3/grants/g1/messages/send?type=mimex", message("g1")),
+            (
+                "/v3/grants/me/drafts/draft%2F1%23x",
+                draft("me", "draft/1#x", "/v3/grants/me/drafts/draft%2F1%23x"),
+            ),
+            (
+                "/v3/grants/g/drafts/d1/",
+                draft("g", "d1", "/v3/grants/g/drafts/d1/"),
+            ),
+            (
+                "/v3/domains/example.com/messages/send",
+                Some(SendRoute::Domain {
+                    domain: "example.com".into(),
+                }),
+            ),
+            ("/v3/grants/g//messages/send", message("g")),
+            ("/v3/grants/g/x/../messages/send", message("g")),
+            ("/v3/grants/g/messages%2Fsend", message("g")),
+            ("/V3/Grants/g/Messages/SEND", message("g")),
+            ("/v3/grants/g/messages", None),
+            ("/v3/grants/g/messages/m1", None),
+            ("/v3/grants/g/drafts", None),
+            ("/v3/grants/g/messages/send/extra", None),
+            ("/v3/grants/g/messages/send/..", None),
+            ("/v3/grants/messages/send", None),
+            ("/v2/grants/g/messages/send", None),
+            ("/v3/grants/g/messages/schedules/s1", None),
+            ("/", None),
+        ];
+        for (uri, want) in cases {
+            assert_eq!(post(uri), want, "{uri}");
+        }
+    }
+
+    #[test]
+    fn only_post_sends() {
+        for method in [Method::GET, Method::PUT, Method::DELETE, Method::PATCH] {
+            let uri: Uri = "/v3/grants/g/messages/send".parse().expect("uri");
+            assert_eq!(classify(&method, &uri), None, "{method}");
+            let uri: Uri = "/v3/grants/g/drafts/d".parse().expect("uri");
+            assert_eq!(classify(&method, &uri), None, "{method}");
+        }
+    }
+
+    #[test]
+    fn accessors() {
+        let route = post("/v3/grants/g/drafts/d").expect("draft");
+        assert_eq!(route.kind(), SendKind::Draft);
+        assert_eq!(route.grant(), Some("g"));
+        assert_eq!(route.draft_id(), Some("d"));
+        assert_eq!(route.domain(), None);
+        let route = post("/v3/domains/x.org/messages/send").expect("domain");
+        assert_eq!(
+            (route.kind().as_str(), route.grant(), route.domain()),
+            ("domain", None, Some("x.org"))
+        );
+    }
+
+    #[test]
+    fn grant_refs() {
+        let id = |s: &str| GrantRef::Id(s.into());
+        let resolve = |s: &str| GrantRef::NeedsResolution(s.into());
+        let uuid = "3F1E2D3C-0000-4000-8000-ABCDEFabcdef";
+        let cases = [
+            (
+                "3f1e2d3c-0000-4000-8000-abcdefabcdef",
+                id("3f1e2d3c-0000-4000-8000-abcdefabcdef"),
+            ),
+            (uuid, id("3f1e2d3c-0000-4000-8000-abcdefabcdef")),
+            ("grant:abc", id("abc")),
+            (
+                "grant:3F1E2D3C-0000-4000-8000-ABCDEFABCDEF",
+                id("3f1e2d3c-0000-4000-8000-abcdefabcdef"),
+            ),
+            ("plainid", id("plainid")),
+            ("a@b.com", resolve("a@b.com")),
+            ("email:a@b.com", resolve("email:a@b.com")),
+            ("external:crm-42", resolve("external:crm-42")),
+            ("me", resolve("me")),
+            ("ME", resolve("ME")),
+            ("grant:me", resolve("grant:me")),
+            ("grant:", resolve("grant:")),
+            ("", resolve("")),
+            ("other:thing", resolve("other:thing")),
+        ];
+        for (input, want) in cases {
+            assert_eq!(grant_ref(input), want, "{input}");
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Forwarding an inspected body through `reqwest` to a server on 127.0.0.1:0.
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::routing::post;
+use futures_util::{StreamExt, stream};
+use gateway::send::{InspectOptions, classify, inspect};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method};
+use tokio::sync::mpsc;
+
+const BOUNDARY: &str = "----formdata-undici-0987654321";
+const MESSAGE: &str = r#"{"to":[{"email":"a@x.com"}],"subject":"s","body":"b"}"#;
+
+/// What the fake upstream received: the body, or that it broke off.
+type Received = Result<Vec<u8>, String>;
+
+async fn upstream() -> (String, mpsc::UnboundedReceiver<Received>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = Router::new().route(
+        "/v3/grants/{g}/messages/send",
+        post(move |body: Body| {
+            let tx = tx.clone();
+            async move {
+                let mut data = body.into_data_stream();
+                let mut got = Vec::new();
+                let mut result = None;
+                while let Some(chunk) = data.next().await {
+                    match chunk {
+                        Ok(chunk) => got.extend_from_slice(&chunk),
+                        Err(error) => {
+                            result = Some(Err(error.to_string()));
+                            break;
+                        }
+                    }
+                }
+                let _ = tx.send(result.unwrap_or(Ok(got)));
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/v3/grants/g1/messages/send"), rx)
+}
+
+fn body_with_attachment(len: usize) -> Bytes {
+    let b = BOUNDARY;
+    let mut body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n{MESSAGE}\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file0\"; filename=\"x.bin\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend((0..len).map(|i| (i % 253) as u8));
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    Bytes::from(body)
+}
+
+fn client_body(body: &Bytes) -> Body {
+    let pieces: Vec<Bytes> = (0..body.len())
+        .step_by(32 << 10)
+        .map(|i| body.slice(i..(i + (32 << 10)).min(body.len())))
+        .collect();
+    Body::from_stream(stream::iter(
+        pieces.into_iter().map(Ok::<_, std::io::Error>),
+    ))
+}
+
+async fn send(
+    url: &str,
+    body: Bytes,
+    with_length: bool,
+    limit: u64,
+) -> (bool, gateway::send::Overflow) {
+    let route = classify(&Method::POST, &url.parse().expect("uri")).expect("send route");
+    let mut headers = HeaderMap::new();
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_str(&content_type).expect("ct"),
+    );
+    if with_length {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    let opts = InspectOptions {
+        max_message_size: Some(limit),
+        ..InspectOptions::default()
+    };
+    let inspected = inspect(&route, &headers, client_body(&body), &opts)
+        .await
+        .expect("inspected");
+    let upstream_body = inspected.body;
+    let overflow = upstream_body.overflow();
+    let mut request = reqwest::Client::new()
+        .post(url)
+        .header(CONTENT_TYPE, content_type);
+    if let Some(length) = upstream_body.content_length() {
+        request = request.header(CONTENT_LENGTH, length);
+    }
+    let ok = request
+        .body(upstream_body.into_reqwest())
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success());
+    (ok, overflow)
+}
+
+#[tokio::test]
+async fn forwarded_bodies_arrive_byte_for_byte() {
+    let (url, mut received) = upstream().await;
+    for with_length in [true, false] {
+        let body = body_with_attachment(1_000_000);
+        let (ok, overflow) = send(&url, body.clone(), with_length, 20_000_000).await;
+        assert!(ok);
+        assert!(overflow.is_finished() && !overflow.is_over());
+        let got = received
+            .recv()
+            .await
+            .expect("upstream saw a request")
+            .expect("complete body");
+        assert!(
+            got == body.to_vec(),
+            "byte for byte (with length: {with_length})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_overflow_aborts_the_upstream_request() {
+    let (url, mut received) = upstream().await;
+    let body = body_with_attachment(3_000_000);
+    let (ok, overflow) = send(&url, body, false, 2_000_000).await;
+    assert!(!ok, "the upstream request must fail");
+    assert!(overflow.is_over());
+    assert!(overflow.size() > 2_000_000 && overflow.bytes() < 3_000_000);
+    // The server either saw a broken body or no complete request at all.
+    if let Ok(Some(got)) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), received.recv()).await
+    {
+        assert!(got.is_err(), "upstream must not get a complete body");
+    }
+}
