@@ -41,9 +41,10 @@ fn memory(c: &mut Criterion) {
                     .unwrap();
                 // Keep grants under their limit so the bench measures the allowed path.
                 if let Some(r) = d.reservation()
-                    && r.id() % 512 == 0 {
-                        store.reset(grant).await.unwrap();
-                    }
+                    && r.id() % 512 == 0
+                {
+                    store.reset(grant).await.unwrap();
+                }
                 black_box(d)
             }
         })

@@ -67,6 +67,9 @@ pub struct Reservation {
     pub(crate) scope: Arc<str>,
     pub(crate) cost: Cost,
     pub(crate) charges: Vec<Charge>,
+    /// The idempotency key it was admitted under; releasing it forgets the key, so a retry
+    /// of a send that did not happen is counted again.
+    pub(crate) idempotency_key: Option<Arc<str>>,
 }
 
 impl Reservation {
@@ -83,6 +86,11 @@ impl Reservation {
     /// What was charged.
     pub fn cost(&self) -> Cost {
         self.cost
+    }
+
+    /// The idempotency key it was admitted under.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
     }
 
     /// The buckets that were charged, one per window.
@@ -136,6 +144,10 @@ pub struct Allowance {
     pub reservation: Reservation,
     /// Usage right after the charge.
     pub usage: Usage,
+    /// True when this is the remembered answer to an earlier request with the same
+    /// idempotency key: nothing was charged now, and settling must not give back the
+    /// earlier charge.
+    pub replay: bool,
 }
 
 /// Why a reservation was refused. Nothing was charged.
@@ -181,6 +193,11 @@ impl Decision {
             Decision::Allowed(a) => Some(&a.reservation),
             Decision::Denied(_) => None,
         }
+    }
+
+    /// Whether this repeats an earlier admitted request with the same idempotency key.
+    pub fn is_replay(&self) -> bool {
+        matches!(self, Decision::Allowed(a) if a.replay)
     }
 
     /// Usage as reported with the decision.

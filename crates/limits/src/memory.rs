@@ -128,13 +128,20 @@ impl MemoryStore {
         if let Some(key) = key {
             state.idempotent.retain(|_, (_, exp)| *exp > now);
             if let Some((decision, _)) = state.idempotent.get(key) {
-                return decision.clone();
+                let mut replay = decision.clone();
+                if let Decision::Allowed(a) = &mut replay {
+                    a.replay = true;
+                }
+                return replay;
             }
         }
-        let decision = state.decide(scope_arc, profile, cost, now, || {
+        let mut decision = state.decide(scope_arc, profile, cost, now, || {
             self.next_id.fetch_add(1, Ordering::Relaxed)
         });
-        if let Some(key) = key {
+        // Only admitted requests are remembered (as Nylas keeps only successful answers): a
+        // denied request retried with its key after `retry_after` is judged afresh.
+        if let (Some(key), Decision::Allowed(a)) = (key, &mut decision) {
+            a.reservation.idempotency_key = Some(Arc::from(key));
             let exp = now + IDEMPOTENCY_TTL.as_millis() as u64;
             state
                 .idempotent
@@ -223,8 +230,10 @@ impl ScopeState {
                 scope,
                 cost,
                 charges,
+                idempotency_key: None,
             },
             usage: usage_of(profile, &raw, now),
+            replay: false,
         })
     }
 
@@ -241,6 +250,12 @@ impl ScopeState {
             .unwrap_or(now)
             .max(now + 1);
         self.released.insert(r.id, until);
+        if let Some(key) = r.idempotency_key.as_deref() {
+            let same = |d: &Decision| d.reservation().is_some_and(|x| x.id == r.id);
+            if self.idempotent.get(key).is_some_and(|(d, _)| same(d)) {
+                self.idempotent.remove(key);
+            }
+        }
         self.expires_at = self.expires_at.max(until);
         let give = r.cost.to_array();
         for c in &r.charges {

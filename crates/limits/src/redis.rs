@@ -184,7 +184,7 @@ impl RedisStore {
         cost: Cost,
         key: Option<&str>,
         mode: &str,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<(Vec<i64>, bool), StoreError> {
         let local_now = match &self.clock_override {
             Some(c) => c.now_ms(),
             None => SystemClock.now_ms(),
@@ -240,7 +240,8 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let reply: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
         let mut fields = ints(&reply)?;
-        if fields.first() == Some(&3) {
+        let replay = fields.first() == Some(&3);
+        if replay {
             // An idempotent repeat: the first reply, stored as text.
             let Value::Array(items) = &reply else {
                 return Err(protocol("idempotent reply"));
@@ -257,7 +258,7 @@ impl RedisStore {
         if fields.len() != 8 + 6 * profile.windows().len() {
             return Err(protocol("reply length does not match the profile"));
         }
-        Ok(fields)
+        Ok((fields, replay))
     }
 }
 
@@ -337,7 +338,7 @@ impl QuotaStore for RedisStore {
         idempotency_key: Option<&str>,
     ) -> Result<Decision, StoreError> {
         check_idempotency_key(idempotency_key)?;
-        let f = self
+        let (f, replay) = self
             .run_reserve(scope, profile, cost, idempotency_key, "r")
             .await?;
         let now = u64::try_from(f[2]).unwrap_or(0);
@@ -361,8 +362,13 @@ impl QuotaStore for RedisStore {
                     scope: Arc::from(scope),
                     cost,
                     charges,
+                    idempotency_key: idempotency_key.map(Arc::from),
                 };
-                Ok(Decision::Allowed(Allowance { reservation, usage }))
+                Ok(Decision::Allowed(Allowance {
+                    reservation,
+                    usage,
+                    replay,
+                }))
             }
             0 => {
                 let window = usize::try_from(f[3] - 1).map_err(|_| protocol("denial window"))?;
@@ -396,6 +402,9 @@ impl QuotaStore for RedisStore {
             inv.key(self.window_key(scope, &c.window_id));
         }
         inv.key(self.key(scope, "x:", &reservation.id.to_string()));
+        if let Some(k) = reservation.idempotency_key() {
+            inv.key(self.key(scope, "i:", k));
+        }
         // The marker must outlive the charged buckets; a minute's margin covers clock skew
         // between this host and Redis.
         let until = reservation
@@ -420,13 +429,14 @@ impl QuotaStore for RedisStore {
             let kind = u8::from(c.window_id.contains('@'));
             inv.arg(kind).arg(c.slot);
         }
+        inv.arg(reservation.id);
         let mut conn = self.conn.clone();
         let _: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
         Ok(())
     }
 
     async fn usage(&self, scope: &str, profile: &Profile) -> Result<Usage, StoreError> {
-        let f = self
+        let (f, _) = self
             .run_reserve(scope, profile, Cost::default(), None, "u")
             .await?;
         let now = u64::try_from(f[2]).unwrap_or(0);

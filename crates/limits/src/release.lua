@@ -2,15 +2,25 @@
 --
 -- KEYS[1..n]  the window hashes that were charged
 -- KEYS[n+1]   the release marker of this reservation
+-- KEYS[n+2]   its idempotency record, if it was admitted under a key: forgotten here, so a
+--             retry of a send that did not happen is counted again
 -- ARGV[1]     the marker's lifetime in ms (until the last charged bucket expires, plus a margin)
 -- ARGV[2..4]  the cost: messages, recipients, bytes
 -- ARGV[5]     n
--- then 2 per window: kind (0 rolling, 1 calendar), charged slot
+-- then 2 per window: kind (0 rolling, 1 calendar), charged slot; last, the reservation id
 -- Reply: 1 released, 0 already released.
 
 local nwin = tonumber(ARGV[5])
 if not redis.call('SET', KEYS[nwin + 1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
 local cost = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
+
+if KEYS[nwin + 2] then
+  -- The record reads "<expires>;<status>,<reservation id>,...": drop it only if it is ours.
+  local record = redis.call('GET', KEYS[nwin + 2])
+  if record and string.match(record, '^%d+;%d+,(%d+),') == ARGV[6 + nwin * 2] then
+    redis.call('DEL', KEYS[nwin + 2])
+  end
+end
 
 local function parse(s)
   if not s then return {0, 0, 0} end

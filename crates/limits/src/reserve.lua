@@ -224,7 +224,8 @@ if idx_expiry > 0 then
   if pttl < 0 or now + pttl < idx_expiry then redis.call('PEXPIRE', idx_key, math.max(1, idx_expiry - now)) end
 end
 
-if mode == 'r' and idem_ttl > 0 then
+-- Only admitted requests are remembered: a denied one retried after retry_after is judged afresh.
+if status == 1 and idem_ttl > 0 then
   local parts = {}
   for j = 1, #reply do
     local v = reply[j]

@@ -249,48 +249,36 @@ async fn idempotent_repeats_return_the_first_decision(h: Harness) {
         .reserve("g", &p, Cost::new(1, 2, 0), Some("key-1"))
         .await
         .unwrap();
+    assert!(!a.is_replay());
     h.advance(Duration::from_secs(10));
     let b = h
         .store
         .reserve("g", &p, Cost::new(1, 2, 0), Some("key-1"))
         .await
         .unwrap();
-    assert_eq!(a.reservation().unwrap().id(), b.reservation().unwrap().id());
-    assert_eq!(a, b, "the repeat returns the first decision as it was");
+    assert!(
+        b.is_replay(),
+        "the repeat is marked so the caller does not settle it"
+    );
+    assert_eq!(
+        a.reservation(),
+        b.reservation(),
+        "the repeat returns the first reservation"
+    );
+    assert_eq!(a.usage(), b.usage(), "and the usage as it was then");
     let u = h.store.usage("g", &p).await.unwrap();
     assert_eq!(
         used(&u, 0, Metric::Recipients),
         2,
         "the repeat charged nothing"
     );
-    // Releasing through both copies gives back once.
-    h.store.release(a.reservation().unwrap()).await.unwrap();
-    h.store.release(b.reservation().unwrap()).await.unwrap();
-    allowed(&h, "g", &p, Cost::new(1, 2, 0)).await;
-    let u = h.store.usage("g", &p).await.unwrap();
-    assert_eq!(used(&u, 0, Metric::Recipients), 2);
-    // A denial is remembered too, and another key is another request.
-    let big = h
+    // The key is scoped: the same key on another grant is a new request.
+    let other = h
         .store
-        .reserve("g", &p, Cost::new(1, 9, 0), Some("key-2"))
+        .reserve("other", &p, Cost::new(1, 2, 0), Some("key-1"))
         .await
         .unwrap();
-    assert!(!big.is_allowed());
-    assert_eq!(
-        h.store
-            .reserve("g", &p, Cost::new(1, 9, 0), Some("key-2"))
-            .await
-            .unwrap(),
-        big
-    );
-    // The key is scoped: the same key on another grant is a new request.
-    assert!(
-        h.store
-            .reserve("other", &p, Cost::new(1, 2, 0), Some("key-1"))
-            .await
-            .unwrap()
-            .is_allowed()
-    );
+    assert!(other.is_allowed() && !other.is_replay());
     // After an hour the key is forgotten.
     h.advance(HOUR);
     let c = h
@@ -298,7 +286,69 @@ async fn idempotent_repeats_return_the_first_decision(h: Harness) {
         .reserve("g", &p, Cost::new(1, 2, 0), Some("key-1"))
         .await
         .unwrap();
+    assert!(!c.is_replay());
     assert_ne!(c.reservation().unwrap().id(), a.reservation().unwrap().id());
+}
+
+async fn releasing_an_idempotent_reservation_forgets_its_key(h: Harness) {
+    let p = rolling(3600, 12, 5, 5);
+    let a = h
+        .store
+        .reserve("g", &p, Cost::new(1, 2, 0), Some("k"))
+        .await
+        .unwrap();
+    let b = h
+        .store
+        .reserve("g", &p, Cost::new(1, 2, 0), Some("k"))
+        .await
+        .unwrap();
+    // Releasing through both copies gives back once.
+    h.store.release(a.reservation().unwrap()).await.unwrap();
+    h.store.release(b.reservation().unwrap()).await.unwrap();
+    let u = h.store.usage("g", &p).await.unwrap();
+    assert_eq!(used(&u, 0, Metric::Recipients), 0);
+    // The send did not happen: a retry with the same key is a new, counted request.
+    let c = h
+        .store
+        .reserve("g", &p, Cost::new(1, 2, 0), Some("k"))
+        .await
+        .unwrap();
+    assert!(c.is_allowed() && !c.is_replay());
+    assert_ne!(c.reservation().unwrap().id(), a.reservation().unwrap().id());
+    let u = h.store.usage("g", &p).await.unwrap();
+    assert_eq!(used(&u, 0, Metric::Recipients), 2);
+    // Releasing the old reservation again does not forget the new one's key.
+    h.store.release(a.reservation().unwrap()).await.unwrap();
+    assert!(
+        h.store
+            .reserve("g", &p, Cost::new(1, 2, 0), Some("k"))
+            .await
+            .unwrap()
+            .is_replay()
+    );
+}
+
+async fn denials_are_not_remembered_by_idempotency_keys(h: Harness) {
+    let p = rolling(60, 6, 1, 5);
+    allowed(&h, "g", &p, Cost::new(1, 1, 0)).await;
+    let d = h
+        .store
+        .reserve("g", &p, Cost::new(1, 1, 0), Some("retry-me"))
+        .await
+        .unwrap();
+    let Decision::Denied(denied) = d else {
+        panic!("allowed")
+    };
+    h.advance(denied.retry_after.unwrap());
+    let again = h
+        .store
+        .reserve("g", &p, Cost::new(1, 1, 0), Some("retry-me"))
+        .await
+        .unwrap();
+    assert!(
+        again.is_allowed() && !again.is_replay(),
+        "retried after retry_after, the send is admitted"
+    );
 }
 
 async fn over_long_idempotency_keys_are_refused(h: Harness) {
@@ -509,6 +559,8 @@ contract!(
     release_never_goes_below_zero_and_skips_expired_buckets,
     release_targets_the_bucket_it_charged,
     idempotent_repeats_return_the_first_decision,
+    releasing_an_idempotent_reservation_forgets_its_key,
+    denials_are_not_remembered_by_idempotency_keys,
     over_long_idempotency_keys_are_refused,
     usage_reports_limit_used_remaining_and_next_free,
     reset_clears_a_scope_only,

@@ -59,9 +59,10 @@ async fn check(
         clock.advance(Duration::from_millis(op.advance_ms));
         let now = clock.now_ms_for_test();
         if op.release_previous
-            && let Some((_, _, r)) = kept.pop() {
-                store.release(&r).await.unwrap();
-            }
+            && let Some((_, _, r)) = kept.pop()
+        {
+            store.release(&r).await.unwrap();
+        }
         let cost = Cost::new(1, op.recipients, 0);
         let before = store.usage(scope, &p).await.unwrap();
         match store.reserve(scope, &p, cost, None).await.unwrap() {
