@@ -1,0 +1,590 @@
+use std::time::Duration;
+
+use limits::{CalendarUnit, Metric, Period};
+
+use super::*;
+
+fn err(text: &str) -> ConfigError {
+    match Config::from_toml_str(text) {
+        Ok(config) => panic!("expected an error for {text:?}, got {config:?}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts the error names `key`, prints as one `key: ...` line, and mentions `needle`.
+#[track_caller]
+fn assert_err(text: &str, key: &str, needle: &str) {
+    let e = err(text);
+    let line = e.to_string();
+    assert_eq!(e.key(), key, "{line}");
+    assert!(line.starts_with(&format!("{key}: ")), "{line}");
+    assert!(!line.contains('\n'), "{line:?}");
+    assert!(e.message().contains(needle), "{line:?} lacks {needle:?}");
+}
+
+#[test]
+fn empty_file_gives_the_defaults() {
+    let c = Config::from_toml_str("").unwrap();
+    assert_eq!(c, Config::default());
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(c.server.admin_token, None);
+    assert_eq!(c.server.shutdown_grace, Duration::from_secs(25));
+    assert_eq!(c.server.max_json_body, 4 * 1024 * 1024);
+    assert_eq!(c.upstream.url.as_str(), "https://api.us.nylas.com/");
+    assert_eq!(c.upstream.timeout, Duration::from_secs(90));
+    assert_eq!(c.store.backend, StoreBackend::Memory);
+    assert_eq!(c.store.url, "redis://127.0.0.1:6379");
+    assert_eq!(c.store.key_prefix, "sendgw");
+    assert_eq!(c.store.timeout, Duration::from_millis(250));
+    assert_eq!(c.store.on_unavailable, OnUnavailable::Reject);
+    assert_eq!(c.grants.default_profile, "icloud");
+    assert_eq!(c.grants.cache_ttl, Duration::from_secs(3600));
+    assert_eq!(c.domains.profile, None);
+    assert!(c.domain_profile().is_none());
+    let names: Vec<&str> = c.profiles.keys().map(String::as_str).collect();
+    assert_eq!(names, ["google", "icloud", "microsoft", "yahoo"]);
+    for name in Profile::BUILTIN {
+        assert_eq!(c.profile(name), Profile::builtin(name).as_ref());
+    }
+    assert_eq!(c.default_profile().name(), "icloud");
+    assert_eq!(c.redis(), limits::RedisConfig::default());
+    // Empty tables are the same as none.
+    let tables = "[server]\n[upstream]\n[store]\n[grants]\n[domains]\n[profiles]\n";
+    assert_eq!(Config::from_toml_str(tables).unwrap(), c);
+}
+
+#[test]
+fn every_key_is_read() {
+    let c = Config::from_toml_str(
+        r#"
+        [server]
+        listen = "0.0.0.0:80"
+        admin_listen = "[::1]:9000"
+        admin_token = "s3cret"
+        shutdown_grace = "0s"
+        max_json_body = 3000000
+        [upstream]
+        url = "http://127.0.0.1:4000/nylas/"
+        timeout = "2m"
+        [store]
+        backend = "redis"
+        url = "redis+cluster://a:7000,b:7001"
+        key_prefix = "gw-test"
+        timeout = "1s"
+        on_unavailable = "allow"
+        [grants]
+        default_profile = "google"
+        cache_ttl = "10m"
+        [domains]
+        profile = "yahoo"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.server.listen.to_string(), "0.0.0.0:80");
+    assert_eq!(c.server.admin_listen.to_string(), "[::1]:9000");
+    assert_eq!(c.server.admin_token.as_deref(), Some("s3cret"));
+    assert_eq!(c.server.shutdown_grace, Duration::ZERO);
+    assert_eq!(c.server.max_json_body, 3_000_000);
+    assert_eq!(c.upstream.url.as_str(), "http://127.0.0.1:4000/nylas");
+    assert_eq!(c.upstream.timeout, Duration::from_secs(120));
+    assert_eq!(c.store.backend, StoreBackend::Redis);
+    assert_eq!(c.store.on_unavailable, OnUnavailable::Allow);
+    assert_eq!(c.grants.cache_ttl, Duration::from_secs(600));
+    assert_eq!(c.default_profile().name(), "google");
+    assert_eq!(c.domain_profile().map(Profile::name), Some("yahoo"));
+    let redis = c.redis();
+    assert_eq!(redis.url, "redis+cluster://a:7000,b:7001");
+    assert_eq!(redis.key_prefix, "gw-test");
+    assert_eq!(redis.timeout, Duration::from_secs(1));
+    // Secrets stay out of Debug output.
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("s3cret"), "{debug}");
+    let mut with_password = c.store.clone();
+    with_password.url = "rediss://user:hunter2@cache:6380/0".into();
+    let debug = format!("{with_password:?}");
+    assert!(
+        !debug.contains("hunter2") && debug.contains("@cache:6380"),
+        "{debug}"
+    );
+}
+
+#[test]
+fn upstream_url_is_normalised() {
+    let url = |s: &str| {
+        Config::from_toml_str(&format!("[upstream]\nurl = {s:?}"))
+            .unwrap()
+            .upstream
+            .url
+    };
+    assert_eq!(
+        url("https://api.eu.nylas.com").as_str(),
+        "https://api.eu.nylas.com/"
+    );
+    assert_eq!(
+        url("https://api.eu.nylas.com/").as_str(),
+        "https://api.eu.nylas.com/"
+    );
+    assert_eq!(url("http://h:1/a/b//").as_str(), "http://h:1/a/b");
+}
+
+#[test]
+fn byte_sizes_distinguish_mb_from_mib() {
+    let size = |s: &str| {
+        let text = format!("[profiles.p]\nmax_message_size = {s}");
+        let c = Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{s}: {e}"));
+        c.profile("p").unwrap().max_message_size().unwrap().get()
+    };
+    assert_eq!(size("\"20MB\""), 20_000_000);
+    assert_eq!(size("\"20MiB\""), 20 * 1024 * 1024);
+    assert_eq!(size("\"20 MB\""), 20_000_000);
+    assert_eq!(size("\"20mb\""), 20_000_000);
+    assert_eq!(size("\"1.5kB\""), 1_500);
+    assert_eq!(size("\"512KiB\""), 512 * 1024);
+    assert_eq!(size("\"1GB\""), 1_000_000_000);
+    assert_eq!(size("\"123\""), 123);
+    assert_eq!(size("35000000"), 35_000_000);
+    let json = |s: &str| {
+        Config::from_toml_str(&format!("[server]\nmax_json_body = {s:?}"))
+            .unwrap()
+            .server
+            .max_json_body
+    };
+    assert_eq!(json("4MiB"), 4_194_304);
+    assert_eq!(json("4MB"), 4_000_000);
+}
+
+#[test]
+fn calendar_window_in_berlin() {
+    let c = Config::from_toml_str(
+        r#"
+        [grants]
+        default_profile = "berlin"
+        [[profiles.berlin.windows]]
+        period = "day"
+        timezone = "Europe/Berlin"
+        messages = 700
+        [[profiles.berlin.windows]]
+        period = "month"
+        bytes = "10GB"
+        "#,
+    )
+    .unwrap();
+    let p = c.default_profile();
+    assert_eq!(p.name(), "berlin");
+    assert_eq!(p.max_message_size(), None);
+    let [day, month] = p.windows() else {
+        panic!("{p:?}")
+    };
+    assert_eq!(day.id(), "day@Europe/Berlin");
+    assert_eq!(day.limit(Metric::Messages).unwrap().get(), 700);
+    match day.period() {
+        Period::Calendar { unit, tz_name, .. } => {
+            assert_eq!(*unit, CalendarUnit::Day);
+            assert_eq!(tz_name, "Europe/Berlin");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(month.id(), "month@UTC");
+    assert_eq!(month.limit(Metric::Bytes).unwrap().get(), 10_000_000_000);
+}
+
+#[test]
+fn a_table_replaces_a_builtin_entirely() {
+    let c = Config::from_toml_str(
+        r#"
+        [profiles.icloud]
+        max_recipients_per_message = 50
+        [[profiles.icloud.windows]]
+        period = "1h"
+        buckets = 60
+        messages = 100
+        "#,
+    )
+    .unwrap();
+    let p = c.profile("icloud").unwrap();
+    assert_eq!(p.max_recipients_per_message().unwrap().get(), 50);
+    // Nothing is inherited from the built-in: no size cap, no 24h window.
+    assert_eq!(p.max_message_size(), None);
+    assert_eq!(p.windows().len(), 1);
+    assert_eq!(p.windows()[0].id(), "r3600000b60");
+    assert_eq!(p.windows()[0].limit(Metric::Recipients), None);
+    // The other built-ins are untouched.
+    assert_eq!(c.profile("google"), Profile::builtin("google").as_ref());
+    assert_eq!(c.default_profile(), p);
+    // An empty table is a profile without limits.
+    let c = Config::from_toml_str("[profiles.yahoo]").unwrap();
+    let yahoo = c.profile("yahoo").unwrap();
+    assert!(yahoo.windows().is_empty() && yahoo.max_message_size().is_none());
+}
+
+#[test]
+fn a_new_name_adds_a_profile() {
+    let c = Config::from_toml_str(
+        r#"
+        [grants]
+        default_profile = "agent-free_1"
+        [profiles.agent-free_1]
+        max_message_size = "25MB"
+        [[profiles.agent-free_1.windows]]
+        period = "24h"
+        messages = 200
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.profiles.len(), 5);
+    let p = c.default_profile();
+    assert_eq!(p.name(), "agent-free_1");
+    assert_eq!(p.max_message_size().unwrap().get(), 25_000_000);
+    assert_eq!(p.windows()[0].id(), "r86400000b96");
+    assert_eq!(p.windows()[0].limit(Metric::Messages).unwrap().get(), 200);
+    assert_eq!(c.profile("icloud"), Profile::builtin("icloud").as_ref());
+}
+
+#[test]
+fn empty_domains_profile_is_none() {
+    let c = Config::from_toml_str("[domains]\nprofile = \"\"").unwrap();
+    assert_eq!(c.domains.profile, None);
+    assert!(c.domain_profile().is_none());
+    let c = Config::from_toml_str("[domains]\nprofile = \"microsoft\"").unwrap();
+    assert_eq!(c.domains.profile.as_deref(), Some("microsoft"));
+    assert_eq!(c.domain_profile().unwrap().name(), "microsoft");
+    let c = Config::from_toml_str("[server]\nadmin_token = \"\"").unwrap();
+    assert_eq!(c.server.admin_token, None);
+}
+
+#[test]
+fn unknown_keys_are_named_at_every_level() {
+    assert_err("[sever]\nlisten = \"127.0.0.1:1\"", "sever", "unknown key");
+    assert_err("[store]\nbakend = \"redis\"", "store.bakend", "unknown key");
+    assert_err("[store]\nbakend = \"redis\"", "store.bakend", "backend");
+    assert_err("[server]\nlisen = \"x\"", "server.lisen", "unknown key");
+    assert_err(
+        "[profiles.icloud]\nmax_recipients = 5",
+        "profiles.icloud.max_recipients",
+        "unknown key",
+    );
+    assert_err(
+        "[[profiles.x.windows]]\nperiod = \"1h\"\nmessages = 1\n[[profiles.x.windows]]\nperiod = \"24h\"\nmesages = 5",
+        "profiles.x.windows[1].mesages",
+        "unknown key",
+    );
+    assert_err(
+        "[profiles.\"a.b\"]\n",
+        "profiles.\"a.b\"",
+        "a profile name uses only",
+    );
+}
+
+#[test]
+fn wrong_types_are_named() {
+    assert_err(
+        "server = 5",
+        "server",
+        "expected a table, found the integer 5",
+    );
+    assert_err(
+        "[store]\ntimeout = 250",
+        "store.timeout",
+        "expected a duration",
+    );
+    assert_err(
+        "[store]\nkey_prefix = 5",
+        "store.key_prefix",
+        "expected a string",
+    );
+    assert_err(
+        "[store]\nbackend = \"mem\"",
+        "store.backend",
+        "unknown value \"mem\"",
+    );
+    assert_err(
+        "[store]\non_unavailable = \"open\"",
+        "store.on_unavailable",
+        "\"reject\", \"allow\"",
+    );
+    assert_err(
+        "[profiles.x]\nwindows = 3",
+        "profiles.x.windows",
+        "expected an array",
+    );
+    assert_err(
+        "[profiles.x]\nwindows = [1]",
+        "profiles.x.windows[0]",
+        "expected a table",
+    );
+    assert_err(
+        "[[profiles.x.windows]]\nperiod = \"1h\"\nmessages = \"many\"",
+        "profiles.x.windows[0].messages",
+        "expected a non-negative integer, found the string \"many\"",
+    );
+    assert_err(
+        "[[profiles.x.windows]]\nperiod = \"1h\"\nmessages = -1",
+        "profiles.x.windows[0].messages",
+        "-1",
+    );
+    assert_err(
+        "[[profiles.x.windows]]\nperiod = \"1h\"\nmessages = 1\nbuckets = 5000000000",
+        "profiles.x.windows[0].buckets",
+        "4294967295",
+    );
+    assert_err(
+        "[[profiles.x.windows]]\nmessages = 1",
+        "profiles.x.windows[0].period",
+        "missing",
+    );
+}
+
+#[test]
+fn bad_values_are_named() {
+    assert_eq!(
+        err("[store]\ntimeout = \"fast\"").to_string(),
+        "store.timeout: invalid duration \"fast\""
+    );
+    assert_err(
+        "[store]\ntimeout = \"0s\"",
+        "store.timeout",
+        "greater than zero",
+    );
+    assert_err(
+        "[upstream]\ntimeout = \"0ms\"",
+        "upstream.timeout",
+        "greater than zero",
+    );
+    assert_err(
+        "[grants]\ncache_ttl = \"0s\"",
+        "grants.cache_ttl",
+        "greater than zero",
+    );
+    assert_err(
+        "[grants]\ncache_ttl = \"1 fortnight\"",
+        "grants.cache_ttl",
+        "invalid duration",
+    );
+    assert_err(
+        "[server]\nlisten = \"localhost:80\"",
+        "server.listen",
+        "invalid socket address",
+    );
+    assert_err(
+        "[server]\nadmin_listen = \"9090\"",
+        "server.admin_listen",
+        "invalid socket address",
+    );
+    assert_err(
+        "[server]\nlisten = \"127.0.0.1:7000\"\nadmin_listen = \"127.0.0.1:7000\"",
+        "server.admin_listen",
+        "must differ",
+    );
+    // Port 0 twice is two different ephemeral ports (what tests do).
+    Config::from_toml_str("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"")
+        .unwrap();
+    assert_err(
+        "[server]\nadmin_token = \"a b\"",
+        "server.admin_token",
+        "spaces",
+    );
+    assert_err(
+        "[server]\nmax_json_body = 0",
+        "server.max_json_body",
+        "greater than zero",
+    );
+    assert_err(
+        "[server]\nmax_json_body = \"4 MeB\"",
+        "server.max_json_body",
+        "invalid byte size \"4 MeB\"",
+    );
+    assert_err(
+        "[server]\nmax_json_body = -4",
+        "server.max_json_body",
+        "invalid byte size -4",
+    );
+    assert_err(
+        "[server]\nshutdown_grace = \"soon\"",
+        "server.shutdown_grace",
+        "invalid duration",
+    );
+    assert_err(
+        "[upstream]\nurl = \"ftp://api.us.nylas.com\"",
+        "upstream.url",
+        "http:// or https://",
+    );
+    assert_err(
+        "[upstream]\nurl = \"api.us.nylas.com\"",
+        "upstream.url",
+        "invalid URL",
+    );
+    assert_err(
+        "[upstream]\nurl = \"https://h/?region=us\"",
+        "upstream.url",
+        "query or fragment",
+    );
+    assert_err(
+        "[upstream]\nurl = \"https://h/#x\"",
+        "upstream.url",
+        "query or fragment",
+    );
+    assert_err(
+        "[store]\nbackend = \"redis\"\nurl = \"http://secret@127.0.0.1:6379\"",
+        "store.url",
+        "redis://, rediss:// or redis+cluster://",
+    );
+    assert!(
+        !err("[store]\nbackend = \"redis\"\nurl = \"http://secret@h\"")
+            .to_string()
+            .contains("secret")
+    );
+    assert_err(
+        "[store]\nbackend = \"redis\"\nurl = \"redis+cluster://\"",
+        "store.url",
+        "host",
+    );
+    for ok in [
+        "redis://h:1",
+        "rediss://u:p@h:6380/2",
+        "redis+cluster://a:1,b:2",
+    ] {
+        let c =
+            Config::from_toml_str(&format!("[store]\nbackend = \"redis\"\nurl = {ok:?}")).unwrap();
+        assert_eq!(c.redis().url, ok);
+    }
+    // The URL of an unused Redis is not checked.
+    Config::from_toml_str("[store]\nurl = \"nonsense\"").unwrap();
+    assert_err(
+        "[store]\nkey_prefix = \"\"",
+        "store.key_prefix",
+        "must not be empty",
+    );
+    assert_err("[store]\nkey_prefix = \"gw{1}\"", "store.key_prefix", "'{'");
+    assert_err(
+        "[grants]\ndefault_profile = \"gmail\"",
+        "grants.default_profile",
+        "no profile named \"gmail\"",
+    );
+    assert_err(
+        "[grants]\ndefault_profile = \"\"",
+        "grants.default_profile",
+        "no profile named \"\"",
+    );
+    assert_err(
+        "[domains]\nprofile = \"nylas\"",
+        "domains.profile",
+        "no profile named \"nylas\"",
+    );
+    assert_err("[profiles.Work]", "profiles.Work", "a-z, 0-9");
+}
+
+#[test]
+fn profile_errors_use_the_limits_field() {
+    let window = |body: &str| format!("[[profiles.x.windows]]\n{body}");
+    assert_eq!(
+        err(&window("period = \"24h\"\nmessages = 0")).to_string(),
+        "profiles.x.windows[0].messages: must be greater than zero"
+    );
+    assert_err(
+        "[profiles.icloud]\nmax_recipients_per_message = 0",
+        "profiles.icloud.max_recipients_per_message",
+        "greater than zero",
+    );
+    assert_err(
+        "[profiles.icloud]\nmax_message_size = \"0MB\"",
+        "profiles.icloud.max_message_size",
+        "greater than zero",
+    );
+    assert_err(
+        &window("period = \"fortnight\"\nmessages = 1"),
+        "profiles.x.windows[0].period",
+        "invalid period \"fortnight\"",
+    );
+    assert_err(
+        &window("period = \"day\"\ntimezone = \"Mars/Olympus\"\nmessages = 1"),
+        "profiles.x.windows[0].timezone",
+        "unknown time zone",
+    );
+    assert_err(
+        &window("period = \"24h\"\ntimezone = \"UTC\"\nmessages = 1"),
+        "profiles.x.windows[0].timezone",
+        "only calendar windows",
+    );
+    assert_err(
+        &window("period = \"day\"\nbuckets = 24\nmessages = 1"),
+        "profiles.x.windows[0].buckets",
+        "only rolling windows",
+    );
+    assert_err(
+        &window("period = \"24h\"\nbuckets = 0\nmessages = 1"),
+        "profiles.x.windows[0].buckets",
+        "from 1 to",
+    );
+    assert_err(
+        &window("period = \"40d\"\nmessages = 1"),
+        "profiles.x.windows[0].period",
+        "1s to 31d",
+    );
+    assert_err(
+        &window("period = \"24h\"\nbytes = \"lots\""),
+        "profiles.x.windows[0].bytes",
+        "invalid byte size",
+    );
+    assert_err(
+        &window("period = \"24h\""),
+        "profiles.x.windows[0]",
+        "at least one of",
+    );
+    assert_err(
+        &format!(
+            "{}\n{}",
+            window("period = \"24h\"\nmessages = 1"),
+            window("period = \"1d\"\nrecipients = 1")
+        ),
+        "profiles.x.windows[1].period",
+        "same period",
+    );
+}
+
+#[test]
+fn syntax_errors_have_a_position() {
+    let e = err("[server]\nlisten = 127.0.0.1:8080\n");
+    assert_eq!(e.key(), "toml");
+    assert!(e.message().starts_with("line 2, column "), "{e}");
+    assert!(!e.to_string().contains('\n'), "{e:?}");
+    let e = err("[store]\ntimeout = \"1s\"\n[store]\n");
+    assert!(e.message().starts_with("line 3"), "{e}");
+}
+
+#[test]
+fn load_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.toml");
+    let e = Config::load(&missing).unwrap_err();
+    assert_eq!(e.key(), missing.display().to_string());
+    assert!(e.message().starts_with("cannot read the file"), "{e}");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[store\n").unwrap();
+    let e = Config::load(&bad).unwrap_err();
+    assert_eq!(e.key(), bad.display().to_string());
+    assert!(e.message().starts_with("line 1, column "), "{e}");
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[grants]\ndefault_profile = \"yahoo\"\n").unwrap();
+    assert_eq!(
+        Config::load(&good).unwrap().default_profile().name(),
+        "yahoo"
+    );
+}
+
+#[test]
+fn exit_code_is_ex_usage() {
+    assert_eq!(ConfigError::EXIT_CODE, 64);
+}
+
+#[test]
+fn redact_userinfo_keeps_the_host() {
+    assert_eq!(redact_userinfo("redis://h:1"), "redis://h:1");
+    assert_eq!(
+        redact_userinfo("redis://:pw@h:1/0"),
+        "redis://<redacted>@h:1/0"
+    );
+    assert_eq!(redact_userinfo("nonsense@"), "nonsense@");
+}

@@ -1,0 +1,151 @@
+//! The one place gateway errors become HTTP responses.
+//!
+//! Every response the gateway writes itself is JSON in Nylas's error envelope with an
+//! `X-Request-Id` header, so the official SDKs raise a proper API error. Bodies of 5xx
+//! answers say nothing internal; the cause is logged once where it happens.
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use limits::Denial;
+use serde_json::json;
+
+use crate::ratelimit;
+
+/// Header carrying the request id on every response the gateway writes.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// A send the gateway answers itself.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    /// More unique recipients than the profile allows in one message.
+    #[error("this message has {count} unique recipients; the limit per message is {limit}")]
+    TooManyRecipients {
+        /// Unique recipients counted.
+        count: u64,
+        /// The profile's cap.
+        limit: u64,
+    },
+    /// The message is larger than the profile allows (or than the gateway buffers).
+    #[error("this message is {size} bytes as the provider sees it; the limit is {limit}")]
+    MessageTooLarge {
+        /// Size counted so far (at least).
+        size: u64,
+        /// The cap that was exceeded.
+        limit: u64,
+    },
+    /// A window's quota would be exceeded.
+    #[error("sending quota exceeded: {} {} of {} used in the {} window", .0.used, .0.metric, .0.limit, .0.window)]
+    QuotaExceeded(Box<Denial>),
+    /// The send body could not be read.
+    #[error("the send request could not be read: {0}")]
+    InvalidSendRequest(String),
+    /// The quota store is unreachable and the gateway is configured to reject.
+    #[error("the sending quota cannot be checked right now; try again shortly")]
+    QuotaUnavailable,
+    /// Nylas could not be reached.
+    #[error("the upstream API could not be reached")]
+    UpstreamUnavailable,
+    /// Nylas did not answer in time.
+    #[error("the upstream API did not answer in time")]
+    UpstreamTimeout,
+    /// An admin request without the right token.
+    #[error("a valid admin token is required")]
+    Unauthorized,
+    /// An admin request for something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl GatewayError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::TooManyRecipients { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayError::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::InvalidSendRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
+        }
+    }
+
+    /// The `error.type` of the envelope.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            GatewayError::TooManyRecipients { .. } => "too_many_recipients",
+            GatewayError::MessageTooLarge { .. } => "message_too_large",
+            GatewayError::QuotaExceeded(_) => "quota_exceeded",
+            GatewayError::InvalidSendRequest(_) => "invalid_send_request",
+            GatewayError::QuotaUnavailable => "quota_unavailable",
+            GatewayError::UpstreamUnavailable => "upstream_unavailable",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::Unauthorized => "unauthorized",
+            GatewayError::NotFound(_) => "not_found_error",
+        }
+    }
+
+    /// The response, with `request_id` in the body and the `X-Request-Id` header.
+    pub fn into_response_with_id(self, request_id: &str) -> Response {
+        let mut error = json!({ "type": self.error_type(), "message": self.to_string() });
+        let mut extra_headers = Vec::new();
+        if let GatewayError::QuotaExceeded(d) = &self {
+            let retry = d.retry_after.map(|r| r.as_secs().max(1));
+            error["quota"] = json!({
+                "window": &*d.window,
+                "metric": d.metric.as_str(),
+                "limit": d.limit,
+                "used": d.used,
+                "requested": d.requested,
+                "retry_after_seconds": retry,
+            });
+            if let Some(secs) = retry {
+                extra_headers.push((header::RETRY_AFTER, HeaderValue::from(secs)));
+            }
+            extra_headers.extend(ratelimit::headers(&d.usage));
+        }
+        let body = json!({ "request_id": request_id, "error": error });
+        let mut resp = (self.status(), axum::Json(body)).into_response();
+        let headers = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            headers.insert(REQUEST_ID, v);
+        }
+        for (k, v) in extra_headers {
+            headers.insert(k, v);
+        }
+        resp
+    }
+}
+
+/// A fresh request id for a response the gateway writes.
+pub fn new_request_id() -> String {
+    format!("sendgw-{}", uuid::Uuid::new_v4())
+}
+
+/// Whole seconds, at least 1, for a `Retry-After` header.
+pub fn retry_secs(d: Duration) -> u64 {
+    d.as_secs().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn envelopes_carry_the_request_id_in_body_and_header() {
+        let resp = GatewayError::UpstreamTimeout.into_response_with_id("abc");
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(resp.headers()[REQUEST_ID], "abc");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["request_id"], "abc");
+        assert_eq!(v["error"]["type"], "upstream_timeout");
+        assert!(v["error"]["message"].as_str().unwrap().contains("in time"));
+    }
+}

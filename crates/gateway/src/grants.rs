@@ -1,0 +1,141 @@
+//! Canonical grant ids: every identifier form of one grant shares one quota.
+//!
+//! `grant:<id>` and plain ids need no look-up. An email, `email:...`, `external:...` or
+//! `me` is resolved once through `GET /v3/grants/{identifier}` with the caller's
+//! credentials and cached for `[grants] cache_ttl`. `me` depends on the caller's token, so
+//! its cache entry is keyed by a hash of the token (never the token itself).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::response::Response;
+use http::HeaderValue;
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+
+use crate::error::GatewayError;
+use crate::send::{GrantRef, grant_ref};
+use crate::upstream::{Upstream, relay_buffered};
+
+/// Most cached resolutions; beyond it expired entries go, then everything.
+const MAX_ENTRIES: usize = 100_000;
+
+/// Characters escaped in a path segment.
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'/')
+    .add(b'?')
+    .add(b'#')
+    .add(b'%')
+    .add(b'"')
+    .add(b'<')
+    .add(b'>');
+
+/// The outcome of resolving an identifier.
+#[derive(Debug)]
+pub enum Resolution {
+    /// The canonical grant id.
+    Grant(String),
+    /// Nylas refused the look-up; its answer goes back to the caller as is.
+    Refused(Response),
+}
+
+/// Resolves and caches grant identifiers.
+#[derive(Debug)]
+pub struct GrantResolver {
+    ttl: Duration,
+    cache: Mutex<HashMap<String, (String, Instant)>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl GrantResolver {
+    /// A resolver whose answers live for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        GrantResolver {
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+            hasher: Default::default(),
+        }
+    }
+
+    fn cache_key(&self, identifier: &str, authorization: Option<&HeaderValue>) -> String {
+        if identifier == "me" {
+            let mut h = self.hasher.build_hasher();
+            h.write(authorization.map_or(&b""[..], |a| a.as_bytes()));
+            format!("me#{:016x}", h.finish())
+        } else if identifier.contains('@') {
+            identifier.to_ascii_lowercase()
+        } else {
+            identifier.to_owned()
+        }
+    }
+
+    /// The canonical id of `identifier`.
+    ///
+    /// # Errors
+    /// Nylas unreachable or too slow, or an answer without `data.id`.
+    pub async fn resolve(
+        &self,
+        upstream: &Upstream,
+        identifier: &str,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Resolution, GatewayError> {
+        let ident = match grant_ref(identifier) {
+            GrantRef::Id(id) => return Ok(Resolution::Grant(id)),
+            GrantRef::NeedsResolution(ident) => ident,
+        };
+        let key = self.cache_key(&ident, authorization);
+        let now = Instant::now();
+        if let Some((id, at)) = self.lock().get(&key)
+            && now.duration_since(*at) < self.ttl
+        {
+            return Ok(Resolution::Grant(id.clone()));
+        }
+        let path = format!("/v3/grants/{}", utf8_percent_encode(&ident, SEGMENT));
+        let (status, headers, body) =
+            upstream
+                .get_small(&path, authorization)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %crate::proxy::redact(&e), "grant look-up failed");
+                    if e.is_timeout() {
+                        GatewayError::UpstreamTimeout
+                    } else {
+                        GatewayError::UpstreamUnavailable
+                    }
+                })?;
+        if !status.is_success() {
+            return Ok(Resolution::Refused(relay_buffered(status, &headers, body)));
+        }
+        let id = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v.pointer("/data/id")
+                    .and_then(|id| id.as_str())
+                    .map(str::to_owned)
+            })
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                tracing::warn!("grant look-up answer has no data.id");
+                GatewayError::UpstreamUnavailable
+            })?;
+        let mut cache = self.lock();
+        if cache.len() >= MAX_ENTRIES {
+            let ttl = self.ttl;
+            cache.retain(|_, (_, at)| now.duration_since(*at) < ttl);
+            if cache.len() >= MAX_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (id.clone(), now));
+        Ok(Resolution::Grant(id))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

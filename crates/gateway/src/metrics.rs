@@ -1,0 +1,219 @@
+//! Prometheus metrics, served on the admin listener. No per-grant labels: per-grant views
+//! come from the quota API.
+//!
+//! `prometheus-client` is the Prometheus project's own Rust client: typed label sets, an
+//! explicit registry (no globals, so tests can run several gateways in one process) and
+//! the OpenMetrics text encoder.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Decision outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Charged and forwarded.
+    Allowed,
+    /// Refused by a window's quota.
+    Denied,
+    /// Refused by a per-message check (no store call).
+    StaticRejected,
+    /// The store failed and the send was refused.
+    StoreError,
+    /// The store failed and the send was forwarded uncounted (`on_unavailable = "allow"`).
+    AllowedUncounted,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Denied => "denied",
+            Outcome::StaticRejected => "static_rejected",
+            Outcome::StoreError => "store_error",
+            Outcome::AllowedUncounted => "allowed_uncounted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    outcome: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MetricLabel {
+    metric: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+/// The gateway's metrics and their registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    units: Family<MetricLabel, Counter>,
+    settled: Family<OutcomeLabel, Counter>,
+    store_duration: Family<OpLabel, Histogram>,
+    upstream_duration: Histogram,
+    upstream_responses: Family<ClassLabel, Counter>,
+    in_flight: Gauge,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        90.0,
+    ]
+    .into_iter()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sendgw");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Send decisions by outcome and reason",
+            decisions.clone(),
+        );
+        let units = Family::<MetricLabel, Counter>::default();
+        registry.register("units", "Units charged to quotas by metric", units.clone());
+        let settled = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "reservations_settled",
+            "Reservations kept or released after the upstream answered",
+            settled.clone(),
+        );
+        let store_duration =
+            Family::<OpLabel, Histogram>::new_with_constructor(
+                || Histogram::new(latency_buckets()),
+            );
+        registry.register(
+            "store_duration_seconds",
+            "Quota store call latency",
+            store_duration.clone(),
+        );
+        let upstream_duration = Histogram::new(latency_buckets());
+        registry.register(
+            "upstream_duration_seconds",
+            "Upstream send latency until response headers",
+            upstream_duration.clone(),
+        );
+        let upstream_responses = Family::<ClassLabel, Counter>::default();
+        registry.register(
+            "upstream_responses",
+            "Upstream responses to sends by status class",
+            upstream_responses.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests being handled by the proxy",
+            in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            units,
+            settled,
+            store_duration,
+            upstream_duration,
+            upstream_responses,
+            in_flight,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a decision.
+    pub fn decision(&self, outcome: Outcome, reason: &'static str) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                outcome: outcome.as_str(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts charged units.
+    pub fn units(&self, cost: limits::Cost) {
+        for m in limits::Metric::ALL {
+            self.units
+                .get_or_create(&MetricLabel { metric: m.as_str() })
+                .inc_by(cost.get(m));
+        }
+    }
+
+    /// Counts a settlement (`kept` or `released`).
+    pub fn settled(&self, released: bool) {
+        let outcome = if released { "released" } else { "kept" };
+        self.settled.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Records a store call's latency.
+    pub fn store_call(&self, op: &'static str, took: Duration) {
+        self.store_duration
+            .get_or_create(&OpLabel { op })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records an upstream answer to a send (`status` 0 when there was none).
+    pub fn upstream(&self, status: u16, took: Duration) {
+        self.upstream_duration.observe(took.as_secs_f64());
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "error",
+        };
+        self.upstream_responses
+            .get_or_create(&ClassLabel { class })
+            .inc();
+    }
+
+    /// Marks a request in flight until the guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

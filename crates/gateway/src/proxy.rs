@@ -1,0 +1,418 @@
+//! The proxy: sends are costed, checked, charged, forwarded and settled; everything else is
+//! relayed untouched.
+//!
+//! Order for a send: classify → resolve the grant → read the body until the cost is known →
+//! per-message checks (no store call) → one `reserve` → forward → settle on the answer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, header};
+use limits::{Cost, Decision, Profile, Reservation, StoreError};
+
+use crate::AppState;
+use crate::config::OnUnavailable;
+use crate::error::{GatewayError, new_request_id};
+use crate::grants::Resolution;
+use crate::metrics::Outcome;
+use crate::ratelimit;
+use crate::send::{
+    InspectError, InspectOptions, SendRoute, classify, cost_from_message_json, inspect,
+};
+use crate::upstream::{relay, relay_buffered};
+
+/// Nylas answers that mean nothing was sent: the reservation is given back.
+const NOT_SENT: [u16; 9] = [400, 401, 403, 404, 409, 413, 415, 422, 429];
+
+/// Handles every request on the proxy listener.
+pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let _in_flight = state.metrics.in_flight();
+    match classify(req.method(), req.uri()) {
+        Some(route) => {
+            let request_id = new_request_id();
+            match send(&state, route, req, &request_id).await {
+                Ok(resp) => resp,
+                Err(e) => e.into_response_with_id(&request_id),
+            }
+        }
+        None => pass_through(&state, req).await,
+    }
+}
+
+/// Relays a request that is not a send, byte for byte.
+async fn pass_through(state: &AppState, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let length = content_length(&parts.headers);
+    // A request without a body goes on without one: a streamed body would add
+    // `Transfer-Encoding: chunked` to a bodiless DELETE, PUT or POST.
+    let body = if false && http_body::Body::is_end_stream(&body) {
+        reqwest::Body::from(bytes::Bytes::new())
+    } else {
+        reqwest::Body::wrap_stream(body.into_data_stream())
+    };
+    match state
+        .upstream
+        .send(parts.method, &target, &parts.headers, body, length)
+        .await
+    {
+        Ok(resp) => relay(resp),
+        Err(e) => {
+            let request_id = new_request_id();
+            tracing::warn!(request_id, error = %redact(&e), "upstream request failed");
+            upstream_error(&e).into_response_with_id(&request_id)
+        }
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn upstream_error(e: &reqwest::Error) -> GatewayError {
+    if e.is_timeout() {
+        GatewayError::UpstreamTimeout
+    } else {
+        GatewayError::UpstreamUnavailable
+    }
+}
+
+/// A reqwest error's text without the URL (which could carry an identifier or query).
+pub fn redact(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() {
+        "body"
+    } else if e.is_request() {
+        "request"
+    } else {
+        "other"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut cause = String::new();
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    format!("{kind}: {cause}")
+}
+
+/// Who is charged and under which profile.
+struct Charged {
+    scope: String,
+    profile: Profile,
+    /// For logs: the canonical grant id or the domain.
+    subject: String,
+}
+
+async fn send(
+    state: &AppState,
+    route: SendRoute,
+    req: Request,
+    request_id: &str,
+) -> Result<Response, GatewayError> {
+    let config = state.config();
+    let authorization = req.headers().get(header::AUTHORIZATION).cloned();
+    let charged = match &route {
+        SendRoute::Domain { domain } => match config.domain_profile() {
+            Some(p) => Charged {
+                scope: format!("domain:{}", domain.to_ascii_lowercase()),
+                profile: p.clone(),
+                subject: domain.clone(),
+            },
+            // Domain sends are counted only when `[domains] profile` is set.
+            None => return Ok(pass_through(state, req).await),
+        },
+        SendRoute::Message { grant }
+        | SendRoute::Mime { grant }
+        | SendRoute::Draft { grant, .. } => {
+            match state
+                .grants
+                .resolve(&state.upstream, grant, authorization.as_ref())
+                .await?
+            {
+                Resolution::Grant(id) => {
+                    let profile = config.default_profile().clone();
+                    Charged {
+                        scope: format!("grant:{id}"),
+                        profile,
+                        subject: id,
+                    }
+                }
+                Resolution::Refused(resp) => return Ok(resp),
+            }
+        }
+    };
+    let profile = &charged.profile;
+    let opts = InspectOptions {
+        json_limit: config.server.max_json_body,
+        max_message_size: profile.max_message_size().map(|v| v.get()),
+        ..InspectOptions::default()
+    };
+    let (parts, body) = req.into_parts();
+    let inspected = inspect(&route, &parts.headers, body, &opts)
+        .await
+        .map_err(|e| {
+            let err = inspect_error(e);
+            log_decision(
+                request_id,
+                &charged.subject,
+                Outcome::StaticRejected,
+                err.error_type(),
+            );
+            state
+                .metrics
+                .decision(Outcome::StaticRejected, err.error_type());
+            err
+        })?;
+    let mut cost = inspected.cost;
+    if inspected.draft_needs_lookup {
+        let SendRoute::Draft { path, .. } = &route else {
+            return Err(GatewayError::InvalidSendRequest("not a draft send".into()));
+        };
+        let (status, headers, body) = state
+            .upstream
+            .get_small(path, authorization.as_ref())
+            .await
+            .map_err(|e| {
+                tracing::warn!(request_id, error = %redact(&e), "draft look-up failed");
+                upstream_error(&e)
+            })?;
+        if !status.is_success() {
+            return Ok(relay_buffered(status, &headers, body));
+        }
+        let draft: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+            tracing::warn!(request_id, "draft look-up answer is not JSON");
+            GatewayError::UpstreamUnavailable
+        })?;
+        cost = cost_from_message_json(&draft).map_err(inspect_error)?;
+    }
+
+    // Per-message checks: they can never pass on retry, so 413/422 and no store call.
+    if let Some(max) = profile.max_recipients_per_message()
+        && cost.recipients > max.get()
+    {
+        let err = GatewayError::TooManyRecipients {
+            count: cost.recipients,
+            limit: max.get(),
+        };
+        return Err(reject_static(state, request_id, &charged, err));
+    }
+    if let Some(max) = profile.max_message_size()
+        && cost.size > max.get()
+    {
+        let err = GatewayError::MessageTooLarge {
+            size: cost.size,
+            limit: max.get(),
+        };
+        return Err(reject_static(state, request_id, &charged, err));
+    }
+
+    let charge = Cost::new(1, cost.recipients, cost.size);
+    let idempotency_key = parts
+        .headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let started = Instant::now();
+    let decision = state
+        .store
+        .reserve(&charged.scope, profile, charge, idempotency_key.as_deref())
+        .await;
+    state.metrics.store_call("reserve", started.elapsed());
+    let (reservation, usage) = match decision {
+        Ok(Decision::Allowed(a)) => {
+            let reason = if a.replay {
+                "idempotent_replay"
+            } else {
+                "within_quota"
+            };
+            log_decision(request_id, &charged.subject, Outcome::Allowed, reason);
+            state.metrics.decision(Outcome::Allowed, reason);
+            if !a.replay {
+                state.metrics.units(charge);
+            }
+            // A replay charged nothing now; settling it would give back the first send.
+            ((!a.replay).then_some(a.reservation), Some(a.usage))
+        }
+        Ok(Decision::Denied(d)) => {
+            log_decision(
+                request_id,
+                &charged.subject,
+                Outcome::Denied,
+                d.metric.as_str(),
+            );
+            state.metrics.decision(Outcome::Denied, d.metric.as_str());
+            return Err(GatewayError::QuotaExceeded(Box::new(d)));
+        }
+        Err(StoreError::Invalid(msg)) => {
+            state
+                .metrics
+                .decision(Outcome::StaticRejected, "invalid_send_request");
+            return Err(GatewayError::InvalidSendRequest(msg));
+        }
+        Err(e) => match config.store.on_unavailable {
+            OnUnavailable::Reject => {
+                tracing::error!(request_id, grant = %charged.subject, error = %e, decision = "store_error", "quota store failed; send refused");
+                state
+                    .metrics
+                    .decision(Outcome::StoreError, store_reason(&e));
+                return Err(GatewayError::QuotaUnavailable);
+            }
+            OnUnavailable::Allow => {
+                tracing::warn!(request_id, grant = %charged.subject, error = %e, decision = "allowed_uncounted", "quota store failed; send forwarded uncounted");
+                state
+                    .metrics
+                    .decision(Outcome::AllowedUncounted, store_reason(&e));
+                (None, None)
+            }
+        },
+    };
+
+    let overflow = inspected.body.overflow();
+    let length = inspected.body.content_length();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let started = Instant::now();
+    let result = state
+        .upstream
+        .send(
+            parts.method,
+            &target,
+            &parts.headers,
+            inspected.body.into_reqwest(),
+            length,
+        )
+        .await;
+    let took = started.elapsed();
+    let mut resp = match result {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            state.metrics.upstream(status, took);
+            let replayed = resp
+                .headers()
+                .get("idempotent-response")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+            let release = NOT_SENT.contains(&status) || replayed;
+            settle(state, request_id, reservation.as_ref(), release).await;
+            relay(resp)
+        }
+        Err(e) => {
+            state.metrics.upstream(0, took);
+            if overflow.is_over() {
+                // The body outgrew the limit mid-stream; the upstream request was cut before
+                // its end, so nothing was sent.
+                settle(state, request_id, reservation.as_ref(), true).await;
+                state
+                    .metrics
+                    .decision(Outcome::StaticRejected, "message_too_large");
+                let limit = overflow.limit().unwrap_or_default();
+                return Err(GatewayError::MessageTooLarge {
+                    size: overflow.size(),
+                    limit,
+                });
+            }
+            // A bad body, or the client's body breaking off mid-upload: either way the
+            // upstream request was cut before its end, so nothing was sent.
+            if let Some(InspectError::Invalid(msg)) = overflow.failure() {
+                settle(state, request_id, reservation.as_ref(), true).await;
+                return Err(GatewayError::InvalidSendRequest(msg));
+            }
+            // Not connected: the request never left. Anything else: the outcome is unknown,
+            // and over-counting is the safe side.
+            let sent_maybe = !e.is_connect();
+            tracing::warn!(request_id, grant = %charged.subject, error = %redact(&e), kept = sent_maybe, "upstream send failed");
+            settle(state, request_id, reservation.as_ref(), !sent_maybe).await;
+            return Err(upstream_error(&e));
+        }
+    };
+    if let Some(usage) = &usage {
+        for (k, v) in ratelimit::headers(usage) {
+            resp.headers_mut().insert(k, v);
+        }
+    }
+    Ok(resp)
+}
+
+fn store_reason(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Unavailable(_) => "unavailable",
+        StoreError::Timeout(_) => "timeout",
+        StoreError::Protocol(_) => "protocol",
+        StoreError::Invalid(_) => "invalid",
+    }
+}
+
+fn inspect_error(e: InspectError) -> GatewayError {
+    match e {
+        InspectError::Invalid(msg) | InspectError::Body(msg) => {
+            GatewayError::InvalidSendRequest(msg)
+        }
+        InspectError::TooLarge { size, limit } => GatewayError::MessageTooLarge { size, limit },
+    }
+}
+
+fn reject_static(
+    state: &AppState,
+    request_id: &str,
+    charged: &Charged,
+    err: GatewayError,
+) -> GatewayError {
+    log_decision(
+        request_id,
+        &charged.subject,
+        Outcome::StaticRejected,
+        err.error_type(),
+    );
+    state
+        .metrics
+        .decision(Outcome::StaticRejected, err.error_type());
+    err
+}
+
+fn log_decision(request_id: &str, subject: &str, outcome: Outcome, reason: &str) {
+    tracing::info!(request_id, grant = subject, decision = ?outcome, reason, "send decision");
+}
+
+async fn settle(
+    state: &AppState,
+    request_id: &str,
+    reservation: Option<&Reservation>,
+    release: bool,
+) {
+    let Some(r) = reservation else { return };
+    state.metrics.settled(release);
+    if !release {
+        return;
+    }
+    let started = Instant::now();
+    let result = state.store.release(r).await;
+    state.metrics.store_call("release", started.elapsed());
+    if let Err(e) = result {
+        // The charge stays: over-counting is the safe side.
+        tracing::error!(request_id, error = %e, "release failed; the charge stays");
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        self.into_response_with_id(&new_request_id())
+    }
+}

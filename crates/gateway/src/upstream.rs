@@ -1,0 +1,197 @@
+//! The one upstream: request building, header hygiene and response relaying.
+//!
+//! Only `[upstream] url` is ever contacted: the request target's path and query are appended
+//! to it, and the client's `Host` (or an absolute-form target's authority) is ignored.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus `Host`, which
+/// reqwest sets for the upstream.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
+];
+
+/// A client for the configured upstream.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+    base: String,
+    timeout: Duration,
+}
+
+impl Upstream {
+    /// A client for `base` (scheme, host, optional path prefix) with a per-request timeout.
+    ///
+    /// # Errors
+    /// The TLS backend cannot be initialised.
+    pub fn new(base: &reqwest::Url, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            // Redirects go back to the client unchanged; the gateway never follows them.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Upstream {
+            client,
+            base: base.as_str().trim_end_matches('/').to_owned(),
+            timeout,
+        })
+    }
+
+    /// The upstream URL for a request target's path and query.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("{}{path_and_query}", self.base)
+    }
+
+    /// The per-request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Sends a request upstream with the client's end-to-end headers.
+    ///
+    /// # Errors
+    /// Whatever reqwest reports: connect failures, timeouts, broken connections, or the body
+    /// stream failing (an aborted oversized send).
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: reqwest::Body,
+        content_length: Option<u64>,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let mut out = forwardable(headers);
+        out.remove(header::CONTENT_LENGTH);
+        if let Some(len) = content_length {
+            out.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        self.client
+            .request(method, self.url(path_and_query))
+            .headers(out)
+            .timeout(self.timeout)
+            .body(body)
+            .send()
+            .await
+    }
+
+    /// `GET` with only the caller's `Authorization`, reading the whole (small) answer.
+    ///
+    /// # Errors
+    /// As [`Upstream::send`].
+    pub async fn get_small(
+        &self,
+        path: &str,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<(http::StatusCode, HeaderMap, Bytes), reqwest::Error> {
+        let mut req = self
+            .client
+            .get(self.url(path))
+            .timeout(self.timeout)
+            .header(header::ACCEPT, "application/json");
+        if let Some(a) = authorization {
+            req = req.header(header::AUTHORIZATION, a.clone());
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await?;
+        Ok((status, headers, body))
+    }
+}
+
+/// The client's headers minus hop-by-hop ones (including any named by `Connection`).
+pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for h in HOP_BY_HOP.iter().chain(named.iter()) {
+        out.remove(h);
+    }
+    out
+}
+
+/// Relays an upstream response: status and end-to-end headers intact, body streamed.
+pub fn relay(resp: reqwest::Response) -> Response {
+    let status = resp.status();
+    let headers = response_headers(resp.headers());
+    let mut out = Response::new(Body::from_stream(resp.bytes_stream()));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// A response from parts already read.
+pub fn relay_buffered(status: http::StatusCode, headers: &HeaderMap, body: Bytes) -> Response {
+    let mut out = Response::new(Body::from(body));
+    *out.status_mut() = status;
+    *out.headers_mut() = response_headers(headers);
+    out
+}
+
+fn response_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = forwardable(headers);
+    // `Host` is not a response header, but a `Content-Length` must survive: only
+    // hop-by-hop headers go.
+    out.remove(header::HOST);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("evil.example"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let out = forwardable(&h);
+        assert_eq!(out.len(), 2);
+        assert!(out.contains_key(header::AUTHORIZATION) && out.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn urls_append_the_target_to_the_configured_base() {
+        let u = Upstream::new(
+            &"http://127.0.0.1:4000/".parse().unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(
+            u.url("/v3/grants/a%2Fb?x=1"),
+            "http://127.0.0.1:4000/v3/grants/a%2Fb?x=1"
+        );
+    }
+}
