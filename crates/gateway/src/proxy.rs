@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, header};
-use limits::{Cost, Decision, Profile, Reservation, StoreError};
+use limits::{Cost, Decision, Metric, Profile, Reservation, StoreError};
 
 use crate::AppState;
 use crate::config::OnUnavailable;
@@ -52,7 +52,7 @@ async fn pass_through(state: &AppState, req: Request) -> Response {
     let length = content_length(&parts.headers);
     // A request without a body goes on without one: a streamed body would add
     // `Transfer-Encoding: chunked` to a bodiless DELETE, PUT or POST.
-    let body = if false && http_body::Body::is_end_stream(&body) {
+    let body = if http_body::Body::is_end_stream(&body) {
         reqwest::Body::from(bytes::Bytes::new())
     } else {
         reqwest::Body::wrap_stream(body.into_data_stream())
@@ -249,6 +249,22 @@ async fn send(
             // A replay charged nothing now; settling it would give back the first send.
             ((!a.replay).then_some(a.reservation), Some(a.usage))
         }
+        // More than a window's whole limit: no retry can ever pass, so this is a
+        // per-message rejection (422/413), not a 429 that has no `Retry-After` to give.
+        Ok(Decision::Denied(d)) if d.retry_after.is_none() && d.metric != Metric::Messages => {
+            let err = if d.metric == Metric::Bytes {
+                GatewayError::MessageTooLarge {
+                    size: d.requested,
+                    limit: d.limit,
+                }
+            } else {
+                GatewayError::TooManyRecipients {
+                    count: d.requested,
+                    limit: d.limit,
+                }
+            };
+            return Err(reject_static(state, request_id, &charged, err));
+        }
         Ok(Decision::Denied(d)) => {
             log_decision(
                 request_id,
@@ -331,7 +347,7 @@ async fn send(
             }
             // A bad body, or the client's body breaking off mid-upload: either way the
             // upstream request was cut before its end, so nothing was sent.
-            if let Some(InspectError::Invalid(msg)) = overflow.failure() {
+            if let Some(InspectError::Invalid(msg) | InspectError::Body(msg)) = overflow.failure() {
                 settle(state, request_id, reservation.as_ref(), true).await;
                 return Err(GatewayError::InvalidSendRequest(msg));
             }
@@ -388,7 +404,13 @@ fn reject_static(
 }
 
 fn log_decision(request_id: &str, subject: &str, outcome: Outcome, reason: &str) {
-    tracing::info!(request_id, grant = subject, decision = ?outcome, reason, "send decision");
+    tracing::info!(
+        request_id,
+        grant = subject,
+        decision = outcome.as_str(),
+        reason,
+        "send decision"
+    );
 }
 
 async fn settle(

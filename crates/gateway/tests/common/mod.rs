@@ -1,0 +1,302 @@
+//! Shared by the end-to-end suites: a fake Nylas and an in-process gateway on port 0,
+//! request builders shaped like the real SDKs, and assertions on the gateway's answers.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fake_nylas::FakeNylas;
+use gateway::AppState;
+use gateway::config::Config;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The bearer token the tests present (the fake accepts any token by default).
+pub const TOKEN: &str = "nyk_e2e_key";
+
+/// Longest a test waits for anything to happen (a record to land, a process to start).
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A fake Nylas on a free port.
+pub async fn fake() -> FakeNylas {
+    FakeNylas::start("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("fake nylas starts")
+}
+
+/// A configuration whose `[upstream] url` is `upstream`; `rest` continues the
+/// `[upstream]` table (e.g. `timeout = "1s"`) and may add further tables.
+pub fn config(upstream: &str, rest: &str) -> String {
+    format!("[upstream]\nurl = \"{upstream}\"\n{rest}\n")
+}
+
+/// A gateway served in this process by `gateway::run`, on two listeners bound to port 0.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The proxy's base URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The admin listener's base URL.
+    pub admin: String,
+    /// The proxy's address.
+    pub addr: std::net::SocketAddr,
+    pub state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Gateway {
+    /// Parses `toml`, builds the state (connecting the store) and serves it.
+    pub async fn start(toml: &str) -> Gateway {
+        let config =
+            Config::from_toml_str(toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let state = Arc::new(AppState::new(config).await.expect("gateway state"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let addr = listener.local_addr().expect("proxy addr");
+        let admin_addr = admin.local_addr().expect("admin addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway::run(listener, admin, Arc::clone(&state), async {
+            let _ = stopped.await;
+        }));
+        Gateway {
+            url: format!("http://{addr}"),
+            admin: format!("http://{admin_addr}"),
+            addr,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// `POST {url}/v3/grants/{grant}/messages/send` with a JSON message.
+    pub fn send_json(
+        &self,
+        client: &reqwest::Client,
+        grant: &str,
+        message: &Value,
+    ) -> reqwest::RequestBuilder {
+        client
+            .post(format!("{}/v3/grants/{grant}/messages/send", self.url))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(message).expect("json"))
+    }
+
+    /// `GET /v1/quota/{grant}` on the admin listener.
+    pub async fn quota(&self, grant: &str) -> Value {
+        let resp = client()
+            .get(format!("{}/v1/quota/{grant}", self.admin))
+            .send()
+            .await
+            .expect("quota request");
+        assert_eq!(resp.status(), 200, "quota of {grant}");
+        resp.json().await.expect("quota json")
+    }
+
+    /// Messages and recipients used in the first window of `grant`'s profile.
+    pub async fn used(&self, grant: &str) -> (u64, u64) {
+        let q = self.quota(grant).await;
+        let w = &q["windows"][0];
+        (
+            w["messages"]["used"].as_u64().unwrap_or(0),
+            w["recipients"]["used"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// The admin `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// Stops the gateway and waits for it (bounded).
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(WAIT, task).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A client that never goes through a proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+/// A message to `to` (addresses as given), with a short body.
+pub fn message(to: &[&str], cc: &[&str], bcc: &[&str]) -> Value {
+    let list = |a: &[&str]| a.iter().map(|e| json!({ "email": e })).collect::<Vec<_>>();
+    json!({
+        "to": list(to),
+        "cc": list(cc),
+        "bcc": list(bcc),
+        "subject": "e2e",
+        "body": "hello from the end-to-end suite",
+    })
+}
+
+/// A message to one recipient.
+pub fn simple() -> Value {
+    message(&["alice@example.org"], &[], &[])
+}
+
+/// Asserts a response the gateway wrote itself: `status`, JSON
+/// `{"request_id", "error": {"type", "message"}}` and `X-Request-Id` equal to
+/// `request_id`. Returns the body.
+pub async fn gateway_error(resp: reqwest::Response, status: u16, error_type: &str) -> Value {
+    assert_eq!(
+        resp.status(),
+        status,
+        "status of a gateway error ({error_type})"
+    );
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    assert!(ct.starts_with("application/json"), "content type {ct:?}");
+    let header = resp
+        .headers()
+        .get("x-request-id")
+        .expect("X-Request-Id on a gateway error")
+        .to_str()
+        .expect("ascii request id")
+        .to_owned();
+    let body: Value = resp.json().await.expect("a JSON error body");
+    assert_eq!(
+        body["request_id"], header,
+        "body and header request ids: {body}"
+    );
+    assert!(!header.is_empty());
+    assert_eq!(body["error"]["type"], error_type, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    body
+}
+
+/// A multipart body built by hand, so every part header is what a given SDK writes.
+#[derive(Debug)]
+pub struct Multipart {
+    boundary: String,
+    body: Vec<u8>,
+}
+
+impl Multipart {
+    pub fn new(boundary: &str) -> Self {
+        Multipart {
+            boundary: boundary.to_owned(),
+            body: Vec::new(),
+        }
+    }
+
+    /// Adds a part; `filename` and `content_type` are written only when given.
+    pub fn part(
+        mut self,
+        name: &str,
+        filename: Option<&str>,
+        content_type: Option<&str>,
+        data: &[u8],
+    ) -> Self {
+        let mut head = format!(
+            "--{}\r\nContent-Disposition: form-data; name=\"{name}\"",
+            self.boundary
+        );
+        if let Some(filename) = filename {
+            head.push_str(&format!("; filename=\"{filename}\""));
+        }
+        head.push_str("\r\n");
+        if let Some(content_type) = content_type {
+            head.push_str(&format!("Content-Type: {content_type}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.body.extend_from_slice(head.as_bytes());
+        self.body.extend_from_slice(data);
+        self.body.extend_from_slice(b"\r\n");
+        self
+    }
+
+    pub fn content_type(&self) -> String {
+        format!("multipart/form-data; boundary={}", self.boundary)
+    }
+
+    /// The content type and the whole body.
+    pub fn finish(mut self) -> (String, Bytes) {
+        self.body
+            .extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
+        (self.content_type(), Bytes::from(self.body))
+    }
+}
+
+/// `len` attachment bytes that are not all the same.
+pub fn attachment(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 253) as u8).collect()
+}
+
+/// A body streamed in `chunk`-byte pieces, so reqwest sends it chunked without
+/// `Content-Length` (as the Node SDK does).
+pub fn chunked(body: &Bytes, chunk: usize) -> reqwest::Body {
+    let pieces: Vec<Bytes> = (0..body.len())
+        .step_by(chunk)
+        .map(|i| body.slice(i..(i + chunk).min(body.len())))
+        .collect();
+    reqwest::Body::wrap_stream(futures_util::stream::iter(
+        pieces.into_iter().map(Ok::<_, std::io::Error>),
+    ))
+}
+
+/// Calls of `EVALSHA` so far, from Redis `INFO commandstats` (0 when never called).
+pub fn evalsha_calls(redis: &testkit::RedisServer) -> u64 {
+    let info = redis
+        .command(&["INFO", "commandstats"])
+        .expect("INFO commandstats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+        .and_then(|rest| rest.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Polls `check` until it returns true or [`WAIT`] passes; panics naming `what` then.
+/// For outcomes that land a moment after the client saw its answer (or its error).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {WAIT:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
