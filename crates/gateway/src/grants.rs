@@ -98,7 +98,7 @@ impl GrantResolver {
                 .get_small(&path, authorization)
                 .await
                 .map_err(|e| {
-                    tracing::warn!(error = %crate::proxy::redact(&e), "grant look-up failed");
+                    tracing::warn!(error = %crate::upstream::describe(&e), "grant look-up failed");
                     if e.is_timeout() {
                         GatewayError::UpstreamTimeout
                     } else {

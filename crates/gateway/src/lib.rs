@@ -62,8 +62,12 @@ impl AppState {
     pub async fn new(config: Config) -> anyhow::Result<Self> {
         let store: Arc<dyn QuotaStore> = match config.store.backend {
             StoreBackend::Memory => Arc::new(MemoryStore::new()),
-            StoreBackend::Redis => Arc::new(RedisStore::connect(&config.redis()).await?),
+            StoreBackend::Redis => Arc::new(RedisStore::lazy(&config.redis())?),
         };
+        if let Err(e) = store.ping().await {
+            // Start anyway: sends are answered per `on_unavailable` until Redis is back.
+            tracing::warn!(error = %e, "quota store not reachable at start-up");
+        }
         Self::with_store(config, store)
     }
 

@@ -21,7 +21,7 @@ use crate::ratelimit;
 use crate::send::{
     InspectError, InspectOptions, SendRoute, classify, cost_from_message_json, inspect,
 };
-use crate::upstream::{relay, relay_buffered};
+use crate::upstream::{UpstreamError, relay, relay_buffered};
 
 /// Nylas answers that mean nothing was sent: the reservation is given back.
 const NOT_SENT: [u16; 9] = [400, 401, 403, 404, 409, 413, 415, 422, 429];
@@ -65,7 +65,7 @@ async fn pass_through(state: &AppState, req: Request) -> Response {
         Ok(resp) => relay(resp),
         Err(e) => {
             let request_id = new_request_id();
-            tracing::warn!(request_id, error = %redact(&e), "upstream request failed");
+            tracing::warn!(request_id, error = %e, "upstream request failed");
             upstream_error(&e).into_response_with_id(&request_id)
         }
     }
@@ -81,34 +81,12 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-fn upstream_error(e: &reqwest::Error) -> GatewayError {
+fn upstream_error(e: &UpstreamError) -> GatewayError {
     if e.is_timeout() {
         GatewayError::UpstreamTimeout
     } else {
         GatewayError::UpstreamUnavailable
     }
-}
-
-/// A reqwest error's text without the URL (which could carry an identifier or query).
-pub fn redact(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else if e.is_body() {
-        "body"
-    } else if e.is_request() {
-        "request"
-    } else {
-        "other"
-    };
-    let mut source = std::error::Error::source(e);
-    let mut cause = String::new();
-    while let Some(s) = source {
-        cause = s.to_string();
-        source = s.source();
-    }
-    format!("{kind}: {cause}")
 }
 
 /// Who is charged and under which profile.
@@ -189,7 +167,8 @@ async fn send(
             .get_small(path, authorization.as_ref())
             .await
             .map_err(|e| {
-                tracing::warn!(request_id, error = %redact(&e), "draft look-up failed");
+                let e = UpstreamError::Http(e);
+                tracing::warn!(request_id, error = %e, "draft look-up failed");
                 upstream_error(&e)
             })?;
         if !status.is_success() {
@@ -354,7 +333,7 @@ async fn send(
             // Not connected: the request never left. Anything else: the outcome is unknown,
             // and over-counting is the safe side.
             let sent_maybe = !e.is_connect();
-            tracing::warn!(request_id, grant = %charged.subject, error = %redact(&e), kept = sent_maybe, "upstream send failed");
+            tracing::warn!(request_id, grant = %charged.subject, error = %e, kept = sent_maybe, "upstream send failed");
             settle(state, request_id, reservation.as_ref(), !sent_maybe).await;
             return Err(upstream_error(&e));
         }

@@ -43,6 +43,9 @@ impl Upstream {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))
+            // A stalled body (either way) fails after this long without a byte; a slow but
+            // moving download is never cut off.
+            .read_timeout(timeout)
             .build()?;
         Ok(Upstream {
             client,
@@ -63,9 +66,13 @@ impl Upstream {
 
     /// Sends a request upstream with the client's end-to-end headers.
     ///
+    /// The timeout runs until the response headers arrive (Nylas itself gives up at 90 s);
+    /// the response body then streams for as long as it keeps moving.
+    ///
     /// # Errors
-    /// Whatever reqwest reports: connect failures, timeouts, broken connections, or the body
-    /// stream failing (an aborted oversized send).
+    /// [`UpstreamError::Timeout`] when no response came in time; otherwise whatever reqwest
+    /// reports: connect failures, broken connections, or the body stream failing (an aborted
+    /// oversized send).
     pub async fn send(
         &self,
         method: Method,
@@ -73,19 +80,22 @@ impl Upstream {
         headers: &HeaderMap,
         body: reqwest::Body,
         content_length: Option<u64>,
-    ) -> Result<reqwest::Response, reqwest::Error> {
+    ) -> Result<reqwest::Response, UpstreamError> {
         let mut out = forwardable(headers);
         out.remove(header::CONTENT_LENGTH);
         if let Some(len) = content_length {
             out.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
-        self.client
+        let request = self
+            .client
             .request(method, self.url(path_and_query))
             .headers(out)
-            .timeout(self.timeout)
             .body(body)
-            .send()
-            .await
+            .send();
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(result) => result.map_err(UpstreamError::Http),
+            Err(_) => Err(UpstreamError::Timeout(self.timeout)),
+        }
     }
 
     /// `GET` with only the caller's `Authorization`, reading the whole (small) answer.
@@ -111,6 +121,55 @@ impl Upstream {
         let body = resp.bytes().await?;
         Ok((status, headers, body))
     }
+}
+
+/// Why an upstream request produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No response headers within the configured timeout.
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    /// The HTTP client failed (connect, I/O, body stream).
+    #[error("{}", describe(.0))]
+    Http(reqwest::Error),
+}
+
+impl UpstreamError {
+    /// Whether the upstream was too slow.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            UpstreamError::Timeout(_) => true,
+            UpstreamError::Http(e) => e.is_timeout(),
+        }
+    }
+
+    /// Whether the connection failed before anything was sent.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Http(e) if e.is_connect())
+    }
+}
+
+/// A reqwest error's kind and innermost cause, without the URL (which could carry an
+/// identifier or a query).
+pub fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() {
+        "body"
+    } else if e.is_request() {
+        "request"
+    } else {
+        "other"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut cause = String::new();
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    format!("{kind}: {cause}")
 }
 
 /// The client's headers minus hop-by-hop ones (including any named by `Connection`).

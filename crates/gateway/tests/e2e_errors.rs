@@ -542,3 +542,43 @@ async fn a_client_breaking_off_mid_upload_is_released() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_gateway_starts_while_redis_is_down_and_counts_once_it_is_back() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let nylas = fake().await;
+    let toml = config(
+        &nylas.url(),
+        &format!(
+            "[store]\nbackend = \"redis\"\nurl = \"{}\"\non_unavailable = \"reject\"\n",
+            redis.url()
+        ),
+    );
+    let gw = Gateway::start(&toml).await;
+    let c = client();
+    let resp = c.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+    assert_eq!(resp.status(), 503, "not ready without its store");
+    let resp = gw
+        .send_json(&c, DEMO_GRANT_ID, &simple())
+        .send()
+        .await
+        .unwrap();
+    gateway_error(resp, 503, "quota_unavailable").await;
+    assert!(nylas.sends().is_empty());
+
+    redis.restart();
+    let resp = gw
+        .send_json(&c, DEMO_GRANT_ID, &simple())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "the first call after Redis is back connects"
+    );
+    assert_eq!(gw.used(DEMO_GRANT_ID).await, (1, 1));
+    let resp = c.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}

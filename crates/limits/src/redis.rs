@@ -51,6 +51,12 @@ impl Default for RedisConfig {
     }
 }
 
+/// How to open the connection.
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
 /// One multiplexed connection that reconnects by itself.
 #[derive(Clone)]
 enum Conn {
@@ -88,7 +94,8 @@ impl ConnectionLike for Conn {
 
 /// Quota counters in Redis (standalone or Cluster).
 pub struct RedisStore {
-    conn: Conn,
+    client: Client,
+    conn: tokio::sync::OnceCell<Conn>,
     prefix: String,
     timeout: Duration,
     reserve: Script,
@@ -102,25 +109,37 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
-            .field("cluster", &matches!(self.conn, Conn::Cluster(_)))
+            .field("cluster", &matches!(self.client, Client::Cluster(_)))
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
-    /// Connects to Redis. The connection is multiplexed and reconnects on its own.
+    /// Connects to Redis now. The connection is multiplexed and reconnects on its own.
     ///
     /// # Errors
     /// A malformed URL or prefix ([`StoreError::Invalid`]), or Redis unreachable within the
     /// timeout.
     pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
+        let store = Self::lazy(config)?;
+        store.conn().await?;
+        Ok(store)
+    }
+
+    /// Checks the configuration and connects on first use, so a gateway can start (and
+    /// answer per its `on_unavailable` policy) while Redis is down. A failed first connection
+    /// is tried again on the next call.
+    ///
+    /// # Errors
+    /// A malformed URL or prefix ([`StoreError::Invalid`]).
+    pub fn lazy(config: &RedisConfig) -> Result<Self, StoreError> {
         if config.key_prefix.contains(['{', '}']) {
             return Err(StoreError::Invalid(
                 "key_prefix must not contain '{' or '}'".into(),
             ));
         }
         let timeout = config.timeout;
-        let conn = if let Some(nodes) = config.url.strip_prefix("redis+cluster://") {
+        let client = if let Some(nodes) = config.url.strip_prefix("redis+cluster://") {
             let nodes: Vec<String> = nodes
                 .split(',')
                 .filter(|n| !n.trim().is_empty())
@@ -131,26 +150,46 @@ impl RedisStore {
                 .response_timeout(timeout)
                 .build()
                 .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
-            let conn = within(timeout, client.get_async_connection()).await?;
-            Conn::Cluster(conn)
+            Client::Cluster(client)
         } else {
             let client = redis::Client::open(config.url.as_str())
                 .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
-            let cfg = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(2);
-            let conn = within(timeout, ConnectionManager::new_with_config(client, cfg)).await?;
-            Conn::Single(conn)
+            Client::Single(client)
         };
         Ok(RedisStore {
-            conn,
+            client,
+            conn: tokio::sync::OnceCell::new(),
             prefix: config.key_prefix.clone(),
             timeout,
             reserve: Script::new(include_str!("reserve.lua")),
             release: Script::new(include_str!("release.lua")),
             clock_override: None,
         })
+    }
+
+    /// The shared connection, opened on first use.
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        let timeout = self.timeout;
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                match &self.client {
+                    Client::Cluster(c) => within(timeout, c.get_async_connection())
+                        .await
+                        .map(Conn::Cluster),
+                    Client::Single(c) => {
+                        let cfg = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(timeout))
+                            .set_response_timeout(Some(timeout))
+                            .set_number_of_retries(2);
+                        within(timeout, ConnectionManager::new_with_config(c.clone(), cfg))
+                            .await
+                            .map(Conn::Single)
+                    }
+                }
+            })
+            .await?;
+        Ok(conn.clone())
     }
 
     /// Uses `clock` instead of Redis `TIME`. Meant for tests that move time by hand; in
@@ -237,7 +276,7 @@ impl RedisStore {
                 inv.arg(v);
             }
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let reply: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
         let mut fields = ints(&reply)?;
         let replay = fields.first() == Some(&3);
@@ -430,7 +469,7 @@ impl QuotaStore for RedisStore {
             inv.arg(kind).arg(c.slot);
         }
         inv.arg(reservation.id);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
         Ok(())
     }
@@ -446,7 +485,7 @@ impl QuotaStore for RedisStore {
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {
         let index = self.key(scope, "k", "");
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let members: Vec<String> = within(
             self.timeout,
             redis::cmd("SMEMBERS").arg(&index).query_async(&mut conn),
@@ -462,7 +501,7 @@ impl QuotaStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: String = within(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
         Ok(())
     }
