@@ -30,4 +30,7 @@ pub use policy::{
     CalendarUnit, Metric, Period, PeriodSpec, PolicyError, Profile, ProfileSpec, Window, WindowSpec,
 };
 pub use redis::{RedisConfig, RedisStore};
-pub use store::{IDEMPOTENCY_TTL, MAX_IDEMPOTENCY_KEY, QuotaStore, StoreError};
+pub use store::{
+    Guarded, IDEMPOTENCY_TTL, MAX_IDEMPOTENCY_KEY, META_COOLDOWN, META_PROFILE, QuotaStore,
+    StoreError,
+};

@@ -9,6 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -16,7 +17,10 @@ use dashmap::DashMap;
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
 use crate::policy::{Metric, Period, Profile, Window};
-use crate::store::{IDEMPOTENCY_TTL, QuotaStore, StoreError, check_idempotency_key};
+use crate::store::{
+    Guarded, IDEMPOTENCY_TTL, META_COOLDOWN, META_PROFILE, QuotaStore, StoreError,
+    check_idempotency_key,
+};
 use crate::window::{Over, Rolling, calendar_bounds, denial, pick_denial, usage_of};
 
 const SWEEP_EVERY_MS: u64 = 60_000;
@@ -42,6 +46,8 @@ const SWEEP_EVERY_MS: u64 = 60_000;
 #[derive(Debug)]
 pub struct MemoryStore {
     scopes: DashMap<Arc<str>, ScopeState>,
+    /// Per-scope settings: (scope, name) -> (value, expiry).
+    meta: DashMap<(String, String), (String, Option<Millis>)>,
     clock: Arc<dyn Clock>,
     next_id: AtomicU64,
     last_sweep: AtomicU64,
@@ -86,6 +92,7 @@ impl MemoryStore {
     pub fn with_clock(clock: impl Clock) -> Self {
         MemoryStore {
             scopes: DashMap::new(),
+            meta: DashMap::new(),
             clock: Arc::new(clock),
             next_id: AtomicU64::new(rand::random::<u64>() >> 1),
             last_sweep: AtomicU64::new(0),
@@ -102,6 +109,14 @@ impl MemoryStore {
         let now = self.clock.now_ms();
         self.last_sweep.store(now, Ordering::Relaxed);
         self.scopes.retain(|_, s| s.expires_at > now);
+        self.meta.retain(|_, (_, exp)| exp.is_none_or(|e| e > now));
+    }
+
+    fn meta_value(&self, scope: &str, name: &str, now: Millis) -> Option<String> {
+        let key = (scope.to_owned(), name.to_owned());
+        let entry = self.meta.get(&key)?;
+        let (value, exp) = entry.value();
+        exp.is_none_or(|e| e > now).then(|| value.clone())
     }
 
     fn maybe_sweep(&self, now: Millis) {
@@ -113,6 +128,7 @@ impl MemoryStore {
                 .is_ok()
         {
             self.scopes.retain(|_, s| s.expires_at > now);
+            self.meta.retain(|_, (_, exp)| exp.is_none_or(|e| e > now));
         }
     }
 
@@ -453,6 +469,101 @@ impl QuotaStore for MemoryStore {
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {
         self.scopes.remove(scope);
+        Ok(())
+    }
+
+    async fn reserve_guarded(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        idempotency_key: Option<&str>,
+        expected_override: Option<&str>,
+    ) -> Result<Guarded, StoreError> {
+        check_idempotency_key(idempotency_key)?;
+        let now = self.clock.now_ms();
+        if let Some(until) = self
+            .meta_value(scope, META_COOLDOWN, now)
+            .and_then(|v| v.parse::<u64>().ok())
+            && until > now
+        {
+            return Ok(Guarded::CoolingDown(Duration::from_millis(until - now)));
+        }
+        let current = self.meta_value(scope, META_PROFILE, now);
+        if current.as_deref() != expected_override {
+            return Ok(Guarded::OverrideChanged(current));
+        }
+        // Settings and counters live in different maps: a concurrent override change can
+        // slip between the check and the charge here, which costs at most one send under
+        // the previous profile. Redis does both in one script.
+        Ok(Guarded::Decided(self.decide(
+            scope,
+            profile,
+            cost,
+            idempotency_key,
+        )))
+    }
+
+    async fn cool_down(&self, scope: &str, duration: Duration) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        let until = now.saturating_add(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
+        let key = (scope.to_owned(), META_COOLDOWN.to_owned());
+        let mut entry = self
+            .meta
+            .entry(key)
+            .or_insert_with(|| (String::new(), Some(0)));
+        let current = entry
+            .0
+            .parse::<u64>()
+            .ok()
+            .filter(|_| entry.1.is_some_and(|e| e > now));
+        if current.is_none_or(|c| c < until) {
+            *entry = (until.to_string(), Some(until));
+        }
+        Ok(())
+    }
+
+    async fn meta_get(&self, scope: &str, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.meta_value(scope, name, self.clock.now_ms()))
+    }
+
+    async fn meta_set(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        let exp = ttl.map(|t| now.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)));
+        self.meta
+            .insert((scope.to_owned(), name.to_owned()), (value.to_owned(), exp));
+        Ok(())
+    }
+
+    async fn meta_set_new(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = self.clock.now_ms();
+        let exp = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let mut entry = self
+            .meta
+            .entry((scope.to_owned(), name.to_owned()))
+            .or_insert_with(|| (String::new(), Some(0)));
+        // A fresh entry is the placeholder above, already expired.
+        if entry.1.is_none_or(|e| e > now) {
+            return Ok(false);
+        }
+        *entry = (value.to_owned(), Some(exp));
+        Ok(true)
+    }
+
+    async fn meta_delete(&self, scope: &str, name: &str) -> Result<(), StoreError> {
+        self.meta.remove(&(scope.to_owned(), name.to_owned()));
         Ok(())
     }
 }

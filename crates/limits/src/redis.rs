@@ -20,7 +20,10 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
 use crate::policy::{Metric, Period, Profile};
-use crate::store::{IDEMPOTENCY_TTL, QuotaStore, StoreError, check_idempotency_key};
+use crate::store::{
+    Guarded, IDEMPOTENCY_TTL, META_COOLDOWN, META_PROFILE, QuotaStore, StoreError,
+    check_idempotency_key,
+};
 use crate::window::{Over, calendar_bounds, denial, usage_of};
 
 /// Default per-call timeout.
@@ -100,6 +103,7 @@ pub struct RedisStore {
     timeout: Duration,
     reserve: Script,
     release: Script,
+    cool_down: Script,
     /// Set only by tests: pass this clock's time to the script instead of Redis `TIME`.
     clock_override: Option<Arc<dyn Clock>>,
 }
@@ -163,6 +167,7 @@ impl RedisStore {
             timeout,
             reserve: Script::new(include_str!("reserve.lua")),
             release: Script::new(include_str!("release.lua")),
+            cool_down: Script::new(COOL_DOWN),
             clock_override: None,
         })
     }
@@ -223,7 +228,8 @@ impl RedisStore {
         cost: Cost,
         key: Option<&str>,
         mode: &str,
-    ) -> Result<(Vec<i64>, bool), StoreError> {
+        guard: Option<Option<&str>>,
+    ) -> Result<Raw, StoreError> {
         let local_now = match &self.clock_override {
             Some(c) => c.now_ms(),
             None => SystemClock.now_ms(),
@@ -238,8 +244,13 @@ impl RedisStore {
                 inv.key(self.key(scope, "i:", k));
                 IDEMPOTENCY_TTL.as_millis() as u64
             }
-            _ => 0,
+            _ => {
+                inv.key(self.key(scope, "i:", ""));
+                0
+            }
         };
+        inv.key(self.meta_key(scope, META_PROFILE));
+        inv.key(self.meta_key(scope, META_COOLDOWN));
         let id = rand::random::<u64>() >> 2;
         inv.arg(
             self.clock_override
@@ -253,7 +264,9 @@ impl RedisStore {
         .arg(cost.recipients)
         .arg(cost.bytes)
         .arg(mode)
-        .arg(profile.windows().len());
+        .arg(profile.windows().len())
+        .arg(if guard.is_some() { "1" } else { "0" })
+        .arg(guard.flatten().unwrap_or(""));
         for w in profile.windows() {
             let lim = |m: Metric| w.limit(m).map_or(0, |v| v.get());
             let (kind, p) = match w.period() {
@@ -278,27 +291,67 @@ impl RedisStore {
         }
         let mut conn = self.conn().await?;
         let reply: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
-        let mut fields = ints(&reply)?;
-        let replay = fields.first() == Some(&3);
-        if replay {
+        let Value::Array(items) = &reply else {
+            return Err(protocol("reply"));
+        };
+        let text = |i: usize| match items.get(i) {
+            Some(Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+            Some(Value::Int(n)) => Ok(n.to_string()),
+            _ => Err(protocol("reply field")),
+        };
+        let (fields, replay) = match items.first() {
+            Some(Value::Int(5)) => {
+                let ms = text(1)?.parse().map_err(|_| protocol("cool-down"))?;
+                return Ok(Raw::CoolingDown(ms));
+            }
+            Some(Value::Int(4)) => return Ok(Raw::OverrideChanged(text(1)?)),
             // An idempotent repeat: the first reply, stored as text.
-            let Value::Array(items) = &reply else {
-                return Err(protocol("idempotent reply"));
-            };
-            let text = match items.get(1) {
-                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                _ => return Err(protocol("idempotent reply")),
-            };
-            fields = text
-                .split(',')
-                .map(|s| s.parse::<i64>().map_err(|_| protocol("idempotent record")))
-                .collect::<Result<_, _>>()?;
-        }
+            Some(Value::Int(3)) => {
+                let fields = text(1)?
+                    .split(',')
+                    .map(|s| s.parse::<i64>().map_err(|_| protocol("idempotent record")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (fields, true)
+            }
+            _ => (ints(items)?, false),
+        };
         if fields.len() != 8 + 6 * profile.windows().len() {
             return Err(protocol("reply length does not match the profile"));
         }
-        Ok((fields, replay))
+        Ok(Raw::Fields(fields, replay))
     }
+
+    fn meta_key(&self, scope: &str, name: &str) -> String {
+        self.key(scope, "m:", name)
+    }
+
+    fn now_hint(&self) -> String {
+        self.clock_override
+            .as_ref()
+            .map(|c| c.now_ms().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Sets a cool-down's end on the script's clock, keeping a later one already set.
+/// KEYS[1] the setting; ARGV[1] now in ms or "" for Redis TIME; ARGV[2] its length in ms.
+const COOL_DOWN: &str = r"
+local now
+if ARGV[1] ~= '' then now = tonumber(ARGV[1]) else
+  local t = redis.call('TIME'); now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local untl = now + tonumber(ARGV[2])
+local current = tonumber(redis.call('GET', KEYS[1]) or '')
+if current and current >= untl then return 0 end
+redis.call('SET', KEYS[1], string.format('%d', untl), 'PX', ARGV[2])
+return 1
+";
+
+/// A reply of the reserve script.
+enum Raw {
+    Fields(Vec<i64>, bool),
+    CoolingDown(u64),
+    OverrideChanged(String),
 }
 
 fn protocol(what: &str) -> StoreError {
@@ -330,10 +383,7 @@ async fn within<T>(
     }
 }
 
-fn ints(v: &Value) -> Result<Vec<i64>, StoreError> {
-    let Value::Array(items) = v else {
-        return Err(protocol("reply"));
-    };
+fn ints(items: &[Value]) -> Result<Vec<i64>, StoreError> {
     items
         .iter()
         .map(|item| match item {
@@ -341,17 +391,70 @@ fn ints(v: &Value) -> Result<Vec<i64>, StoreError> {
             Value::BulkString(b) => std::str::from_utf8(b)
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .ok_or(()),
-            // The idempotent-repeat marker's payload is parsed by the caller.
-            _ => Err(()),
-        })
-        .enumerate()
-        .map(|(i, r)| match r {
-            Ok(v) => Ok(v),
-            Err(()) if i == 1 && items.first() == Some(&Value::Int(3)) => Ok(0),
-            Err(()) => Err(protocol("reply field")),
+                .ok_or_else(|| protocol("reply field")),
+            _ => Err(protocol("reply field")),
         })
         .collect()
+}
+
+/// Builds the decision out of a reserve reply.
+fn decision_of(
+    f: &[i64],
+    replay: bool,
+    scope: &str,
+    profile: &Profile,
+    cost: Cost,
+    idempotency_key: Option<&str>,
+) -> Result<Decision, StoreError> {
+    let now = u64::try_from(f[2]).unwrap_or(0);
+    let raw: Vec<(Cost, Option<Millis>)> =
+        windows_of(f).map(|(_, _, used, nf)| (used, nf)).collect();
+    let usage = usage_of(profile, &raw, now);
+    match f[0] {
+        1 => {
+            let charges = profile
+                .windows()
+                .iter()
+                .zip(windows_of(f))
+                .map(|(w, (slot, expires_at_ms, _, _))| Charge {
+                    window_id: Arc::from(w.id()),
+                    slot,
+                    expires_at_ms,
+                })
+                .collect();
+            let reservation = Reservation {
+                id: u64::try_from(f[1]).map_err(|_| protocol("reservation id"))?,
+                scope: Arc::from(scope),
+                cost,
+                charges,
+                idempotency_key: idempotency_key.map(Arc::from),
+            };
+            Ok(Decision::Allowed(Allowance {
+                reservation,
+                usage,
+                replay,
+            }))
+        }
+        0 => {
+            let window = usize::try_from(f[3] - 1).map_err(|_| protocol("denial window"))?;
+            let metric = usize::try_from(f[4] - 1)
+                .ok()
+                .and_then(|m| Metric::ALL.get(m).copied())
+                .ok_or_else(|| protocol("denial metric"))?;
+            if window >= profile.windows().len() {
+                return Err(protocol("denial window"));
+            }
+            let over = Over {
+                window,
+                metric,
+                used: u64::try_from(f[5]).unwrap_or(0),
+                limit: u64::try_from(f[6]).unwrap_or(0),
+                retry_ms: u64::try_from(f[7]).ok(),
+            };
+            Ok(Decision::Denied(denial(profile, over, cost, usage)))
+        }
+        _ => Err(protocol("decision status")),
+    }
 }
 
 /// Reads the per-window part of a reply.
@@ -377,58 +480,124 @@ impl QuotaStore for RedisStore {
         idempotency_key: Option<&str>,
     ) -> Result<Decision, StoreError> {
         check_idempotency_key(idempotency_key)?;
-        let (f, replay) = self
-            .run_reserve(scope, profile, cost, idempotency_key, "r")
-            .await?;
-        let now = u64::try_from(f[2]).unwrap_or(0);
-        let raw: Vec<(Cost, Option<Millis>)> =
-            windows_of(&f).map(|(_, _, used, nf)| (used, nf)).collect();
-        let usage = usage_of(profile, &raw, now);
-        match f[0] {
-            1 => {
-                let charges = profile
-                    .windows()
-                    .iter()
-                    .zip(windows_of(&f))
-                    .map(|(w, (slot, expires_at_ms, _, _))| Charge {
-                        window_id: Arc::from(w.id()),
-                        slot,
-                        expires_at_ms,
-                    })
-                    .collect();
-                let reservation = Reservation {
-                    id: u64::try_from(f[1]).map_err(|_| protocol("reservation id"))?,
-                    scope: Arc::from(scope),
-                    cost,
-                    charges,
-                    idempotency_key: idempotency_key.map(Arc::from),
-                };
-                Ok(Decision::Allowed(Allowance {
-                    reservation,
-                    usage,
-                    replay,
-                }))
+        match self
+            .run_reserve(scope, profile, cost, idempotency_key, "r", None)
+            .await?
+        {
+            Raw::Fields(f, replay) => {
+                decision_of(&f, replay, scope, profile, cost, idempotency_key)
             }
-            0 => {
-                let window = usize::try_from(f[3] - 1).map_err(|_| protocol("denial window"))?;
-                let metric = usize::try_from(f[4] - 1)
-                    .ok()
-                    .and_then(|m| Metric::ALL.get(m).copied())
-                    .ok_or_else(|| protocol("denial metric"))?;
-                if window >= profile.windows().len() {
-                    return Err(protocol("denial window"));
-                }
-                let over = Over {
-                    window,
-                    metric,
-                    used: u64::try_from(f[5]).unwrap_or(0),
-                    limit: u64::try_from(f[6]).unwrap_or(0),
-                    retry_ms: u64::try_from(f[7]).ok(),
-                };
-                Ok(Decision::Denied(denial(profile, over, cost, usage)))
+            Raw::CoolingDown(_) | Raw::OverrideChanged(_) => {
+                Err(protocol("guard reply to an unguarded call"))
             }
-            _ => Err(protocol("decision status")),
         }
+    }
+
+    async fn reserve_guarded(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        idempotency_key: Option<&str>,
+        expected_override: Option<&str>,
+    ) -> Result<Guarded, StoreError> {
+        check_idempotency_key(idempotency_key)?;
+        let raw = self
+            .run_reserve(
+                scope,
+                profile,
+                cost,
+                idempotency_key,
+                "r",
+                Some(expected_override),
+            )
+            .await?;
+        Ok(match raw {
+            Raw::Fields(f, replay) => Guarded::Decided(decision_of(
+                &f,
+                replay,
+                scope,
+                profile,
+                cost,
+                idempotency_key,
+            )?),
+            Raw::CoolingDown(ms) => Guarded::CoolingDown(Duration::from_millis(ms)),
+            Raw::OverrideChanged(name) => {
+                Guarded::OverrideChanged(Some(name).filter(|n| !n.is_empty()))
+            }
+        })
+    }
+
+    async fn cool_down(&self, scope: &str, duration: Duration) -> Result<(), StoreError> {
+        let ms = u64::try_from(duration.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut inv = self.cool_down.prepare_invoke();
+        inv.key(self.meta_key(scope, META_COOLDOWN))
+            .arg(self.now_hint())
+            .arg(ms);
+        let mut conn = self.conn().await?;
+        let _: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn meta_get(&self, scope: &str, name: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn().await?;
+        within(
+            self.timeout,
+            redis::cmd("GET")
+                .arg(self.meta_key(scope, name))
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
+    async fn meta_set(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.meta_key(scope, name)).arg(value);
+        if let Some(ttl) = ttl {
+            cmd.arg("PX")
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        }
+        let mut conn = self.conn().await?;
+        let _: Value = within(self.timeout, cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn meta_set_new(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.meta_key(scope, name))
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        let mut conn = self.conn().await?;
+        let reply: Value = within(self.timeout, cmd.query_async(&mut conn)).await?;
+        Ok(!matches!(reply, Value::Nil))
+    }
+
+    async fn meta_delete(&self, scope: &str, name: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: i64 = within(
+            self.timeout,
+            redis::cmd("DEL")
+                .arg(self.meta_key(scope, name))
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {
@@ -475,9 +644,12 @@ impl QuotaStore for RedisStore {
     }
 
     async fn usage(&self, scope: &str, profile: &Profile) -> Result<Usage, StoreError> {
-        let (f, _) = self
-            .run_reserve(scope, profile, Cost::default(), None, "u")
-            .await?;
+        let Raw::Fields(f, _) = self
+            .run_reserve(scope, profile, Cost::default(), None, "u", None)
+            .await?
+        else {
+            return Err(protocol("usage reply"));
+        };
         let now = u64::try_from(f[2]).unwrap_or(0);
         let raw: Vec<_> = windows_of(&f).map(|(_, _, used, nf)| (used, nf)).collect();
         Ok(usage_of(profile, &raw, now))

@@ -4,13 +4,17 @@
 --              and, for rolling windows, one field per non-empty bucket ("<slot>" -> "m,r,b");
 --              calendar windows keep t, o (period start) and e (period end) only
 -- KEYS[n+1]    the scope's key index (a set of its window keys, for reset)
--- KEYS[n+2]    the idempotency record, when ARGV[3] > 0
+-- KEYS[n+2]    the idempotency record (used when ARGV[3] > 0)
+-- KEYS[n+3]    the scope's profile override setting
+-- KEYS[n+4]    the scope's cool-down setting ("<until ms>")
 -- ARGV[1]      now in ms, or "" to read Redis TIME (the default: one clock for all replicas)
 -- ARGV[2]      reservation id
 -- ARGV[3]      idempotency TTL in ms, 0 for none
 -- ARGV[4..6]   cost: messages, recipients, bytes
 -- ARGV[7]      mode: "r" reserve, "u" usage
 -- ARGV[8]      number of windows n
+-- ARGV[9]      "1": check the cool-down and the override first; "0": don't
+-- ARGV[10]     the override the caller expects ("" for none)
 -- then 10 per window: kind (0 rolling, 1 calendar), limits m r b (0: none),
 --   rolling: bucket ms, buckets; calendar: three candidate periods s0 e0 s1 e1 s2 e2
 --
@@ -18,6 +22,8 @@
 --   denial window (1-based, 0 none), metric (1-3), used, limit, retry ms (-1: never),
 --   then 6 per window: charged slot, its expiry, used m r b, next unit frees at (-1: nothing)
 -- A repeated idempotency key within its TTL answers {3, "<the first reply joined by commas>"}.
+-- With checks on: {5, ms left} while cooling down, {4, "<override>"} when the override differs;
+-- nothing is charged in either case.
 
 local nwin = tonumber(ARGV[8])
 local mode = ARGV[7]
@@ -30,6 +36,13 @@ if ARGV[1] ~= '' then
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+if mode == 'r' and ARGV[9] == '1' then
+  local cool = tonumber(redis.call('GET', KEYS[nwin + 4]) or '')
+  if cool and cool > now then return {5, cool - now} end
+  local override = redis.call('GET', KEYS[nwin + 3]) or ''
+  if override ~= ARGV[10] then return {4, override} end
 end
 
 if mode == 'r' and idem_ttl > 0 then
@@ -56,7 +69,7 @@ end
 
 -- Reads one window, dropping what no longer counts. Returns its state table.
 local function load(i)
-  local base = 8 + (i - 1) * 10
+  local base = 10 + (i - 1) * 10
   local w = {key = KEYS[i], kind = tonumber(ARGV[base + 1]),
     limit = {tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])}}
   if w.kind == 0 then

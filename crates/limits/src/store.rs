@@ -54,6 +54,67 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
     /// Only infrastructure failures.
     async fn reset(&self, scope: &str) -> Result<(), StoreError>;
 
+    /// Like [`QuotaStore::reserve`], with two checks made in the same atomic step: while the
+    /// scope is cooling down (see [`QuotaStore::cool_down`]) nothing is charged and the time
+    /// left is returned; and when the scope's profile override (the [`META_PROFILE`] value)
+    /// is not `expected_override`, nothing is charged and the current one is returned, so
+    /// the caller can retry with the right profile. One Redis round trip either way.
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn reserve_guarded(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        idempotency_key: Option<&str>,
+        expected_override: Option<&str>,
+    ) -> Result<Guarded, StoreError>;
+
+    /// Refuses reservations through [`QuotaStore::reserve_guarded`] for `duration` (a
+    /// provider told us to back off). A longer cool-down already in force is kept.
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn cool_down(&self, scope: &str, duration: Duration) -> Result<(), StoreError>;
+
+    /// Reads a per-scope setting shared by every replica.
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn meta_get(&self, scope: &str, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Writes a per-scope setting, forever or for `ttl`.
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn meta_set(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError>;
+
+    /// Writes a per-scope setting for `ttl` only if it is absent; true when this call wrote
+    /// it (one replica wins).
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn meta_set_new(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Removes a per-scope setting.
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn meta_delete(&self, scope: &str, name: &str) -> Result<(), StoreError>;
+
     /// Checks that the store answers.
     ///
     /// # Errors
@@ -61,6 +122,23 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
+
+/// The per-scope setting holding a profile override (see [`QuotaStore::reserve_guarded`]).
+pub const META_PROFILE: &str = "profile";
+
+/// The per-scope setting holding a cool-down's end, in ms on the store's clock.
+pub const META_COOLDOWN: &str = "cooldown";
+
+/// The answer of [`QuotaStore::reserve_guarded`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guarded {
+    /// The checks passed and the reservation was decided.
+    Decided(Decision),
+    /// The scope is cooling down for this much longer; nothing was charged.
+    CoolingDown(Duration),
+    /// The scope's profile override is not the expected one; nothing was charged.
+    OverrideChanged(Option<String>),
 }
 
 /// A store that could not answer. Domain outcomes are never errors.

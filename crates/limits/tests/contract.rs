@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::{Harness, T0};
 use limits::{
-    CalendarUnit, Cost, Decision, Metric, Profile, ProfileSpec, Reservation, Usage, WindowSpec,
+    CalendarUnit, Cost, Decision, Guarded, META_PROFILE, Metric, Profile, ProfileSpec, Reservation,
+    Usage, WindowSpec,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -528,6 +529,125 @@ async fn profiles_without_windows_always_allow(h: Harness) {
     assert!(h.store.usage("g", &p).await.unwrap().windows.is_empty());
 }
 
+async fn guarded_reservations_respect_cool_downs_and_overrides(h: Harness) {
+    let p = rolling(60, 6, 10, 10);
+    let guarded = |expected: Option<&'static str>| {
+        let store = std::sync::Arc::clone(&h.store);
+        let p = p.clone();
+        async move {
+            store
+                .reserve_guarded("g", &p, Cost::new(1, 1, 0), None, expected)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(matches!(
+        guarded(None).await,
+        Guarded::Decided(Decision::Allowed(_))
+    ));
+    // An override the caller does not know about: nothing is charged.
+    h.store
+        .meta_set("g", META_PROFILE, "google", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        guarded(None).await,
+        Guarded::OverrideChanged(Some("google".into()))
+    );
+    assert!(matches!(
+        guarded(Some("google")).await,
+        Guarded::Decided(Decision::Allowed(_))
+    ));
+    h.store.meta_delete("g", META_PROFILE).await.unwrap();
+    assert_eq!(
+        guarded(Some("google")).await,
+        Guarded::OverrideChanged(None)
+    );
+    let u = h.store.usage("g", &p).await.unwrap();
+    assert_eq!(
+        used(&u, 0, Metric::Messages),
+        2,
+        "only the two decided reservations charged"
+    );
+
+    // A cool-down refuses until it ends, on the store's clock; a shorter one keeps the longer.
+    h.store
+        .cool_down("g", Duration::from_secs(30))
+        .await
+        .unwrap();
+    h.store
+        .cool_down("g", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        guarded(None).await,
+        Guarded::CoolingDown(Duration::from_secs(30))
+    );
+    h.advance(Duration::from_secs(29));
+    assert_eq!(
+        guarded(None).await,
+        Guarded::CoolingDown(Duration::from_secs(1))
+    );
+    h.advance(Duration::from_secs(1));
+    assert!(matches!(
+        guarded(None).await,
+        Guarded::Decided(Decision::Allowed(_))
+    ));
+    // Unguarded reservations ignore both.
+    h.store
+        .cool_down("g", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(reserve(&h, "g", &p, Cost::new(1, 1, 0)).await.is_allowed());
+    // Other scopes are not affected.
+    assert!(matches!(
+        h.store
+            .reserve_guarded("other", &p, Cost::new(1, 1, 0), None, None)
+            .await
+            .unwrap(),
+        Guarded::Decided(_)
+    ));
+}
+
+async fn settings_are_shared_and_set_once(h: Harness) {
+    assert_eq!(h.store.meta_get("g", "provider").await.unwrap(), None);
+    h.store
+        .meta_set("g", "provider", "icloud", Some(HOUR))
+        .await
+        .unwrap();
+    let other = h.second().await;
+    assert_eq!(
+        other.meta_get("g", "provider").await.unwrap().as_deref(),
+        Some("icloud")
+    );
+    assert!(
+        h.store
+            .meta_set_new("g", "threshold", "1", HOUR)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !other
+            .meta_set_new("g", "threshold", "1", HOUR)
+            .await
+            .unwrap(),
+        "one replica wins"
+    );
+    h.store.meta_delete("g", "threshold").await.unwrap();
+    assert!(
+        other
+            .meta_set_new("g", "threshold", "1", HOUR)
+            .await
+            .unwrap()
+    );
+    // reset clears usage, not settings.
+    h.store.reset("g").await.unwrap();
+    assert_eq!(
+        h.store.meta_get("g", "provider").await.unwrap().as_deref(),
+        Some("icloud")
+    );
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod memory_backend {
@@ -570,6 +690,8 @@ contract!(
     sixty_four_tasks_on_two_connections_admit_exactly_the_limit,
     scopes_are_independent,
     profiles_without_windows_always_allow,
+    guarded_reservations_respect_cool_downs_and_overrides,
+    settings_are_shared_and_set_once,
 );
 
 #[test]
