@@ -57,7 +57,7 @@ impl Default for RedisConfig {
 /// How to open the connection.
 enum Client {
     Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 /// One multiplexed connection that reconnects by itself.
@@ -154,7 +154,7 @@ impl RedisStore {
                 .response_timeout(timeout)
                 .build()
                 .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
-            Client::Cluster(client)
+            Client::Cluster(Box::new(client))
         } else {
             let client = redis::Client::open(config.url.as_str())
                 .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
