@@ -1,12 +1,13 @@
 //! The admin listener: health, readiness, metrics and the per-grant quota API.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use http::{HeaderMap, StatusCode, header};
 use serde_json::json;
 
@@ -21,6 +22,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/quota/{grant}", get(quota).delete(reset))
+        .route(
+            "/v1/grants/{grant}/profile",
+            put(set_override).delete(clear_override),
+        )
         .with_state(state)
 }
 
@@ -75,45 +80,126 @@ fn canonical(grant: &str) -> Result<String, GatewayError> {
     }
 }
 
+/// Runs an admin handler, rendering its error (with a fresh request id) in one place.
+async fn respond(handler: impl Future<Output = Result<Response, GatewayError>>) -> Response {
+    match handler.await {
+        Ok(r) => r,
+        Err(e) => e.into_response_with_id(&new_request_id()),
+    }
+}
+
+fn store_failed(e: limits::StoreError) -> GatewayError {
+    tracing::error!(error = %e, "quota store failed");
+    GatewayError::QuotaUnavailable
+}
+
+/// The grant of a change request, once the admin token is checked.
+fn authorized(state: &AppState, headers: &HeaderMap, grant: &str) -> Result<String, GatewayError> {
+    if !state.admin_authorized(headers) {
+        return Err(GatewayError::Unauthorized);
+    }
+    canonical(grant)
+}
+
 async fn quota(State(state): State<Arc<AppState>>, Path(grant): Path<String>) -> Response {
-    let request_id = new_request_id();
-    let id = match canonical(&grant) {
-        Ok(id) => id,
-        Err(e) => return e.into_response_with_id(&request_id),
-    };
-    let config = state.config();
-    let profile = config.default_profile();
-    let usage = match state.store.usage(&format!("grant:{id}"), profile).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!(request_id, error = %e, "quota store failed");
-            return GatewayError::QuotaUnavailable.into_response_with_id(&request_id);
+    respond(async {
+        let id = canonical(&grant)?;
+        let config = state.config();
+        let stored = crate::selection::stored_override(&state, &id).await.map_err(store_failed)?;
+        state.selector.learn_override(&id, stored.clone());
+        let selection = state.selector.select(&state, &config, &id, stored, None).await;
+        let profile = &selection.profile;
+        let usage = state
+            .store
+            .usage(&crate::proxy::grant_scope(&id), profile)
+            .await
+            .map_err(store_failed)?;
+        let windows: Vec<_> = usage
+            .windows
+            .iter()
+            .map(|w| {
+                let mut o = json!({
+                    "period": &*w.label,
+                    "resets_in_seconds": w.next_free.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+                });
+                for m in &w.metrics {
+                    o[m.metric.as_str()] = json!({ "limit": m.limit, "used": m.used, "remaining": m.remaining });
+                }
+                o
+            })
+            .collect();
+        Ok(axum::Json(json!({
+            "grant_id": id,
+            "profile": profile.name(),
+            "profile_source": selection.source.as_str(),
+            "provider": selection.provider,
+            "per_message": {
+                "max_recipients": profile.max_recipients_per_message().map(|v| v.get()),
+                "max_message_size": profile.max_message_size().map(|v| v.get()),
+            },
+            "windows": windows,
+        }))
+        .into_response())
+    })
+    .await
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverrideBody {
+    profile: String,
+}
+
+async fn set_override(
+    State(state): State<Arc<AppState>>,
+    Path(grant): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    respond(async {
+        let id = authorized(&state, &headers, &grant)?;
+        let OverrideBody { profile } = serde_json::from_slice(&body).map_err(|_| {
+            GatewayError::InvalidAdminRequest("expected {\"profile\": \"<name>\"}".into())
+        })?;
+        if state.config().profile(&profile).is_none() {
+            return Err(GatewayError::InvalidAdminRequest(format!(
+                "no profile named {profile:?}"
+            )));
         }
-    };
-    let windows: Vec<_> = usage
-        .windows
-        .iter()
-        .map(|w| {
-            let mut o = json!({
-                "period": &*w.label,
-                "resets_in_seconds": w.next_free.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
-            });
-            for m in &w.metrics {
-                o[m.metric.as_str()] = json!({ "limit": m.limit, "used": m.used, "remaining": m.remaining });
-            }
-            o
-        })
-        .collect();
-    axum::Json(json!({
-        "grant_id": id,
-        "profile": profile.name(),
-        "per_message": {
-            "max_recipients": profile.max_recipients_per_message().map(|v| v.get()),
-            "max_message_size": profile.max_message_size().map(|v| v.get()),
-        },
-        "windows": windows,
-    }))
-    .into_response()
+        let scope = crate::proxy::grant_scope(&id);
+        state
+            .store
+            .meta_set(&scope, limits::META_PROFILE, &profile, None)
+            .await
+            .map_err(store_failed)?;
+        state.selector.learn_override(&id, Some(profile.clone()));
+        tracing::info!(grant = %id, profile = %profile, "profile override set by admin");
+        Ok(
+            axum::Json(json!({ "grant_id": id, "profile": profile, "profile_source": "override" }))
+                .into_response(),
+        )
+    })
+    .await
+}
+
+async fn clear_override(
+    State(state): State<Arc<AppState>>,
+    Path(grant): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    respond(async {
+        let id = authorized(&state, &headers, &grant)?;
+        let scope = crate::proxy::grant_scope(&id);
+        state
+            .store
+            .meta_delete(&scope, limits::META_PROFILE)
+            .await
+            .map_err(store_failed)?;
+        state.selector.learn_override(&id, None);
+        tracing::info!(grant = %id, "profile override removed by admin");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
 }
 
 async fn reset(
@@ -121,22 +207,15 @@ async fn reset(
     Path(grant): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let request_id = new_request_id();
-    if !state.admin_authorized(&headers) {
-        return GatewayError::Unauthorized.into_response_with_id(&request_id);
-    }
-    let id = match canonical(&grant) {
-        Ok(id) => id,
-        Err(e) => return e.into_response_with_id(&request_id),
-    };
-    match state.store.reset(&format!("grant:{id}")).await {
-        Ok(()) => {
-            tracing::info!(grant = %id, "quota reset by admin");
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(e) => {
-            tracing::error!(request_id, error = %e, "quota store failed");
-            GatewayError::QuotaUnavailable.into_response_with_id(&request_id)
-        }
-    }
+    respond(async {
+        let id = authorized(&state, &headers, &grant)?;
+        state
+            .store
+            .reset(&crate::proxy::grant_scope(&id))
+            .await
+            .map_err(store_failed)?;
+        tracing::info!(grant = %id, "quota reset by admin");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
 }

@@ -41,6 +41,12 @@ pub enum GatewayError {
     /// The send body could not be read.
     #[error("the send request could not be read: {0}")]
     InvalidSendRequest(String),
+    /// The grant's provider throttled it recently; sends wait until the cool-down ends.
+    #[error("the mail provider is throttling this account; try again later")]
+    ProviderThrottled {
+        /// Time left in the cool-down.
+        retry_after: Duration,
+    },
     /// The quota store is unreachable and the gateway is configured to reject.
     #[error("the sending quota cannot be checked right now; try again shortly")]
     QuotaUnavailable,
@@ -53,6 +59,9 @@ pub enum GatewayError {
     /// An admin request without the right token.
     #[error("a valid admin token is required")]
     Unauthorized,
+    /// An admin request that cannot be carried out as sent.
+    #[error("{0}")]
+    InvalidAdminRequest(String),
     /// An admin request for something that does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -64,12 +73,15 @@ impl GatewayError {
         match self {
             GatewayError::TooManyRecipients { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::QuotaExceeded(_) | GatewayError::ProviderThrottled { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             GatewayError::InvalidSendRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::InvalidAdminRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
         }
     }
@@ -80,11 +92,13 @@ impl GatewayError {
             GatewayError::TooManyRecipients { .. } => "too_many_recipients",
             GatewayError::MessageTooLarge { .. } => "message_too_large",
             GatewayError::QuotaExceeded(_) => "quota_exceeded",
+            GatewayError::ProviderThrottled { .. } => "provider_throttled",
             GatewayError::InvalidSendRequest(_) => "invalid_send_request",
             GatewayError::QuotaUnavailable => "quota_unavailable",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::Unauthorized => "unauthorized",
+            GatewayError::InvalidAdminRequest(_) => "invalid_request_error",
             GatewayError::NotFound(_) => "not_found_error",
         }
     }
@@ -93,6 +107,10 @@ impl GatewayError {
     pub fn into_response_with_id(self, request_id: &str) -> Response {
         let mut error = json!({ "type": self.error_type(), "message": self.to_string() });
         let mut extra_headers = Vec::new();
+        if let GatewayError::ProviderThrottled { retry_after } = &self {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            extra_headers.push((header::RETRY_AFTER, HeaderValue::from(secs.max(1))));
+        }
         if let GatewayError::QuotaExceeded(d) = &self {
             let retry = d.retry_after.map(|r| r.as_secs().max(1));
             error["quota"] = json!({

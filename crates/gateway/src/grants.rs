@@ -32,6 +32,11 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b'<')
     .add(b'>');
 
+/// `segment` percent-encoded for use as one path segment.
+pub fn encode_segment(segment: &str) -> String {
+    utf8_percent_encode(segment, SEGMENT).to_string()
+}
+
 /// The outcome of resolving an identifier.
 #[derive(Debug)]
 pub enum Resolution {

@@ -1,56 +1,45 @@
-//! `send-gateway`: parse the command line, load the configuration, start tracing, serve.
+//! `send-gateway`: parse the command line, load the configuration, start tracing, serve
+//! (or run one of the operator's subcommands, in `cli.rs`).
 
-use std::path::PathBuf;
+mod cli;
+
+use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
-use gateway::config::{Config, ConfigError};
+use clap::Parser;
+use gateway::config::{Config, ConfigError, LogConfig, LogFormat, Sources};
+use tracing_subscriber::EnvFilter;
 
-/// A quota-enforcing proxy in front of the Nylas v3 API.
-#[derive(Debug, Parser)]
-#[command(name = "send-gateway", version, about)]
-struct Cli {
-    /// The configuration file (TOML).
-    #[arg(long, short, global = true, env = "SEND_GATEWAY_CONFIG")]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Validate the configuration and exit (64 and one line naming the key when it is bad).
-    CheckConfig,
-}
-
-fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
-    match path {
-        Some(p) => Config::load(p),
-        None => Ok(Config::default()),
-    }
-}
+use cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match load(cli.config.as_ref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("send-gateway: config error: {e}");
-            return ExitCode::from(ConfigError::EXIT_CODE as u8);
-        }
-    };
-    if let Some(Command::CheckConfig) = cli.command {
-        println!(
-            "send-gateway: configuration is valid (listen {}, admin {}, store {:?}, default profile {})",
-            config.server.listen,
-            config.server.admin_listen,
-            config.store.backend,
-            config.grants.default_profile
-        );
-        return ExitCode::SUCCESS;
+    let sources = Sources::from_process(cli.config.clone(), cli.overrides.to_pairs());
+    match cli.command {
+        Some(Command::Quota(command)) => cli::quota(command, || sources.load()),
+        Some(Command::CheckConfig) => match sources.load() {
+            Ok(config) => {
+                print!("{}", config.to_masked_toml());
+                println!("# send-gateway: configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&e),
+        },
+        None => match sources.load() {
+            Ok(config) => serve(config, sources),
+            Err(e) => config_error(&e),
+        },
     }
-    init_tracing();
+}
+
+/// One line naming the key, exit 64.
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("send-gateway: config error: {e}");
+    ExitCode::from(ConfigError::EXIT_CODE as u8)
+}
+
+fn serve(config: Config, sources: Sources) -> ExitCode {
+    init_tracing(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -61,7 +50,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    // SIGHUP loads the same sources again: the file as it is now, the same environment and
+    // flags.
+    match runtime.block_on(gateway::serve(config, move || sources.load())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "send-gateway stopped");
@@ -71,52 +62,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+/// Logs go to stderr (stdout carries the ready lines), coloured only on a terminal, as text
+/// or JSON per `[log] format`; `RUST_LOG`, when set, replaces `[log] level`.
+fn init_tracing(log: &LogConfig) {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
+            .unwrap_or_else(|e| {
+                eprintln!("send-gateway: ignoring RUST_LOG ({e}); using [log] level");
+                EnvFilter::new(&log.level)
+            }),
+        // Validated when the configuration was loaded.
+        _ => EnvFilter::new(&log.level),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .init();
-}
-
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
-    let admin = tokio::net::TcpListener::bind(config.server.admin_listen).await?;
-    // Tests and scripts read these lines to learn the ports when binding port 0.
-    println!(
-        "send-gateway listening on http://{}",
-        listener.local_addr()?
-    );
-    println!("send-gateway admin on http://{}", admin.local_addr()?);
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        admin = %admin.local_addr()?,
-        upstream = %config.upstream.url,
-        store = ?config.store.backend,
-        "send-gateway started"
-    );
-    let state = Arc::new(gateway::AppState::new(config).await?);
-    gateway::run(listener, admin, state, shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let installed = match log.format {
+        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
     };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    if let Err(e) = installed {
+        eprintln!("send-gateway: cannot start logging: {e}");
     }
 }

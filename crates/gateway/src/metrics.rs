@@ -79,6 +79,18 @@ pub struct Metrics {
     upstream_duration: Histogram,
     upstream_responses: Family<ClassLabel, Counter>,
     in_flight: Gauge,
+    thresholds: Family<LevelLabel, Counter>,
+    reloads: Family<ResultLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LevelLabel {
+    level: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -133,7 +145,21 @@ impl Default for Metrics {
             "Requests being handled by the proxy",
             in_flight.clone(),
         );
+        let thresholds = Family::<LevelLabel, Counter>::default();
+        registry.register(
+            "threshold_crossings",
+            "Grants crossing 80 % or 100 % of a window, once per window and level",
+            thresholds.clone(),
+        );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            reloads.clone(),
+        );
         Metrics {
+            thresholds,
+            reloads,
             registry,
             decisions,
             units,
@@ -192,6 +218,17 @@ impl Metrics {
         self.upstream_responses
             .get_or_create(&ClassLabel { class })
             .inc();
+    }
+
+    /// Counts a threshold crossing (`80` or `100`).
+    pub fn threshold(&self, level: &'static str) {
+        self.thresholds.get_or_create(&LevelLabel { level }).inc();
+    }
+
+    /// Counts a configuration reload (`success` or `failure`).
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Marks a request in flight until the guard drops.

@@ -10,11 +10,12 @@ use std::time::Instant;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, header};
-use limits::{Cost, Decision, Metric, Profile, Reservation, StoreError};
+use limits::{Cost, Decision, Guarded, Metric, Profile, Reservation, StoreError};
 
 use crate::AppState;
 use crate::config::OnUnavailable;
 use crate::error::{GatewayError, new_request_id};
+use crate::events;
 use crate::grants::Resolution;
 use crate::metrics::Outcome;
 use crate::ratelimit;
@@ -22,6 +23,8 @@ use crate::send::{
     InspectError, InspectOptions, SendRoute, classify, cost_from_message_json, inspect,
 };
 use crate::upstream::{UpstreamError, relay, relay_buffered};
+use http::StatusCode;
+use std::time::Duration;
 
 /// Nylas answers that mean nothing was sent: the reservation is given back.
 const NOT_SENT: [u16; 9] = [400, 401, 403, 404, 409, 413, 415, 422, 429];
@@ -95,6 +98,15 @@ struct Charged {
     profile: Profile,
     /// For logs: the canonical grant id or the domain.
     subject: String,
+    /// The canonical grant id (none for domain sends).
+    grant: Option<String>,
+    /// The override the store is believed to hold for the grant.
+    override_name: Option<String>,
+}
+
+/// The quota scope of a grant.
+pub fn grant_scope(grant: &str) -> String {
+    format!("grant:{grant}")
 }
 
 async fn send(
@@ -105,12 +117,14 @@ async fn send(
 ) -> Result<Response, GatewayError> {
     let config = state.config();
     let authorization = req.headers().get(header::AUTHORIZATION).cloned();
-    let charged = match &route {
+    let mut charged = match &route {
         SendRoute::Domain { domain } => match config.domain_profile() {
             Some(p) => Charged {
                 scope: format!("domain:{}", domain.to_ascii_lowercase()),
                 profile: p.clone(),
                 subject: domain.clone(),
+                grant: None,
+                override_name: None,
             },
             // Domain sends are counted only when `[domains] profile` is set.
             None => return Ok(pass_through(state, req).await),
@@ -124,21 +138,26 @@ async fn send(
                 .await?
             {
                 Resolution::Grant(id) => {
-                    let profile = config.default_profile().clone();
+                    let cached = state.selector.cached_override(&id);
+                    let selection = state
+                        .selector
+                        .select(state, &config, &id, cached, authorization.as_ref())
+                        .await;
                     Charged {
-                        scope: format!("grant:{id}"),
-                        profile,
-                        subject: id,
+                        scope: grant_scope(&id),
+                        profile: selection.profile,
+                        subject: id.clone(),
+                        grant: Some(id),
+                        override_name: selection.override_name,
                     }
                 }
                 Resolution::Refused(resp) => return Ok(resp),
             }
         }
     };
-    let profile = &charged.profile;
     let opts = InspectOptions {
         json_limit: config.server.max_json_body,
-        max_message_size: profile.max_message_size().map(|v| v.get()),
+        max_message_size: charged.profile.max_message_size().map(|v| v.get()),
         ..InspectOptions::default()
     };
     let (parts, body) = req.into_parts();
@@ -182,24 +201,8 @@ async fn send(
     }
 
     // Per-message checks: they can never pass on retry, so 413/422 and no store call.
-    if let Some(max) = profile.max_recipients_per_message()
-        && cost.recipients > max.get()
-    {
-        let err = GatewayError::TooManyRecipients {
-            count: cost.recipients,
-            limit: max.get(),
-        };
-        return Err(reject_static(state, request_id, &charged, err));
-    }
-    if let Some(max) = profile.max_message_size()
-        && cost.size > max.get()
-    {
-        let err = GatewayError::MessageTooLarge {
-            size: cost.size,
-            limit: max.get(),
-        };
-        return Err(reject_static(state, request_id, &charged, err));
-    }
+    per_message(&charged.profile, cost)
+        .map_err(|e| reject_static(state, request_id, &charged, e))?;
 
     let charge = Cost::new(1, cost.recipients, cost.size);
     let idempotency_key = parts
@@ -207,14 +210,78 @@ async fn send(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let started = Instant::now();
-    let decision = state
-        .store
-        .reserve(&charged.scope, profile, charge, idempotency_key.as_deref())
-        .await;
-    state.metrics.store_call("reserve", started.elapsed());
+    let mut attempts = 0;
+    let decision = loop {
+        attempts += 1;
+        let started = Instant::now();
+        let result = match &charged.grant {
+            None => state
+                .store
+                .reserve(
+                    &charged.scope,
+                    &charged.profile,
+                    charge,
+                    idempotency_key.as_deref(),
+                )
+                .await
+                .map(Guarded::Decided),
+            Some(_) => {
+                state
+                    .store
+                    .reserve_guarded(
+                        &charged.scope,
+                        &charged.profile,
+                        charge,
+                        idempotency_key.as_deref(),
+                        charged.override_name.as_deref(),
+                    )
+                    .await
+            }
+        };
+        state.metrics.store_call("reserve", started.elapsed());
+        match result {
+            Ok(Guarded::Decided(d)) => break Ok(d),
+            Ok(Guarded::CoolingDown(left)) => {
+                log_decision(
+                    request_id,
+                    &charged.subject,
+                    Outcome::Denied,
+                    "provider_throttled",
+                );
+                state
+                    .metrics
+                    .decision(Outcome::Denied, "provider_throttled");
+                return Err(GatewayError::ProviderThrottled { retry_after: left });
+            }
+            // Another replica changed the grant's override: charge under the new profile.
+            Ok(Guarded::OverrideChanged(name)) if attempts < 3 => {
+                let grant = charged.grant.clone().unwrap_or_default();
+                state.selector.learn_override(&grant, name.clone());
+                let selection = state
+                    .selector
+                    .select(state, &config, &grant, name, authorization.as_ref())
+                    .await;
+                charged.profile = selection.profile;
+                charged.override_name = selection.override_name;
+                per_message(&charged.profile, cost)
+                    .map_err(|e| reject_static(state, request_id, &charged, e))?;
+            }
+            Ok(Guarded::OverrideChanged(_)) => {
+                break Err(StoreError::Protocol(
+                    "profile override kept changing".into(),
+                ));
+            }
+            Err(e) => break Err(e),
+        }
+    };
     let (reservation, usage) = match decision {
         Ok(Decision::Allowed(a)) => {
+            if !a.replay {
+                let crossed = events::crossings(&a.usage, charge);
+                if !crossed.is_empty() {
+                    events::report(state, &charged.subject, &charged.scope, crossed).await;
+                }
+            }
             let reason = if a.replay {
                 "idempotent_replay"
             } else {
@@ -298,6 +365,20 @@ async fn send(
         .await;
     let took = started.elapsed();
     let mut resp = match result {
+        Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS && charged.grant.is_some() => {
+            state.metrics.upstream(429, took);
+            // Nothing was sent; Nylas's answer passes through unchanged, and a provider's
+            // throttle cools the grant down on every replica.
+            settle(state, request_id, reservation.as_ref(), true).await;
+            let (resp, throttled) = provider_throttle(resp).await;
+            if let Some(pause) = throttled {
+                tracing::warn!(request_id, grant = %charged.subject, seconds = pause.as_secs(), "provider throttled the grant; cooling down");
+                if let Err(e) = state.store.cool_down(&charged.scope, pause).await {
+                    tracing::error!(request_id, error = %e, "could not record the cool-down");
+                }
+            }
+            resp
+        }
         Ok(resp) => {
             let status = resp.status().as_u16();
             state.metrics.upstream(status, took);
@@ -344,6 +425,66 @@ async fn send(
         }
     }
     Ok(resp)
+}
+
+/// Checks a Nylas 429 for a provider throttle (`rate_limit_error`), returning the response
+/// to relay (its body read, at most 64 KiB, and passed on unchanged) and how long to cool
+/// down: `Retry-After` seconds, or 60 s without one.
+async fn provider_throttle(resp: reqwest::Response) -> (Response, Option<Duration>) {
+    const DEFAULT_PAUSE: Duration = Duration::from_secs(60);
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let retry_after = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs);
+    let small = resp.content_length().is_none_or(|n| n <= 64 * 1024);
+    if !small {
+        return (relay(resp), None);
+    }
+    let body = match resp.bytes().await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %crate::upstream::describe(&e), "could not read Nylas's 429 body");
+            return (
+                relay_buffered(status, &headers, bytes::Bytes::new()),
+                Some(retry_after.unwrap_or(DEFAULT_PAUSE)),
+            );
+        }
+    };
+    let provider = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/type")
+                .and_then(|t| t.as_str())
+                .map(|t| t == "rate_limit_error")
+        })
+        .unwrap_or(false);
+    let pause = provider.then(|| retry_after.unwrap_or(DEFAULT_PAUSE));
+    (relay_buffered(status, &headers, body), pause)
+}
+
+/// The profile's per-message caps.
+fn per_message(profile: &Profile, cost: crate::send::SendCost) -> Result<(), GatewayError> {
+    if let Some(max) = profile.max_recipients_per_message()
+        && cost.recipients > max.get()
+    {
+        return Err(GatewayError::TooManyRecipients {
+            count: cost.recipients,
+            limit: max.get(),
+        });
+    }
+    if let Some(max) = profile.max_message_size()
+        && cost.size > max.get()
+    {
+        return Err(GatewayError::MessageTooLarge {
+            size: cost.size,
+            limit: max.get(),
+        });
+    }
+    Ok(())
 }
 
 fn store_reason(e: &StoreError) -> &'static str {

@@ -90,7 +90,7 @@ fn documentation_covers_every_key_of_gateway_toml() {
     let text = std::fs::read_to_string(config_dir().join("gateway.toml")).unwrap();
     let table: toml::Table = toml::from_str(&text).unwrap();
     let mut keys = Vec::new();
-    collect_keys(&toml::Value::Table(table), &mut keys);
+    collect_keys(&toml::Value::Table(table), "", &mut keys);
     assert!(keys.len() > 20, "{keys:?}");
     for key in keys {
         assert!(docs.contains(&key), "docs/configuration.md lacks {key}");
@@ -98,21 +98,38 @@ fn documentation_covers_every_key_of_gateway_toml() {
     assert!(docs.contains("64"), "the exit code is documented");
 }
 
-/// Tables as their `[heading`, other keys as `` `key` ``.
-fn collect_keys(value: &toml::Value, out: &mut Vec<String>) {
+/// Every key `check-config` prints (the whole effective configuration) is documented too.
+#[test]
+fn documentation_covers_every_key_of_the_effective_configuration() {
+    let docs = std::fs::read_to_string(workspace().join("docs/configuration.md")).unwrap();
+    let table: toml::Table = toml::from_str(&Config::default().to_masked_toml()).unwrap();
+    let mut keys = Vec::new();
+    collect_keys(&toml::Value::Table(table), "", &mut keys);
+    for key in keys {
+        assert!(docs.contains(&key), "docs/configuration.md lacks {key}");
+    }
+}
+
+/// Tables as their `[dotted.heading`, other keys as `` `key` ``.
+fn collect_keys(value: &toml::Value, table: &str, out: &mut Vec<String>) {
     match value {
         toml::Value::Table(t) => {
             for (k, v) in t {
+                let path = if table.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{table}.{k}")
+                };
                 match v {
                     // Profile names are free; their keys are documented.
-                    toml::Value::Table(_) if k != "icloud" => out.push(format!("[{k}")),
+                    toml::Value::Table(_) if table != "profiles" => out.push(format!("[{path}")),
                     toml::Value::Table(_) => {}
                     _ => out.push(format!("`{k}`")),
                 }
-                collect_keys(v, out);
+                collect_keys(v, &path, out);
             }
         }
-        toml::Value::Array(a) => a.iter().for_each(|v| collect_keys(v, out)),
+        toml::Value::Array(a) => a.iter().for_each(|v| collect_keys(v, table, out)),
         _ => {}
     }
 }

@@ -1,29 +1,37 @@
-//! Configuration: the TOML file, its defaults, and a validation that names the key at fault.
+//! Configuration: the TOML file, environment variables and flags over the defaults, and a
+//! validation that names the key at fault.
 //!
 //! Every key is optional (an empty file is a valid configuration) and unknown keys are errors
 //! at every level, so a typo in a limit can never pass silently. A [`ConfigError`] prints as
 //! one line, `<key>: <message>`, which `send-gateway check-config` prints before exiting with
 //! [`ConfigError::EXIT_CODE`]. The keys are described in `docs/configuration.md`.
 //!
+//! # Layering
+//! [`Sources`] names where a configuration comes from: the file, the environment
+//! (`SEND_GATEWAY__STORE__URL` sets `[store] url`) and command-line overrides, in that order
+//! of precedence over the defaults. The environment is a plain list handed in, so tests never
+//! touch the process environment, and [`Sources::load`] can be called again to reload.
+//!
 //! # Why figment
-//! The file is parsed with the `toml` crate (for line and column of syntax errors) and the
-//! resulting tree is handed to [`figment`] as one provider, then extracted into serde structs
-//! with `deny_unknown_fields`. Figment is there for two reasons:
-//! - Layering: the next step adds `SEND_GATEWAY__STORE__URL`-style environment overrides and
-//!   command-line flags with precedence defaults < file < env < flags. With figment that is one
-//!   more `merge` of a provider (built from an injected list of variables, so tests never touch
-//!   the process environment), not a hand-written deep merge of tables.
-//! - Errors: figment reports the path of the failing value, array indices included, and a
-//!   structured [`figment::error::Kind`] (unknown field, missing field, wrong type), from which
-//!   we write a one-line `profiles.x.windows[0].messages: ...`. Plain `toml` + serde gives a
-//!   multi-line message with a source excerpt and no key path.
+//! The file is parsed with the `toml` crate (for line and column of syntax errors); the
+//! environment and flags are then applied to that tree as assignments to one key each
+//! (see `sources.rs` for why not as figment layers), and the result is handed to [`figment`]
+//! as one provider and extracted into serde structs with `deny_unknown_fields`. Figment is
+//! there for its errors: it reports the path of the failing value, array indices included,
+//! and a structured [`figment::error::Kind`] (unknown field, missing field, wrong type), from
+//! which we write a one-line `profiles.x.windows[0].messages: ...`. Plain `toml` + serde gives
+//! a multi-line message with a source excerpt and no key path.
 //!
 //! Figment's own TOML and env providers are not used (their features stay off): the first
 //! would pull in a second, older `toml`, the second reads the process environment directly.
 
 mod raw;
+mod show;
+mod sources;
 #[cfg(test)]
 mod tests;
+
+pub use sources::{ENV_PREFIX, Sources};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -38,6 +46,7 @@ use reqwest::Url;
 use serde::Deserialize;
 
 use raw::RawConfig;
+use sources::resolve;
 
 /// Default `server.listen`: the proxy.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
@@ -61,6 +70,15 @@ pub const DEFAULT_STORE_TIMEOUT: Duration = limits::redis::DEFAULT_TIMEOUT;
 pub const DEFAULT_PROFILE: &str = "icloud";
 /// Default `grants.cache_ttl`: how long an identifier -> grant id resolution is reused.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(3600);
+/// Default `grants.provider_cache_ttl`: how long a grant's provider, once learnt, is reused.
+pub const DEFAULT_PROVIDER_CACHE_TTL: Duration = Duration::from_secs(3600);
+/// Default `log.level`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default `events.timeout`: a slow webhook must not hold threshold events back for long.
+pub const DEFAULT_EVENTS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What secrets are replaced with when the configuration is printed.
+pub const MASK: &str = "***";
 
 /// The whole configuration, validated.
 ///
@@ -78,6 +96,10 @@ pub struct Config {
     pub grants: GrantsConfig,
     /// `[domains]`: sends from Nylas-managed domains.
     pub domains: DomainsConfig,
+    /// `[log]`: log format and level.
+    pub log: LogConfig,
+    /// `[events]`: where threshold events are posted.
+    pub events: EventsConfig,
     /// Every profile by name: the built-ins, replaced or joined by `[profiles.<name>]`.
     pub profiles: BTreeMap<String, Profile>,
 }
@@ -114,7 +136,7 @@ impl fmt::Debug for ServerConfig {
 }
 
 /// `[upstream]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// The Nylas API base: http or https, no query or fragment, and its path never ends in
     /// `/` unless it is the root (`https://api.us.nylas.com/`), so appending a request path
@@ -122,6 +144,20 @@ pub struct UpstreamConfig {
     pub url: Url,
     /// Longest wait for Nylas on one request.
     pub timeout: Duration,
+    /// The gateway's own Nylas API key, for the requests it makes itself (a grant's
+    /// provider) when the caller's credentials are not at hand; `None` (an empty string in the
+    /// file) means none. Never contains spaces or control characters.
+    pub api_key: Option<String>,
+}
+
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("url", &self.url.as_str())
+            .field("timeout", &self.timeout)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Where the counters live (`store.backend`).
@@ -186,6 +222,14 @@ pub struct GrantsConfig {
     pub default_profile: String,
     /// How long an identifier -> grant id resolution is cached.
     pub cache_ttl: Duration,
+    /// Whether each grant's provider is looked up (`GET /v3/grants/{id}`) to pick its profile
+    /// from [`GrantsConfig::provider_profiles`].
+    pub resolve_provider: bool,
+    /// How long a grant's provider, once looked up, is reused.
+    pub provider_cache_ttl: Duration,
+    /// Nylas provider name (`google`, `microsoft`, `icloud`, `imap`, ...) -> profile name.
+    /// Every provider name uses only `a-z`, `0-9`, `_` and `-`; every profile exists.
+    pub provider_profiles: BTreeMap<String, String>,
 }
 
 /// `[domains]`.
@@ -194,6 +238,59 @@ pub struct DomainsConfig {
     /// Profile counting `/v3/domains/{domain}/messages/send`; `None` (an empty string in the
     /// file) leaves those sends uncounted. Always names an existing profile when set.
     pub profile: Option<String>,
+}
+
+/// How log lines are written (`log.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl LogFormat {
+    /// The name used in the file.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Text or JSON lines.
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive (`info`, `gateway=debug,info`); always
+    /// parses. `RUST_LOG`, when set, takes its place.
+    pub level: String,
+}
+
+/// `[events]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EventsConfig {
+    /// Where threshold events are posted as JSON; `None` (an empty string in the file) posts
+    /// nothing. Always http or https.
+    pub webhook_url: Option<Url>,
+    /// Longest wait for the webhook on one event.
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for EventsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventsConfig")
+            .field(
+                "webhook_url",
+                &self.webhook_url.as_ref().map(show::mask_webhook_url),
+            )
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// A configuration that cannot be used, naming the key at fault.
@@ -228,6 +325,14 @@ impl ConfigError {
     /// What is wrong with it.
     pub fn message(&self) -> &str {
         &self.message
+    }
+
+    /// The same problem, blamed on `origin` (the environment variable that set the key).
+    fn blame(self, origin: &str) -> Self {
+        ConfigError {
+            key: origin.to_owned(),
+            message: self.message,
+        }
     }
 }
 
@@ -273,23 +378,15 @@ impl Config {
     ///
     /// # Errors
     /// As [`Config::from_toml_str`]; an unreadable file or a syntax error names the file.
+    ///
+    /// The file alone: for the environment and flags too, use [`Sources::load`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(&name, format!("cannot read the file: {e}")))?;
-        Self::from_toml_source(&text, &name)
+        resolve(read_toml_file(path)?, &[])
     }
 
     /// `source` names the text in syntax errors.
     fn from_toml_source(text: &str, source: &str) -> Result<Config, ConfigError> {
-        let layer = TomlLayer::parse(text, source)?;
-        Self::from_figment(&Figment::from(layer))
-    }
-
-    /// Extracts and validates a (possibly layered) figment.
-    fn from_figment(figment: &Figment) -> Result<Config, ConfigError> {
-        let raw: RawConfig = figment.extract().map_err(|e| figment_error(figment, e))?;
-        Self::from_raw(raw)
+        resolve(parse_toml(text, source)?, &[])
     }
 
     /// Applies the defaults and checks every range and cross-key rule.
@@ -313,16 +410,7 @@ impl Config {
                 format!("must differ from server.listen ({listen})"),
             ));
         }
-        let admin_token = s.admin_token.filter(|t| !t.is_empty());
-        if admin_token
-            .as_deref()
-            .is_some_and(|t| t.chars().any(|c| c.is_whitespace() || c.is_control()))
-        {
-            return Err(ConfigError::new(
-                "server.admin_token",
-                "must not contain spaces or control characters",
-            ));
-        }
+        let admin_token = header_secret("server.admin_token", s.admin_token)?;
         let max_json_body = s
             .max_json_body
             .map_or(DEFAULT_MAX_JSON_BODY as u64, |b| b.0);
@@ -349,6 +437,7 @@ impl Config {
                     .timeout
                     .map_or(DEFAULT_UPSTREAM_TIMEOUT, |d| d.0),
             )?,
+            api_key: header_secret("upstream.api_key", raw.upstream.api_key)?,
         };
 
         let st = raw.store;
@@ -377,17 +466,34 @@ impl Config {
             ));
         }
 
+        let g = raw.grants;
         let grants = GrantsConfig {
-            default_profile: raw
-                .grants
+            default_profile: g
                 .default_profile
                 .unwrap_or_else(|| DEFAULT_PROFILE.to_owned()),
             cache_ttl: nonzero_duration(
                 "grants.cache_ttl",
-                raw.grants.cache_ttl.map_or(DEFAULT_CACHE_TTL, |d| d.0),
+                g.cache_ttl.map_or(DEFAULT_CACHE_TTL, |d| d.0),
             )?,
+            resolve_provider: g.resolve_provider.unwrap_or(false),
+            provider_cache_ttl: nonzero_duration(
+                "grants.provider_cache_ttl",
+                g.provider_cache_ttl
+                    .map_or(DEFAULT_PROVIDER_CACHE_TTL, |d| d.0),
+            )?,
+            provider_profiles: g.provider_profiles,
         };
         check_profile_exists(&profiles, "grants.default_profile", &grants.default_profile)?;
+        for (provider, profile) in &grants.provider_profiles {
+            let key = format!("grants.provider_profiles.{}", key_segment(provider));
+            if !plain_name(provider) {
+                return Err(ConfigError::new(
+                    key,
+                    "a provider name uses only a-z, 0-9, '_' and '-' (as Nylas writes it: \"google\", \"icloud\")",
+                ));
+            }
+            check_profile_exists(&profiles, &key, profile)?;
+        }
 
         let domains = DomainsConfig {
             profile: raw.domains.profile.filter(|p| !p.is_empty()),
@@ -396,14 +502,66 @@ impl Config {
             check_profile_exists(&profiles, "domains.profile", name)?;
         }
 
+        let level = raw
+            .log
+            .level
+            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
+        if level.trim().is_empty() {
+            return Err(ConfigError::new(
+                "log.level",
+                "must not be empty (e.g. \"info\" or \"gateway=debug,info\")",
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+            return Err(ConfigError::new(
+                "log.level",
+                format!("invalid filter {level:?}: {e}"),
+            ));
+        }
+        let log = LogConfig {
+            format: raw.log.format.unwrap_or_default(),
+            level,
+        };
+
+        let events = EventsConfig {
+            webhook_url: raw.events.webhook_url.and_then(|u| u.0),
+            timeout: nonzero_duration(
+                "events.timeout",
+                raw.events.timeout.map_or(DEFAULT_EVENTS_TIMEOUT, |d| d.0),
+            )?,
+        };
+
         Ok(Config {
             server,
             upstream,
             store,
             grants,
             domains,
+            log,
+            events,
             profiles,
         })
+    }
+
+    /// The profile for a grant on `provider` (as Nylas names it: `google`, `icloud`, ...):
+    /// the one `[grants.provider_profiles]` maps it to, else the default profile.
+    ///
+    /// # Examples
+    /// ```
+    /// use gateway::config::Config;
+    /// let c = Config::from_toml_str("[grants.provider_profiles]\ngoogle = \"google\"").unwrap();
+    /// assert_eq!(c.profile_for_provider(Some("google")).name(), "google");
+    /// assert_eq!(c.profile_for_provider(Some("imap")).name(), "icloud");
+    /// assert_eq!(c.profile_for_provider(None).name(), "icloud");
+    /// ```
+    ///
+    /// # Panics
+    /// If the fields were changed after validation so that a name no longer exists.
+    pub fn profile_for_provider(&self, provider: Option<&str>) -> &Profile {
+        provider
+            .and_then(|p| self.grants.provider_profiles.get(p))
+            .and_then(|name| self.profile(name))
+            .unwrap_or_else(|| self.default_profile())
     }
 
     /// The profile called `name`, built-in or configured.
@@ -452,10 +610,31 @@ fn nonzero_duration(key: &str, d: Duration) -> Result<Duration, ConfigError> {
     Ok(d)
 }
 
+/// A secret sent in an HTTP header: `""` is none; no blanks or control characters, which
+/// would make the header invalid or split it.
+fn header_secret(key: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    let value = value.filter(|t| !t.is_empty());
+    if value
+        .as_deref()
+        .is_some_and(|t| t.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err(ConfigError::new(
+            key,
+            "must not contain spaces or control characters",
+        ));
+    }
+    Ok(value)
+}
+
+/// `[a-z0-9_-]+`.
+fn plain_name(name: &str) -> bool {
+    let plain = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
+    !name.is_empty() && name.chars().all(plain)
+}
+
 /// Profile names appear in metrics, headers and Redis keys: keep them plain.
 fn check_profile_name(name: &str) -> Result<(), ConfigError> {
-    let plain = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
-    if name.is_empty() || !name.chars().all(plain) {
+    if !plain_name(name) {
         return Err(ConfigError::new(
             format!("profiles.{}", key_segment(name)),
             "a profile name uses only a-z, 0-9, '_' and '-'",
@@ -498,40 +677,47 @@ fn check_redis_url(url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// One TOML document as a figment provider.
+/// Reads a TOML file; an unreadable file or a syntax error names the file.
+fn read_toml_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(&name, format!("cannot read the file: {e}")))?;
+    parse_toml(&text, &name)
+}
+
+/// Parses with the `toml` crate, whose errors have a position; `source` names the text.
+fn parse_toml(text: &str, source: &str) -> Result<toml::Table, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|span| {
+                let (line, column) = line_column(text, span.start);
+                format!("line {line}, column {column}: ")
+            })
+            .unwrap_or_default();
+        ConfigError::new(source, format!("{at}{}", e.message().trim()))
+    })
+}
+
+/// One TOML tree as a figment provider.
 #[derive(Debug)]
 struct TomlLayer {
-    name: String,
     dict: Dict,
 }
 
 impl TomlLayer {
-    /// Parses with the `toml` crate, whose errors have a position, then converts the tree.
-    fn parse(text: &str, source: &str) -> Result<Self, ConfigError> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| {
-            let at = e
-                .span()
-                .map(|span| {
-                    let (line, column) = line_column(text, span.start);
-                    format!("line {line}, column {column}: ")
-                })
-                .unwrap_or_default();
-            ConfigError::new(source, format!("{at}{}", e.message().trim()))
-        })?;
-        let dict = Value::serialize(&table)
+    fn new(tree: &toml::Value) -> Result<Self, ConfigError> {
+        let dict = Value::serialize(tree)
             .ok()
             .and_then(Value::into_dict)
-            .ok_or_else(|| ConfigError::new(source, "not a TOML table"))?;
-        Ok(TomlLayer {
-            name: source.to_owned(),
-            dict,
-        })
+            .ok_or_else(|| ConfigError::new("toml", "not a TOML table"))?;
+        Ok(TomlLayer { dict })
     }
 }
 
 impl Provider for TomlLayer {
     fn metadata(&self) -> Metadata {
-        Metadata::named(self.name.clone())
+        Metadata::named("configuration")
     }
 
     fn data(&self) -> Result<Map<FigmentProfile, Dict>, figment::Error> {

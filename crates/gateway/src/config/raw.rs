@@ -16,7 +16,7 @@ use reqwest::Url;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use super::{OnUnavailable, StoreBackend};
+use super::{LogFormat, OnUnavailable, StoreBackend};
 
 /// The whole file. Missing tables and keys take their defaults later, which keeps layering
 /// (defaults < file < env < flags) a plain merge of partial trees.
@@ -28,6 +28,8 @@ pub(super) struct RawConfig {
     pub(super) store: RawStore,
     pub(super) grants: RawGrants,
     pub(super) domains: RawDomains,
+    pub(super) log: RawLog,
+    pub(super) events: RawEvents,
     pub(super) profiles: BTreeMap<String, RawProfile>,
 }
 
@@ -46,6 +48,7 @@ pub(super) struct RawServer {
 pub(super) struct RawUpstream {
     pub(super) url: Option<UpstreamUrl>,
     pub(super) timeout: Option<HumanDuration>,
+    pub(super) api_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,12 +66,29 @@ pub(super) struct RawStore {
 pub(super) struct RawGrants {
     pub(super) default_profile: Option<String>,
     pub(super) cache_ttl: Option<HumanDuration>,
+    pub(super) resolve_provider: Option<bool>,
+    pub(super) provider_cache_ttl: Option<HumanDuration>,
+    pub(super) provider_profiles: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawDomains {
     pub(super) profile: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub(super) format: Option<LogFormat>,
+    pub(super) level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawEvents {
+    pub(super) webhook_url: Option<WebhookUrl>,
+    pub(super) timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,4 +289,36 @@ pub(super) fn parse_upstream_url(s: &str) -> Result<Url, String> {
     let trimmed = url.path().trim_end_matches('/').to_owned();
     url.set_path(&trimmed);
     Ok(url)
+}
+
+/// `[events] webhook_url`: an http(s) URL, or `""` for none.
+#[derive(Debug, Clone)]
+pub(super) struct WebhookUrl(pub(super) Option<Url>);
+
+impl<'de> Deserialize<'de> for WebhookUrl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_str(
+            deserializer,
+            "a URL such as \"https://hooks.example.com/sendgw\", or \"\"",
+            |s| parse_webhook_url(s).map(WebhookUrl),
+        )
+    }
+}
+
+/// The URL is never echoed: its user info or query may carry a secret.
+fn parse_webhook_url(s: &str) -> Result<Option<Url>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let url = Url::parse(s).map_err(|e| format!("invalid URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "must be an http:// or https:// URL, not {}://",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("must name a host".into());
+    }
+    Ok(Some(url))
 }

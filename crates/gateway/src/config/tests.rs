@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use limits::{CalendarUnit, Metric, Period};
+use reqwest::Url;
 
 use super::*;
 
@@ -587,4 +588,577 @@ fn redact_userinfo_keeps_the_host() {
         "redis://<redacted>@h:1/0"
     );
     assert_eq!(redact_userinfo("nonsense@"), "nonsense@");
+}
+
+#[test]
+fn new_keys_have_their_defaults() {
+    let c = Config::default();
+    assert_eq!(c.upstream.api_key, None);
+    assert!(!c.grants.resolve_provider);
+    assert_eq!(c.grants.provider_cache_ttl, Duration::from_secs(3600));
+    assert!(c.grants.provider_profiles.is_empty());
+    assert_eq!(c.log.format, LogFormat::Text);
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.events.webhook_url, None);
+    assert_eq!(c.events.timeout, Duration::from_secs(5));
+    let tables = "[log]\n[events]\n[grants.provider_profiles]\n";
+    assert_eq!(Config::from_toml_str(tables).unwrap(), c);
+}
+
+#[test]
+fn new_keys_are_read() {
+    let c = Config::from_toml_str(
+        r#"
+        [upstream]
+        api_key = "nyk_v0_secret"
+        [grants]
+        resolve_provider = true
+        provider_cache_ttl = "10m"
+        [grants.provider_profiles]
+        google = "google"
+        microsoft = "microsoft"
+        imap = "yahoo"
+        ews = "microsoft"
+        [log]
+        format = "json"
+        level = "gateway=debug,info"
+        [events]
+        webhook_url = "https://user:pw@hooks.example.com/sendgw?token=t0k"
+        timeout = "2s"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.upstream.api_key.as_deref(), Some("nyk_v0_secret"));
+    assert!(c.grants.resolve_provider);
+    assert_eq!(c.grants.provider_cache_ttl, Duration::from_secs(600));
+    assert_eq!(c.grants.provider_profiles.len(), 4);
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(c.log.level, "gateway=debug,info");
+    assert_eq!(
+        c.events.webhook_url.as_ref().map(Url::as_str),
+        Some("https://user:pw@hooks.example.com/sendgw?token=t0k")
+    );
+    assert_eq!(c.events.timeout, Duration::from_secs(2));
+
+    assert_eq!(c.profile_for_provider(Some("google")).name(), "google");
+    assert_eq!(c.profile_for_provider(Some("imap")).name(), "yahoo");
+    assert_eq!(c.profile_for_provider(Some("ews")).name(), "microsoft");
+    assert_eq!(c.profile_for_provider(Some("icloud")).name(), "icloud");
+    assert_eq!(c.profile_for_provider(Some("nylas")).name(), "icloud");
+    assert_eq!(c.profile_for_provider(None).name(), "icloud");
+
+    let debug = format!("{c:?}");
+    for secret in ["nyk_v0_secret", "pw@", "t0k"] {
+        assert!(!debug.contains(secret), "{secret} in {debug}");
+    }
+    assert!(debug.contains("hooks.example.com"), "{debug}");
+
+    let c =
+        Config::from_toml_str("[upstream]\napi_key = \"\"\n[events]\nwebhook_url = \"\"").unwrap();
+    assert_eq!(c.upstream.api_key, None);
+    assert_eq!(c.events.webhook_url, None);
+}
+
+#[test]
+fn new_keys_are_validated() {
+    assert_err(
+        "[grants.provider_profiles]\ngoogle = \"gmail\"",
+        "grants.provider_profiles.google",
+        "no profile named \"gmail\"",
+    );
+    assert_err(
+        "[grants.provider_profiles]\nGoogle = \"google\"",
+        "grants.provider_profiles.Google",
+        "a provider name uses only",
+    );
+    assert_err(
+        "[grants.provider_profiles]\ngoogle = 5",
+        "grants.provider_profiles.google",
+        "expected a string",
+    );
+    assert_err(
+        "[grants]\nresolve_provider = \"yes\"",
+        "grants.resolve_provider",
+        "expected a boolean",
+    );
+    assert_err(
+        "[grants]\nprovider_cache_ttl = \"0s\"",
+        "grants.provider_cache_ttl",
+        "greater than zero",
+    );
+    assert_err(
+        "[upstream]\napi_key = \"a b\"",
+        "upstream.api_key",
+        "spaces",
+    );
+    assert_err(
+        "[log]\nformat = \"xml\"",
+        "log.format",
+        "\"text\", \"json\"",
+    );
+    assert_err(
+        "[log]\nlevel = \"gateway=loud\"",
+        "log.level",
+        "invalid filter",
+    );
+    assert_err("[log]\nlevel = \" \"", "log.level", "must not be empty");
+    assert_err(
+        "[events]\nwebhook_url = \"ftp://h/x\"",
+        "events.webhook_url",
+        "http:// or https://",
+    );
+    assert_err(
+        "[events]\nwebhook_url = \"hooks.example.com?token=s3cret\"",
+        "events.webhook_url",
+        "invalid URL",
+    );
+    assert!(
+        !err("[events]\nwebhook_url = \"hooks.example.com?token=s3cret\"")
+            .to_string()
+            .contains("s3cret")
+    );
+    assert_err(
+        "[events]\ntimeout = \"0s\"",
+        "events.timeout",
+        "greater than zero",
+    );
+    assert_err(
+        "[events]\nurl = \"x\"",
+        "events.url",
+        "webhook_url, timeout",
+    );
+}
+
+fn env(vars: &[(&str, &str)]) -> Sources {
+    Sources {
+        env: vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Sources::default()
+    }
+}
+
+#[track_caller]
+fn env_err(vars: &[(&str, &str)]) -> ConfigError {
+    match env(vars).load() {
+        Ok(c) => panic!("expected an error for {vars:?}, got {c:?}"),
+        Err(e) => {
+            assert!(!e.to_string().contains('\n'), "{e:?}");
+            e
+        }
+    }
+}
+
+#[test]
+fn environment_sets_scalar_keys_with_their_types() {
+    let c = env(&[
+        ("SEND_GATEWAY__STORE__URL", "redis://:pw@cache:6379/1"),
+        ("SEND_GATEWAY__STORE__BACKEND", "redis"),
+        ("SEND_GATEWAY__STORE__TIMEOUT", "1s"),
+        ("send_gateway__server__admin_token", "1234"),
+        ("SEND_GATEWAY__SERVER__MAX_JSON_BODY", "1000"),
+        ("SEND_GATEWAY__Server__Listen", "0.0.0.0:8081"),
+        ("SEND_GATEWAY__UPSTREAM__URL", "http://127.0.0.1:4000"),
+        ("SEND_GATEWAY__GRANTS__RESOLVE_PROVIDER", "true"),
+        ("SEND_GATEWAY__GRANTS__PROVIDER_CACHE_TTL", "24h"),
+        ("SEND_GATEWAY__GRANTS__PROVIDER_PROFILES__GOOGLE", "google"),
+        ("SEND_GATEWAY__GRANTS__DEFAULT_PROFILE", "tiny"),
+        (
+            "SEND_GATEWAY__PROFILES__TINY__MAX_RECIPIENTS_PER_MESSAGE",
+            "3",
+        ),
+        ("SEND_GATEWAY__PROFILES__TINY__WINDOWS__0__PERIOD", "1h"),
+        ("SEND_GATEWAY__PROFILES__TINY__WINDOWS__0__MESSAGES", "5"),
+        ("SEND_GATEWAY__PROFILES__TINY__WINDOWS__1__PERIOD", "day"),
+        (
+            "SEND_GATEWAY__PROFILES__TINY__WINDOWS__1__TIMEZONE",
+            "Europe/Berlin",
+        ),
+        ("SEND_GATEWAY__PROFILES__TINY__WINDOWS__1__BYTES", "10MB"),
+        ("SEND_GATEWAY__LOG__FORMAT", "json"),
+        ("SEND_GATEWAY__EVENTS__WEBHOOK_URL", "https://h/x?a=1"),
+        // Not ours: ignored.
+        ("SEND_GATEWAY_CONFIG", "/nonexistent.toml"),
+        ("SEND_GATEWAY_ADMIN_TOKEN", "x"),
+        ("PATH", "/bin"),
+    ])
+    .load()
+    .unwrap();
+    assert_eq!(c.store.url, "redis://:pw@cache:6379/1");
+    assert_eq!(c.store.backend, StoreBackend::Redis);
+    assert_eq!(c.store.timeout, Duration::from_secs(1));
+    assert_eq!(c.server.admin_token.as_deref(), Some("1234"));
+    assert_eq!(c.server.max_json_body, 1000);
+    assert_eq!(c.server.listen.to_string(), "0.0.0.0:8081");
+    assert_eq!(c.upstream.url.as_str(), "http://127.0.0.1:4000/");
+    assert!(c.grants.resolve_provider);
+    assert_eq!(c.grants.provider_cache_ttl, Duration::from_secs(86_400));
+    assert_eq!(c.profile_for_provider(Some("google")).name(), "google");
+    let tiny = c.default_profile();
+    assert_eq!(tiny.name(), "tiny");
+    assert_eq!(tiny.max_recipients_per_message().unwrap().get(), 3);
+    let [hour, day] = tiny.windows() else {
+        panic!("{tiny:?}")
+    };
+    assert_eq!(hour.limit(Metric::Messages).unwrap().get(), 5);
+    assert_eq!(day.id(), "day@Europe/Berlin");
+    assert_eq!(day.limit(Metric::Bytes).unwrap().get(), 10_000_000);
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(c.events.webhook_url.unwrap().as_str(), "https://h/x?a=1");
+
+    // An empty value unsets a secret the file set.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gw.toml");
+    std::fs::write(&file, "[server]\nadmin_token = \"from-file\"\n").unwrap();
+    let sources = Sources {
+        file: Some(file),
+        env: vec![("SEND_GATEWAY__SERVER__ADMIN_TOKEN".into(), String::new())],
+        overrides: vec![],
+    };
+    assert_eq!(sources.load().unwrap().server.admin_token, None);
+}
+
+#[test]
+fn environment_tweaks_a_builtin_without_replacing_it() {
+    let c = env(&[(
+        "SEND_GATEWAY__PROFILES__ICLOUD__WINDOWS__0__MESSAGES",
+        "500",
+    )])
+    .load()
+    .unwrap();
+    let icloud = c.profile("icloud").unwrap();
+    let builtin = Profile::builtin("icloud").unwrap();
+    assert_eq!(icloud.max_message_size(), builtin.max_message_size());
+    assert_eq!(icloud.windows()[0].id(), builtin.windows()[0].id());
+    assert_eq!(
+        icloud.windows()[0].limit(Metric::Messages).unwrap().get(),
+        500
+    );
+    assert_eq!(
+        icloud.windows()[0].limit(Metric::Recipients).unwrap().get(),
+        1_000
+    );
+    // A profile written in the file is edited, not re-seeded.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gw.toml");
+    std::fs::write(&file, "[profiles.icloud]\nmax_recipients_per_message = 7\n").unwrap();
+    let c = Sources {
+        file: Some(file),
+        env: vec![(
+            "SEND_GATEWAY__PROFILES__ICLOUD__MAX_MESSAGE_SIZE".into(),
+            "1MB".into(),
+        )],
+        overrides: vec![],
+    }
+    .load()
+    .unwrap();
+    let icloud = c.profile("icloud").unwrap();
+    assert_eq!(icloud.max_recipients_per_message().unwrap().get(), 7);
+    assert_eq!(icloud.max_message_size().unwrap().get(), 1_000_000);
+    assert!(icloud.windows().is_empty());
+}
+
+#[test]
+fn environment_errors_name_the_variable() {
+    let e = env_err(&[("SEND_GATEWAY__STORE__URLL", "redis://h")]);
+    assert_eq!(e.key(), "SEND_GATEWAY__STORE__URLL");
+    assert!(
+        e.to_string()
+            .starts_with("SEND_GATEWAY__STORE__URLL: unknown key"),
+        "{e}"
+    );
+    let e = env_err(&[("SEND_GATEWAY__STORE__TIMEOUT", "bogus")]);
+    assert_eq!(
+        e.to_string(),
+        "SEND_GATEWAY__STORE__TIMEOUT: invalid duration \"bogus\""
+    );
+    // Validation after parsing blames the variable too.
+    let e = env_err(&[("SEND_GATEWAY__STORE__TIMEOUT", "0s")]);
+    assert_eq!(e.key(), "SEND_GATEWAY__STORE__TIMEOUT");
+    assert!(e.message().contains("greater than zero"), "{e}");
+    let e = env_err(&[("SEND_GATEWAY__GRANTS__PROVIDER_PROFILES__GOOGLE", "gmail")]);
+    assert_eq!(e.key(), "SEND_GATEWAY__GRANTS__PROVIDER_PROFILES__GOOGLE");
+    assert!(e.message().contains("no profile named \"gmail\""), "{e}");
+    let e = env_err(&[("SEND_GATEWAY__PROFILES__ICLOUD__WINDOWS__0__MESSAGES", "0")]);
+    assert_eq!(
+        e.key(),
+        "SEND_GATEWAY__PROFILES__ICLOUD__WINDOWS__0__MESSAGES"
+    );
+    // A typed key given text keeps its type error.
+    let e = env_err(&[("SEND_GATEWAY__GRANTS__RESOLVE_PROVIDER", "yes")]);
+    assert_eq!(
+        e.to_string(),
+        "SEND_GATEWAY__GRANTS__RESOLVE_PROVIDER: expected a boolean, found the string \"yes\""
+    );
+    let e = env_err(&[("SEND_GATEWAY__GRANTS__RESOLVE_PROVIDER", "1")]);
+    assert_eq!(e.key(), "SEND_GATEWAY__GRANTS__RESOLVE_PROVIDER");
+    // Malformed names and paths.
+    for name in [
+        "SEND_GATEWAY__",
+        "SEND_GATEWAY__STORE____URL",
+        "SEND_GATEWAY__STORE__",
+    ] {
+        let e = env_err(&[(name, "x")]);
+        assert_eq!(e.key(), name);
+        assert!(e.message().contains("not a configuration key"), "{e}");
+    }
+    let e = env_err(&[("SEND_GATEWAY__STORE", "x")]);
+    assert_eq!(
+        e.to_string(),
+        "SEND_GATEWAY__STORE: expected a table, found the string \"x\""
+    );
+    let e = env_err(&[("SEND_GATEWAY__STORE__URL__HOST", "x")]);
+    assert_eq!(e.key(), "SEND_GATEWAY__STORE__URL__HOST");
+    assert_eq!(
+        e.message(),
+        "store.url: expected a string, found a table",
+        "{e}"
+    );
+    // A flag replaces what the variable made.
+    let c = Sources {
+        overrides: vec![("store.url".into(), "redis://h".into())],
+        ..env(&[("SEND_GATEWAY__STORE__URL__HOST", "x")])
+    }
+    .load()
+    .unwrap();
+    assert_eq!(c.store.url, "redis://h");
+    let e = Sources {
+        overrides: vec![("store.url.host".into(), "h".into())],
+        ..env(&[("SEND_GATEWAY__STORE__URL", "redis://h")])
+    }
+    .load()
+    .unwrap_err();
+    assert_eq!(e.key(), "store.url");
+    assert!(e.message().contains("store.url is not a table"), "{e}");
+    let e = env_err(&[("SEND_GATEWAY__PROFILES__ICLOUD__WINDOWS__5__MESSAGES", "1")]);
+    assert!(e.message().contains("has 1 entries"), "{e}");
+    // A bad file is named before any variable is looked at.
+    let e = Sources {
+        file: Some("/nonexistent/gw.toml".into()),
+        ..env(&[("SEND_GATEWAY__STORE__URLL", "x")])
+    }
+    .load()
+    .unwrap_err();
+    assert_eq!(e.key(), "/nonexistent/gw.toml");
+}
+
+#[test]
+fn precedence_is_file_then_environment_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gw.toml");
+    std::fs::write(
+        &file,
+        "[store]\ntimeout = \"1s\"\nkey_prefix = \"file\"\n[upstream]\ntimeout = \"3s\"\n",
+    )
+    .unwrap();
+    let sources = Sources {
+        file: Some(file.clone()),
+        env: vec![
+            ("SEND_GATEWAY__STORE__TIMEOUT".into(), "2s".into()),
+            ("SEND_GATEWAY__STORE__KEY_PREFIX".into(), "env".into()),
+        ],
+        overrides: vec![
+            ("store.key_prefix".into(), "flag".into()),
+            ("server.admin_token".into(), "4321".into()),
+            ("profiles.x.windows[0].period".into(), "24h".into()),
+            ("profiles.x.windows[0].messages".into(), "9".into()),
+        ],
+    };
+    let c = sources.load().unwrap();
+    assert_eq!(c.upstream.timeout, Duration::from_secs(3)); // file
+    assert_eq!(c.store.timeout, Duration::from_secs(2)); // env over file
+    assert_eq!(c.store.key_prefix, "flag"); // flag over env
+    assert_eq!(c.server.admin_token.as_deref(), Some("4321"));
+    let x = c.profile("x").unwrap();
+    assert_eq!(x.windows()[0].limit(Metric::Messages).unwrap().get(), 9);
+
+    // Loading again reads the file again under the same environment and flags (a reload).
+    std::fs::write(&file, "[upstream]\ntimeout = \"4s\"\n").unwrap();
+    let c = sources.load().unwrap();
+    assert_eq!(c.upstream.timeout, Duration::from_secs(4));
+    assert_eq!(c.store.timeout, Duration::from_secs(2));
+    assert_eq!(c.store.key_prefix, "flag");
+
+    // Flag errors name the dotted key.
+    let bad = |key: &str, value: &str| {
+        Sources {
+            overrides: vec![(key.into(), value.into())],
+            ..Sources::default()
+        }
+        .load()
+        .unwrap_err()
+    };
+    assert_eq!(
+        bad("store.timeout", "soon").to_string(),
+        "store.timeout: invalid duration \"soon\""
+    );
+    assert!(
+        bad("store.urll", "x")
+            .to_string()
+            .starts_with("store.urll: unknown key")
+    );
+    for key in ["", "store..url", "store.url[x]", "a[0"] {
+        assert!(
+            bad(key, "x").message().contains("not a key such as"),
+            "{key}"
+        );
+    }
+
+    // Sources is what the server keeps for SIGHUP: cloneable, sendable, and its Debug
+    // shows names, never values.
+    fn shareable<T: Clone + Send + Sync + std::fmt::Debug>(_: &T) {}
+    shareable(&sources);
+    let secret = Sources {
+        env: vec![("SEND_GATEWAY__SERVER__ADMIN_TOKEN".into(), "hunter2".into())],
+        overrides: vec![("upstream.api_key".into(), "nyk_secret".into())],
+        ..Sources::default()
+    };
+    let debug = format!("{secret:?}");
+    assert!(
+        debug.contains("SEND_GATEWAY__SERVER__ADMIN_TOKEN"),
+        "{debug}"
+    );
+    assert!(
+        !debug.contains("hunter2") && !debug.contains("nyk_secret"),
+        "{debug}"
+    );
+}
+
+#[test]
+fn from_process_reads_only_prefixed_variables() {
+    let s = Sources::from_process(Some("gw.toml".into()), vec![("a.b".into(), "c".into())]);
+    assert!(
+        s.env
+            .iter()
+            .all(|(k, _)| k.to_ascii_uppercase().starts_with(ENV_PREFIX))
+    );
+    assert_eq!(s.file.as_deref(), Some(std::path::Path::new("gw.toml")));
+    assert_eq!(s.overrides, [("a.b".to_owned(), "c".to_owned())]);
+}
+
+#[test]
+fn masked_toml_hides_secrets() {
+    let c = Config::from_toml_str(
+        r#"
+        [server]
+        admin_token = "adm1n"
+        [upstream]
+        api_key = "nyk_key"
+        [store]
+        backend = "redis"
+        url = "rediss://user:hunter2@cache:6380/0"
+        [events]
+        webhook_url = "https://hook:pw@hooks.example.com/x?token=t0k"
+        "#,
+    )
+    .unwrap();
+    let text = c.to_masked_toml();
+    for secret in ["adm1n", "nyk_key", "hunter2", "hook:pw", "t0k"] {
+        assert!(!text.contains(secret), "{secret} in\n{text}");
+    }
+    for shown in [
+        "admin_token = \"***\"",
+        "api_key = \"***\"",
+        "url = \"rediss://user:***@cache:6380/0\"",
+        "webhook_url = \"https://***@hooks.example.com/x?***\"",
+    ] {
+        assert!(text.contains(shown), "{shown} not in\n{text}");
+    }
+    // Still a valid configuration.
+    Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+
+    assert_eq!(show::mask_store_url("redis://h:1"), "redis://h:1");
+    assert_eq!(show::mask_store_url("redis://:pw@h:1"), "redis://:***@h:1");
+    assert_eq!(
+        show::mask_store_url("redis://pw@h:1/0"),
+        "redis://***@h:1/0"
+    );
+    assert_eq!(
+        show::mask_store_url("redis+cluster://u:p@a:1,b:2"),
+        "redis+cluster://u:***@a:1,b:2"
+    );
+    assert_eq!(show::mask_store_url("nonsense@"), "nonsense@");
+    let url = |s: &str| show::mask_webhook_url(&Url::parse(s).unwrap());
+    assert_eq!(url("https://h/x"), "https://h/x");
+    assert_eq!(url("https://u@h/x?a=1&b=2"), "https://***@h/x?***");
+}
+
+#[test]
+fn masked_toml_reads_back_to_the_same_configuration() {
+    let texts = [
+        "",
+        r#"
+        [server]
+        listen = "0.0.0.0:80"
+        admin_listen = "[::1]:9000"
+        shutdown_grace = "1m 30s"
+        max_json_body = 3000001
+        [upstream]
+        url = "http://127.0.0.1:4000/nylas/"
+        timeout = "1500ms"
+        [store]
+        backend = "redis"
+        url = "redis+cluster://a:7000,b:7001"
+        key_prefix = "gw-test"
+        on_unavailable = "allow"
+        [grants]
+        default_profile = "berlin"
+        cache_ttl = "7d"
+        resolve_provider = true
+        provider_cache_ttl = "90s"
+        [grants.provider_profiles]
+        google = "google"
+        imap = "berlin"
+        [domains]
+        profile = "yahoo"
+        [log]
+        format = "json"
+        level = "gateway=debug,warn"
+        [events]
+        webhook_url = "https://hooks.example.com/x"
+        timeout = "250ms"
+        [profiles.empty]
+        [profiles.berlin]
+        max_message_size = "4MiB"
+        [[profiles.berlin.windows]]
+        period = "day"
+        timezone = "Europe/Berlin"
+        messages = 700
+        [[profiles.berlin.windows]]
+        period = "month"
+        bytes = "10GB"
+        [[profiles.berlin.windows]]
+        period = "7d"
+        buckets = 7
+        recipients = 12345
+        bytes = 1234567
+        "#,
+    ];
+    for text in texts {
+        let c = Config::from_toml_str(text).unwrap();
+        let shown = c.to_masked_toml();
+        let again = Config::from_toml_str(&shown).unwrap_or_else(|e| panic!("{e}\n{shown}"));
+        assert_eq!(again, c, "{shown}");
+    }
+    let shown = Config::default().to_masked_toml();
+    for section in [
+        "[server]",
+        "[upstream]",
+        "[store]",
+        "[grants]",
+        "[grants.provider_profiles]",
+        "[domains]",
+        "[log]",
+        "[events]",
+        "[profiles.google]",
+        "[[profiles.microsoft.windows]]",
+    ] {
+        assert!(shown.contains(section), "{section} not in\n{shown}");
+    }
+    assert!(
+        shown.find("[server]") < shown.find("[upstream]")
+            && shown.find("[events]") < shown.find("[profiles."),
+        "{shown}"
+    );
 }
