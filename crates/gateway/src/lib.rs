@@ -189,8 +189,8 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 /// Serves the proxy on `listener` and the admin API on `admin` until `shutdown` resolves,
-/// then stops taking connections and lets in-flight requests finish (up to
-/// `[server] shutdown_grace`).
+/// then stops taking proxy connections and lets in-flight requests finish (up to
+/// `[server] shutdown_grace`). The admin listener answers until then (`/readyz` with 503).
 ///
 /// # Errors
 /// A listener fails.

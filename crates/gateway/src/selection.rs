@@ -176,14 +176,17 @@ impl Selector {
                 learnt
             }
         };
-        // A failed look-up is remembered briefly so a broken grant does not cost a Nylas
-        // call per send.
+        // A look-up that failed with the configured API key is remembered briefly, so a
+        // broken grant does not cost a Nylas call per send. One that failed with a caller's
+        // own credentials says nothing about other callers: it is not remembered.
         let at = if provider.is_some() {
             Instant::now()
-        } else {
+        } else if config.upstream.api_key.is_some() {
             Instant::now()
                 .checked_sub(ttl.saturating_sub(Duration::from_secs(30)))
                 .unwrap_or_else(Instant::now)
+        } else {
+            return None;
         };
         bounded_insert(
             &mut lock(&self.providers),

@@ -1,0 +1,351 @@
+//! End to end with the real binary: SIGHUP reloads the configuration without losing usage
+//! (and keeps the running one when the new file is bad); SIGTERM drains in-flight sends,
+//! turns readiness to 503 and exits 0.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{Gateway, TOKEN, WAIT, client, fake, simple};
+use fake_nylas::{FakeNylas, Grant, Rule};
+use serde_json::Value;
+use testkit::RedisServer;
+
+/// The value of the sample `name{...}` whose labels contain `labels` (e.g.
+/// `level="80"`) in a `/metrics` text; 0 when no such sample is there yet.
+fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.strip_prefix(name).is_some_and(|rest| {
+                rest.starts_with('{') && rest.split('}').next().is_some_and(|s| s.contains(labels))
+            })
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("a number in {text}"))
+        })
+}
+
+/// A Redis-backed `[store]` table for `redis`.
+fn redis_store(redis: &RedisServer) -> String {
+    format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())
+}
+
+/// A `send-gateway` process; killed (and reaped) when dropped, whatever the test did.
+#[derive(Debug)]
+struct Process {
+    child: Child,
+    url: String,
+    admin: String,
+}
+
+impl Process {
+    /// Starts the binary on `config` and reads the two addresses it prints on stdout.
+    fn spawn(config: &Path) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_send-gateway"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .env_remove("SEND_GATEWAY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn send-gateway");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        // Keep draining stdout so the process never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut process = Process {
+            child,
+            url: String::new(),
+            admin: String::new(),
+        };
+        let deadline = std::time::Instant::now() + WAIT;
+        while process.url.is_empty() || process.admin.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                let status = process.child.try_wait().ok().flatten();
+                panic!(
+                    "send-gateway printed no addresses within {WAIT:?} (exit status: {status:?})"
+                )
+            });
+            if let Some(url) = line.strip_prefix("send-gateway listening on ") {
+                process.url = url.trim().to_owned();
+            } else if let Some(url) = line.strip_prefix("send-gateway admin on ") {
+                process.admin = url.trim().to_owned();
+            }
+        }
+        process
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`) with `kill(1)`.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed: {status}");
+    }
+
+    /// Waits (bounded by `limit`) for the process to exit.
+    async fn exit_status(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn send(&self, grant: &str) -> reqwest::RequestBuilder {
+        client()
+            .post(format!("{}/v3/grants/{grant}/messages/send", self.url))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(simple().to_string())
+    }
+
+    /// One send; its status and JSON body.
+    async fn send_once(&self, grant: &str) -> (u16, Value) {
+        let resp = self.send(grant).send().await.expect("an answer");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("a JSON body"))
+    }
+
+    async fn metrics(&self) -> String {
+        client()
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// Polls `/metrics` (bounded) until `name{labels}` reaches `value`.
+    async fn wait_metric(&self, name: &str, labels: &str, value: f64) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let m = self.metrics().await;
+            if metric_value(&m, name, labels) >= value {
+                return m;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}{{{labels}}} did not reach {value} within {WAIT:?}:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn quota(&self, grant: &str) -> Value {
+        let resp = client()
+            .get(format!("{}/v1/quota/{grant}", self.admin))
+            .send()
+            .await
+            .expect("quota");
+        assert_eq!(resp.status(), 200);
+        resp.json().await.expect("quota json")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A file for the binary: both listeners on port 0, `extra` tables, and one profile
+/// `daily` of `messages` per rolling 24 h for every grant.
+fn file(nylas: &FakeNylas, extra: &str, messages: u64) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "10s"
+
+[upstream]
+url = "{nylas}"
+timeout = "30s"
+
+{extra}
+
+[grants]
+default_profile = "daily"
+
+[profiles.daily]
+[[profiles.daily.windows]]
+period = "24h"
+messages = {messages}
+"#,
+        nylas = nylas.url(),
+    )
+}
+
+const SUCCESS: &str = "result=\"success\"";
+const FAILURE: &str = "result=\"failure\"";
+const RELOADS: &str = "sendgw_config_reloads_total";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_new_limit_without_losing_usage_and_refuses_a_bad_file() {
+    let nylas = fake().await;
+    let grant = nylas.add_grant(Grant::new("h@corp.example")).id;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, file(&nylas, "", 10)).expect("write config");
+    let gw = Process::spawn(&path);
+
+    for _ in 0..2 {
+        assert_eq!(gw.send_once(&grant).await.0, 200);
+    }
+    let m = gw.metrics().await;
+    assert_eq!(metric_value(&m, RELOADS, SUCCESS), 0.0, "{m}");
+
+    // Tighter: 3 a day. The 2 already sent still count, so exactly 1 more passes.
+    std::fs::write(&path, file(&nylas, "", 3)).expect("rewrite config");
+    gw.signal("HUP");
+    gw.wait_metric(RELOADS, SUCCESS, 1.0).await;
+    assert_eq!(gw.send_once(&grant).await.0, 200);
+    let (status, body) = gw.send_once(&grant).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["type"], "quota_exceeded", "{body}");
+    assert_eq!(body["error"]["quota"]["limit"], 3, "{body}");
+    assert_eq!(body["error"]["quota"]["used"], 3, "{body}");
+    let q = gw.quota(&grant).await;
+    assert_eq!(q["windows"][0]["messages"]["limit"], 3, "{q}");
+    assert_eq!(q["windows"][0]["messages"]["used"], 3, "{q}");
+    assert_eq!(nylas.sends().len(), 3);
+
+    // A bad file (a generous limit next to an unknown key) is refused whole.
+    let broken = file(&nylas, "", 100).replace("[server]", "[server]\nno_such_key = true");
+    std::fs::write(&path, broken).expect("write broken config");
+    gw.signal("HUP");
+    let m = gw.wait_metric(RELOADS, FAILURE, 1.0).await;
+    assert_eq!(metric_value(&m, RELOADS, SUCCESS), 1.0, "{m}");
+    let (status, body) = gw.send_once(&grant).await;
+    assert_eq!(status, 429, "still judged under the old limit: {body}");
+    assert_eq!(body["error"]["quota"]["limit"], 3, "{body}");
+    // Unparseable TOML too.
+    std::fs::write(&path, "[grants\n").expect("write broken config");
+    gw.signal("HUP");
+    gw.wait_metric(RELOADS, FAILURE, 2.0).await;
+    assert_eq!(gw.send_once(&grant).await.0, 429);
+    assert_eq!(gw.quota(&grant).await["windows"][0]["messages"]["limit"], 3);
+    assert_eq!(nylas.sends().len(), 3);
+
+    // A good file is taken again afterwards.
+    std::fs::write(&path, file(&nylas, "", 4)).expect("rewrite config");
+    gw.signal("HUP");
+    gw.wait_metric(RELOADS, SUCCESS, 2.0).await;
+    assert_eq!(gw.send_once(&grant).await.0, 200);
+    assert_eq!(gw.send_once(&grant).await.0, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_in_flight_send_and_exits_zero() {
+    let redis = RedisServer::start();
+    let nylas = fake().await;
+    let grant = nylas.add_grant(Grant::new("s@corp.example")).id;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, file(&nylas, &redis_store(&redis), 10)).expect("write config");
+    let mut gw = Process::spawn(&path);
+    let ready = client()
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+
+    // A send that Nylas holds for 2 s.
+    nylas
+        .add_rule(
+            Rule::delay(Duration::from_secs(2))
+                .path("/messages/send")
+                .times(1),
+        )
+        .expect("rule");
+    let in_flight = tokio::spawn(gw.send(&grant).send());
+    assert!(
+        nylas
+            .wait_until(WAIT, |all| all.iter().any(|r| r.is_send()))
+            .await,
+        "the send reached Nylas"
+    );
+
+    gw.signal("TERM");
+    // Readiness turns 503 at once.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let answer = client()
+            .get(format!("{}/readyz", gw.admin))
+            .send()
+            .await
+            .map(|r| r.status().as_u16());
+        if matches!(answer, Ok(503)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readiness did not turn 503 (last answer {answer:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // No new connections are taken on the proxy.
+    let proxy = gw.url.trim_start_matches("http://").to_owned();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(&proxy).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy still takes connections while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The in-flight send completes...
+    let resp = in_flight
+        .await
+        .expect("send task")
+        .expect("the in-flight send is answered");
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.expect("Nylas's JSON");
+    assert!(body["data"]["id"].is_string(), "{body}");
+    // ...and the process exits 0 within shutdown_grace (10 s; WAIT more for slow hosts).
+    let status = gw
+        .exit_status(Duration::from_secs(10) + WAIT)
+        .await
+        .expect("send-gateway exited after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(nylas.delivered().len(), 1);
+
+    // The send was counted and its reservation kept: another gateway on the same Redis
+    // sees it.
+    let toml = format!(
+        "[upstream]\nurl = \"{}\"\n{}\n[grants]\ndefault_profile = \"daily\"\n\
+         [profiles.daily]\n[[profiles.daily.windows]]\nperiod = \"24h\"\nmessages = 10\n",
+        nylas.url(),
+        redis_store(&redis)
+    );
+    let after = Gateway::start(&toml).await;
+    assert_eq!(after.used(&grant).await.0, 1);
+}
