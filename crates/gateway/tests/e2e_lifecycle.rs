@@ -10,33 +10,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Gateway, TOKEN, WAIT, client, fake, simple};
+use common::{Gateway, TOKEN, WAIT, client, fake, metric_value, redis_store, simple};
 use fake_nylas::{FakeNylas, Grant, Rule};
 use serde_json::Value;
 use testkit::RedisServer;
-
-/// The value of the sample `name{...}` whose labels contain `labels` (e.g.
-/// `level="80"`) in a `/metrics` text; 0 when no such sample is there yet.
-fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.strip_prefix(name).is_some_and(|rest| {
-                rest.starts_with('{') && rest.split('}').next().is_some_and(|s| s.contains(labels))
-            })
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0.0, |v| {
-            v.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("a number in {text}"))
-        })
-}
-
-/// A Redis-backed `[store]` table for `redis`.
-fn redis_store(redis: &RedisServer) -> String {
-    format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())
-}
 
 /// A `send-gateway` process; killed (and reaped) when dropped, whatever the test did.
 #[derive(Debug)]
@@ -348,4 +325,88 @@ async fn sigterm_drains_the_in_flight_send_and_exits_zero() {
     );
     let after = Gateway::start(&toml).await;
     assert_eq!(after.used(&grant).await.0, 1);
+}
+
+#[tokio::test]
+async fn logs_name_each_decision_and_never_a_credential_body_or_address() {
+    let nylas = fake().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[log]\nformat = \"json\"\n\
+             [grants]\ndefault_profile = \"one\"\n\
+             [profiles.one]\n[[profiles.one.windows]]\nperiod = \"24h\"\nmessages = 1\n",
+            nylas.url()
+        ),
+    )
+    .expect("write config");
+    let log = dir.path().join("stderr.log");
+    let stderr = std::fs::File::create(&log).expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_send-gateway"))
+        .arg("--config")
+        .arg(&config)
+        // The most verbose level, so nothing is hidden by the filter.
+        .env("RUST_LOG", "trace")
+        .env_remove("SEND_GATEWAY_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn send-gateway");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let url = lines
+        .next()
+        .and_then(Result::ok)
+        .and_then(|l| {
+            l.strip_prefix("send-gateway listening on ")
+                .map(str::to_owned)
+        })
+        .expect("ready line");
+    std::thread::spawn(move || for _ in lines {});
+    let secret_token = "tok_very_secret_123";
+    let message = serde_json::json!({
+        "to": [{"email": "hidden.person@example.org", "name": "Hidden Person"}],
+        "subject": "subject-marker-xyz",
+        "body": "body-marker-xyz",
+    });
+    let grant = fake_nylas::DEMO_GRANT_ID;
+    for expected in [200, 429] {
+        let resp = client()
+            .post(format!("{url}/v3/grants/{grant}/messages/send"))
+            .bearer_auth(secret_token)
+            .json(&message)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), expected);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).expect("read log");
+    let decisions: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.to_string().contains("send decision"))
+        .collect();
+    assert_eq!(decisions.len(), 2, "one line per send decision:\n{text}");
+    let joined = decisions.iter().map(Value::to_string).collect::<String>();
+    for field in ["request_id", "grant", "decision", "reason"] {
+        assert!(joined.contains(field), "{field} in {joined}");
+    }
+    assert!(
+        joined.contains("\"allowed\"") && joined.contains("\"denied\""),
+        "{joined}"
+    );
+    for secret in [
+        secret_token,
+        "hidden.person",
+        "Hidden Person",
+        "subject-marker",
+        "body-marker",
+    ] {
+        assert!(!text.contains(secret), "the log holds {secret:?}:\n{text}");
+    }
 }

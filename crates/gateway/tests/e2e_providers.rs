@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{Gateway, TOKEN, client, config, eventually, fake, gateway_error, simple};
+use common::{
+    Gateway, TOKEN, client, config, eventually, fake, gateway_error, metric_value, redis_store,
+    simple,
+};
 use fake_nylas::{FakeNylas, Grant, Recorded, Rule};
 use serde_json::{Value, json};
 use testkit::RedisServer;
@@ -12,29 +15,6 @@ use testkit::RedisServer;
 /// The gateway's own Nylas key in these tests (the callers present [`TOKEN`]).
 const API_KEY: &str = "nyk_gateway_own_key";
 const ADMIN_TOKEN: &str = "admin-secret";
-
-/// The value of the sample `name{...}` whose labels contain `labels` (e.g.
-/// `level="80"`) in a `/metrics` text; 0 when no such sample is there yet.
-fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.strip_prefix(name).is_some_and(|rest| {
-                rest.starts_with('{') && rest.split('}').next().is_some_and(|s| s.contains(labels))
-            })
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0.0, |v| {
-            v.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("a number in {text}"))
-        })
-}
-
-/// A Redis-backed `[store]` table for `redis`.
-fn redis_store(redis: &RedisServer) -> String {
-    format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())
-}
 
 /// One send of [`simple`] for `grant` through `gw`.
 async fn send(gw: &Gateway, grant: &str) -> reqwest::Response {

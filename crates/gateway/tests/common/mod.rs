@@ -300,3 +300,26 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The value of the sample `name{...}` whose labels contain `labels` (e.g.
+/// `level="80"`) in a `/metrics` text; 0 when no such sample is there yet.
+pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.strip_prefix(name).is_some_and(|rest| {
+                rest.starts_with('{') && rest.split('}').next().is_some_and(|s| s.contains(labels))
+            })
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("a number in {text}"))
+        })
+}
+
+/// A Redis-backed `[store]` table for `redis`.
+pub fn redis_store(redis: &testkit::RedisServer) -> String {
+    format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())
+}
