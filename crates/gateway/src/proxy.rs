@@ -163,19 +163,7 @@ async fn send(
     let (parts, body) = req.into_parts();
     let inspected = inspect(&route, &parts.headers, body, &opts)
         .await
-        .map_err(|e| {
-            let err = inspect_error(e);
-            log_decision(
-                request_id,
-                &charged.subject,
-                Outcome::StaticRejected,
-                err.error_type(),
-            );
-            state
-                .metrics
-                .decision(Outcome::StaticRejected, err.error_type());
-            err
-        })?;
+        .map_err(|e| reject_static(state, request_id, &charged, inspect_error(e)))?;
     let mut cost = inspected.cost;
     if inspected.draft_needs_lookup {
         let SendRoute::Draft { path, .. } = &route else {

@@ -490,10 +490,21 @@ fn largest_divisor_at_most(n: u64, cap: u64) -> u64 {
     (1..=cap).rev().find(|d| n.is_multiple_of(*d)).unwrap_or(1)
 }
 
-fn humanize(d: Duration) -> String {
+/// A duration in the configuration's own syntax, as short as it goes exactly: `250ms`,
+/// `90s`, `30m`, `24h` (a single day stays in hours), `7d`.
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(limits::policy::humanize(Duration::from_secs(86_400)), "24h");
+/// assert_eq!(limits::policy::humanize(Duration::from_millis(1500)), "1500ms");
+/// ```
+pub fn humanize(d: Duration) -> String {
     let ms = d.as_millis();
     let secs = d.as_secs();
-    if !ms.is_multiple_of(1000) {
+    if ms == 0 {
+        "0s".to_owned()
+    } else if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
     } else if secs.is_multiple_of(86_400) && secs > 86_400 {
         format!("{}d", secs / 86_400)

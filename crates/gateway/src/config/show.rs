@@ -134,21 +134,7 @@ fn duration(d: Duration) -> String {
     if !d.subsec_nanos().is_multiple_of(1_000_000) {
         return humantime::format_duration(d).to_string();
     }
-    let ms = d.as_millis();
-    let secs = d.as_secs();
-    if !ms.is_multiple_of(1000) {
-        format!("{ms}ms")
-    } else if secs == 0 {
-        "0s".to_owned()
-    } else if secs.is_multiple_of(86_400) && secs > 86_400 {
-        format!("{}d", secs / 86_400)
-    } else if secs.is_multiple_of(3600) {
-        format!("{}h", secs / 3600)
-    } else if secs.is_multiple_of(60) {
-        format!("{}m", secs / 60)
-    } else {
-        format!("{secs}s")
-    }
+    limits::policy::humanize(d)
 }
 
 /// Exact and readable: `"4MiB"`, `"20MB"`, or a plain number of bytes.
