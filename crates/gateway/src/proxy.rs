@@ -165,6 +165,7 @@ async fn send(
         .await
         .map_err(|e| reject_static(state, request_id, &charged, inspect_error(e)))?;
     let mut cost = inspected.cost;
+    let mut size_known = inspected.size_known;
     if inspected.draft_needs_lookup {
         let SendRoute::Draft { path, .. } = &route else {
             return Err(GatewayError::InvalidSendRequest("not a draft send".into()));
@@ -186,13 +187,19 @@ async fn send(
             GatewayError::UpstreamUnavailable
         })?;
         cost = cost_from_message_json(&draft).map_err(inspect_error)?;
+        // The draft's attachments carry their sizes: the whole message is known.
+        size_known = true;
     }
 
     // Per-message checks: they can never pass on retry, so 413/422 and no store call.
     per_message(&charged.profile, cost)
         .map_err(|e| reject_static(state, request_id, &charged, e))?;
 
-    let charge = Cost::new(1, cost.recipients, cost.size);
+    let charge = Cost::new(
+        1,
+        cost.recipients,
+        bytes_to_charge(&charged.profile, cost, size_known),
+    );
     let idempotency_key = parts
         .headers
         .get("idempotency-key")
@@ -452,6 +459,21 @@ async fn provider_throttle(resp: reqwest::Response) -> (Response, Option<Duratio
         .unwrap_or(false);
     let pause = provider.then(|| retry_after.unwrap_or(DEFAULT_PAUSE));
     (relay_buffered(status, &headers, body), pause)
+}
+
+/// Bytes to charge. A body of unknown length (chunked, as the Node SDK sends) is only
+/// partly read before the reservation; where a window limits bytes, it is charged at the
+/// most it may grow to (the per-message cap), since charging what was read so far would
+/// under-count. Without a bytes window the figure is informational and stays as read.
+fn bytes_to_charge(profile: &Profile, cost: crate::send::SendCost, size_known: bool) -> u64 {
+    let limits_bytes = profile
+        .windows()
+        .iter()
+        .any(|w| w.limit(Metric::Bytes).is_some());
+    match profile.max_message_size() {
+        Some(max) if !size_known && limits_bytes => cost.size.max(max.get()),
+        _ => cost.size,
+    }
 }
 
 /// The profile's per-message caps.

@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    Gateway, Multipart, TOKEN, attachment, chunked, client, config, fake, message, simple,
+    Gateway, Multipart, TOKEN, attachment, chunked, client, config, fake, gateway_error, message,
+    simple,
 };
 use fake_nylas::{DEMO_GRANT_EMAIL, DEMO_GRANT_ID, Grant, SendKind};
 use serde_json::{Value, json};
@@ -422,4 +423,52 @@ async fn me_is_resolved_per_access_token() {
     assert_eq!(nylas.sends().len(), 3);
     assert_eq!(gw.used(DEMO_GRANT_ID).await, (1, 1));
     assert_eq!(gw.used(&other.id).await, (2, 2));
+}
+
+#[tokio::test]
+async fn a_chunked_send_is_charged_its_largest_size_where_a_window_limits_bytes() {
+    let nylas = fake().await;
+    let toml = config(
+        &nylas.url(),
+        "[grants]\ndefault_profile = \"bytes\"\n\
+         [profiles.bytes]\nmax_message_size = \"5MB\"\n\
+         [[profiles.bytes.windows]]\nperiod = \"24h\"\nbytes = \"12MB\"\nmessages = 100\n",
+    );
+    let gw = Gateway::start(&toml).await;
+    let (ct, body) = Multipart::new("----formdata-undici-bytes")
+        .part("message", None, None, MSG_JSON.as_bytes())
+        .part(
+            "file0",
+            Some("a.bin"),
+            Some("application/octet-stream"),
+            &attachment(100_000),
+        )
+        .finish();
+    let send = |body: reqwest::Body| {
+        client()
+            .post(format!(
+                "{}/v3/grants/{DEMO_GRANT_ID}/messages/send",
+                gw.url
+            ))
+            .bearer_auth(TOKEN)
+            .header("content-type", &ct)
+            .body(body)
+            .send()
+    };
+    // Without a length the final size is unknown when the charge is made: each send is
+    // charged the 5 MB it may grow to, so the third would pass 12 MB and is refused.
+    for _ in 0..2 {
+        assert_eq!(send(chunked(&body, 16 * 1024)).await.unwrap().status(), 200);
+    }
+    let resp = send(chunked(&body, 16 * 1024)).await.unwrap();
+    let err = gateway_error(resp, 429, "quota_exceeded").await;
+    assert_eq!(err["error"]["quota"]["metric"], "bytes");
+    // With a Content-Length the real size is charged, and it still fits.
+    assert_eq!(
+        send(reqwest::Body::from(body.clone()))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
