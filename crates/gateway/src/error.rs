@@ -59,6 +59,9 @@ pub enum GatewayError {
     /// An admin request without the right token.
     #[error("a valid admin token is required")]
     Unauthorized,
+    /// A request target that cannot form an upstream URL.
+    #[error("the request target is not a valid path")]
+    BadTarget,
     /// An admin request that cannot be carried out as sent.
     #[error("{0}")]
     InvalidAdminRequest(String),
@@ -81,7 +84,9 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
-            GatewayError::InvalidAdminRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::InvalidAdminRequest(_) | GatewayError::BadTarget => {
+                StatusCode::BAD_REQUEST
+            }
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
         }
     }
@@ -98,7 +103,9 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::Unauthorized => "unauthorized",
-            GatewayError::InvalidAdminRequest(_) => "invalid_request_error",
+            GatewayError::InvalidAdminRequest(_) | GatewayError::BadTarget => {
+                "invalid_request_error"
+            }
             GatewayError::NotFound(_) => "not_found_error",
         }
     }

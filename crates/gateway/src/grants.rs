@@ -23,6 +23,7 @@ const MAX_ENTRIES: usize = 100_000;
 
 /// Characters escaped in a path segment.
 const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b'\\')
     .add(b' ')
     .add(b'/')
     .add(b'?')
@@ -65,7 +66,7 @@ impl GrantResolver {
     }
 
     fn cache_key(&self, identifier: &str, authorization: Option<&HeaderValue>) -> String {
-        if identifier == "me" {
+        if identifier.eq_ignore_ascii_case("me") {
             let mut h = self.hasher.build_hasher();
             h.write(authorization.map_or(&b""[..], |a| a.as_bytes()));
             format!("me#{:016x}", h.finish())

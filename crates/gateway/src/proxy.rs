@@ -22,7 +22,7 @@ use crate::ratelimit;
 use crate::send::{
     InspectError, InspectOptions, SendRoute, classify, cost_from_message_json, inspect,
 };
-use crate::upstream::{UpstreamError, relay, relay_buffered};
+use crate::upstream::{UpstreamError, forwardable, relay, relay_buffered};
 use http::StatusCode;
 use std::time::Duration;
 
@@ -30,8 +30,26 @@ use std::time::Duration;
 const NOT_SENT: [u16; 9] = [400, 401, 403, 404, 409, 413, 415, 422, 429];
 
 /// Handles every request on the proxy listener.
-pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
+pub async fn handle(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
     let _in_flight = state.metrics.in_flight();
+    // Decide on exactly what goes upstream: the end-to-end headers (hop-by-hop ones and any
+    // the client names in `Connection` are dropped, so none can steer a decision and then
+    // vanish), and the target as the upstream URL parser normalises it (`\` becomes `/`,
+    // dot segments go), so a send cannot pass as something else.
+    let headers = forwardable(req.headers());
+    *req.headers_mut() = headers;
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    match state.upstream.normalise(&target) {
+        Some(uri) => *req.uri_mut() = uri,
+        None => {
+            let request_id = new_request_id();
+            return GatewayError::BadTarget.into_response_with_id(&request_id);
+        }
+    }
     match classify(req.method(), req.uri()) {
         Some(route) => {
             let request_id = new_request_id();
@@ -200,11 +218,10 @@ async fn send(
         cost.recipients,
         bytes_to_charge(&charged.profile, cost, size_known),
     );
-    let idempotency_key = parts
-        .headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    // Every request is charged, idempotency key or not: a repeat whose key Nylas has
+    // stored comes back with `Idempotent-Response: true` and is released then. Trusting the
+    // key here would let a bigger message, or a retry after a failure Nylas did not store,
+    // through uncounted.
     let mut attempts = 0;
     let decision = loop {
         attempts += 1;
@@ -212,12 +229,7 @@ async fn send(
         let result = match &charged.grant {
             None => state
                 .store
-                .reserve(
-                    &charged.scope,
-                    &charged.profile,
-                    charge,
-                    idempotency_key.as_deref(),
-                )
+                .reserve(&charged.scope, &charged.profile, charge, None)
                 .await
                 .map(Guarded::Decided),
             Some(_) => {
@@ -227,7 +239,7 @@ async fn send(
                         &charged.scope,
                         &charged.profile,
                         charge,
-                        idempotency_key.as_deref(),
+                        None,
                         charged.override_name.as_deref(),
                     )
                     .await
@@ -406,9 +418,10 @@ async fn send(
                 settle(state, request_id, reservation.as_ref(), true).await;
                 return Err(GatewayError::InvalidSendRequest(msg));
             }
-            // Not connected: the request never left. Anything else: the outcome is unknown,
-            // and over-counting is the safe side.
-            let sent_maybe = !e.is_connect();
+            // Not connected, or the body never reached its end (a stalled or broken upload):
+            // Nylas cannot have sent it. Anything else: the outcome is unknown, and
+            // over-counting is the safe side.
+            let sent_maybe = !e.is_connect() && overflow.is_finished();
             tracing::warn!(request_id, grant = %charged.subject, error = %e, kept = sent_maybe, "upstream send failed");
             settle(state, request_id, reservation.as_ref(), !sent_maybe).await;
             return Err(upstream_error(&e));

@@ -59,6 +59,30 @@ impl Upstream {
         format!("{}{path_and_query}", self.base)
     }
 
+    /// The request target as it will reach the upstream: parsed by the same URL parser
+    /// that sends it (`\\` becomes `/`, `.` and `..` segments and their encoded forms go),
+    /// relative to the configured base. A target that climbs above the base's path stays
+    /// under it. `None` when the target cannot form a URL.
+    pub fn normalise(&self, path_and_query: &str) -> Option<http::Uri> {
+        let url = reqwest::Url::parse(&self.url(path_and_query)).ok()?;
+        let base_path = reqwest::Url::parse(&self.base)
+            .ok()?
+            .path()
+            .trim_end_matches('/')
+            .to_owned();
+        let path = url.path();
+        let relative = match path.strip_prefix(&base_path) {
+            Some(rest) if rest.starts_with('/') || rest.is_empty() => rest,
+            _ => path,
+        };
+        let relative = if relative.is_empty() { "/" } else { relative };
+        let target = match url.query() {
+            Some(q) => format!("{relative}?{q}"),
+            None => relative.to_owned(),
+        };
+        target.parse().ok()
+    }
+
     /// The per-request timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout
@@ -239,6 +263,36 @@ mod tests {
         let out = forwardable(&h);
         assert_eq!(out.len(), 2);
         assert!(out.contains_key(header::AUTHORIZATION) && out.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn targets_are_normalised_the_way_they_are_sent() {
+        let u = Upstream::new(
+            &"http://127.0.0.1:4000/nylas".parse().unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let n = |t: &str| u.normalise(t).unwrap().to_string();
+        assert_eq!(
+            n("/v3/grants/g/messages\\send"),
+            "/v3/grants/g/messages/send"
+        );
+        assert_eq!(
+            n("/v3/grants/g/x/%2e%2e/messages/send?a=1"),
+            "/v3/grants/g/messages/send?a=1"
+        );
+        assert_eq!(
+            n("/v3/grants/g/./messages/send"),
+            "/v3/grants/g/messages/send"
+        );
+        assert_eq!(
+            n("/../../v3/grants/g/messages/send"),
+            "/v3/grants/g/messages/send"
+        );
+        assert_eq!(
+            n("/v3/grants/draft%2F1/drafts/d%2F2"),
+            "/v3/grants/draft%2F1/drafts/d%2F2"
+        );
     }
 
     #[test]
