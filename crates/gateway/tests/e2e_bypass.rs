@@ -173,3 +173,67 @@ async fn a_body_that_stalls_past_the_timeout_is_given_back() {
         "Nylas never had the whole message"
     );
 }
+
+/// Sends a multipart body and expects it refused as unreadable, with nothing delivered.
+async fn refused(
+    gw: &Gateway,
+    nylas: &fake_nylas::FakeNylas,
+    query: &str,
+    ct: &str,
+    body: Vec<u8>,
+) {
+    let resp = client()
+        .post(format!(
+            "{}/v3/grants/{DEMO_GRANT_ID}/messages/send{query}",
+            gw.url
+        ))
+        .bearer_auth(TOKEN)
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    common::gateway_error(resp, 400, "invalid_send_request").await;
+    assert!(nylas.delivered().is_empty());
+}
+
+#[tokio::test]
+async fn a_multipart_body_another_parser_could_read_differently_is_refused() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&config(&nylas.url(), "")).await;
+    let many: Vec<String> = (0..40).map(|i| format!("r{i}@example.org")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let big = serde_json::to_vec(&message(&many, &[], &[])).unwrap();
+    let small = serde_json::to_vec(&message(&["one@example.org"], &[], &[])).unwrap();
+
+    // A raw-MIME send that also carries a `message` part (a server matching `type=mime`
+    // case-sensitively would send that part instead).
+    let (ct, body) = Multipart::new("b0undary")
+        .part(
+            "mime",
+            Some("m.eml"),
+            Some("message/rfc822"),
+            b"To: one@example.org\r\n\r\nhi\r\n",
+        )
+        .part("message", None, None, &big)
+        .finish();
+    refused(&gw, &nylas, "?type=MIME", &ct, body.to_vec()).await;
+
+    // `NAME="message"`: parameter names are case-insensitive (RFC 2183), but multer reads
+    // this part as unnamed; a decoy `name="message"` follows.
+    let mut body = Vec::new();
+    body.extend_from_slice(b"--B\r\nContent-Disposition: form-data; NAME=\"message\"\r\n\r\n");
+    body.extend_from_slice(&big);
+    body.extend_from_slice(b"\r\n--B\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n");
+    body.extend_from_slice(&small);
+    body.extend_from_slice(b"\r\n--B--\r\n");
+    refused(&gw, &nylas, "", "multipart/form-data; boundary=B", body).await;
+
+    // A second `Message` part after the counted one.
+    let (ct, body) = Multipart::new("b0undary")
+        .part("message", None, None, &small)
+        .part("Message", None, None, &big)
+        .finish();
+    refused(&gw, &nylas, "", &ct, body.to_vec()).await;
+    assert_eq!(gw.used(DEMO_GRANT_ID).await, (0, 0));
+}

@@ -254,8 +254,6 @@ pub(crate) struct Parser {
     pub(crate) multipart: Multipart<'static>,
     /// The field being read, if any; must be drained before the next one.
     pub(crate) field: Option<Field<'static>>,
-    /// The part that may appear only once (`message` or `mime`).
-    pub(crate) unique: &'static str,
 }
 
 impl Parser {
@@ -269,15 +267,48 @@ impl Parser {
             return Ok(true);
         }
         match self.multipart.next_field().await.map_err(Step::Parse)? {
-            Some(field) if field.name() == Some(self.unique) => Err(Step::Refused(
-                InspectError::Invalid(format!("more than one `{}` part", self.unique)),
-            )),
             Some(field) => {
+                // After the counted part, no other part may carry counting information a
+                // parser other than ours could read instead (a second `message` or `mime`
+                // part, in any case, or a name we cannot read unambiguously).
+                if let Err(e) = check_part_name(&field, None) {
+                    return Err(Step::Refused(e));
+                }
                 self.field = Some(field);
                 Ok(true)
             }
             None => Ok(false),
         }
+    }
+}
+
+/// The part names that carry what a send is counted from.
+const COUNTED: [&str; 2] = ["message", "mime"];
+
+/// Refuses a part whose name another multipart parser could read differently from multer
+/// (which matches parameter names case-sensitively and ignores RFC 2231 `name*=`), and a
+/// part named like a counted one other than `counted` (the part being counted now).
+///
+/// Nylas's own parser is not ours: a body where the two could disagree on which part is
+/// the message would be counted from one part and sent from another.
+pub(crate) fn check_part_name(field: &Field<'_>, counted: Option<&str>) -> Result<(), InspectError> {
+    let raw = field
+        .headers()
+        .get(http::header::CONTENT_DISPOSITION)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+        .unwrap_or_default();
+    let ambiguous = || InspectError::Invalid("a multipart part name that cannot be read unambiguously".into());
+    if raw.contains("name*") {
+        return Err(ambiguous());
+    }
+    match field.name() {
+        None if raw.contains("name=") => Err(ambiguous()),
+        Some(name) if COUNTED.iter().any(|c| name.eq_ignore_ascii_case(c)) && Some(name) != counted => {
+            Err(InspectError::Invalid(format!(
+                "more than one part that could be the message (`{name}`)"
+            )))
+        }
+        _ => Ok(()),
     }
 }
 

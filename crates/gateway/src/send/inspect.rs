@@ -8,7 +8,7 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use multer::{Field, Multipart};
 use serde_json::Value;
 
-use super::body::{Parser, SharedSource, SizeModel, UpstreamBody};
+use super::body::{Parser, SharedSource, SizeModel, UpstreamBody, check_part_name};
 use super::cost::{SendCost, base64_mime_len, message_cost};
 use super::mime::{self, HeaderEnd};
 use super::route::SendRoute;
@@ -291,8 +291,10 @@ async fn multipart(
             )));
         };
         if field.name() == Some(target.name()) {
+            check_part_name(&field, Some(target.name()))?;
             break field;
         }
+        check_part_name(&field, None)?;
         // An attachment before the counting information: its raw bytes stay queued.
         while head.chunk(&mut field).await?.is_some() {
             head.check()?;
@@ -345,7 +347,6 @@ async fn multipart(
     let parser = Parser {
         multipart,
         field,
-        unique: target.name(),
     };
     Ok(Inspected {
         cost: SendCost { recipients, size },
