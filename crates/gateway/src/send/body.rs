@@ -291,19 +291,25 @@ const COUNTED: [&str; 2] = ["message", "mime"];
 ///
 /// Nylas's own parser is not ours: a body where the two could disagree on which part is
 /// the message would be counted from one part and sent from another.
-pub(crate) fn check_part_name(field: &Field<'_>, counted: Option<&str>) -> Result<(), InspectError> {
+pub(crate) fn check_part_name(
+    field: &Field<'_>,
+    counted: Option<&str>,
+) -> Result<(), InspectError> {
     let raw = field
         .headers()
         .get(http::header::CONTENT_DISPOSITION)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
         .unwrap_or_default();
-    let ambiguous = || InspectError::Invalid("a multipart part name that cannot be read unambiguously".into());
+    let ambiguous =
+        || InspectError::Invalid("a multipart part name that cannot be read unambiguously".into());
     if raw.contains("name*") {
         return Err(ambiguous());
     }
     match field.name() {
         None if raw.contains("name=") => Err(ambiguous()),
-        Some(name) if COUNTED.iter().any(|c| name.eq_ignore_ascii_case(c)) && Some(name) != counted => {
+        Some(name)
+            if COUNTED.iter().any(|c| name.eq_ignore_ascii_case(c)) && Some(name) != counted =>
+        {
             Err(InspectError::Invalid(format!(
                 "more than one part that could be the message (`{name}`)"
             )))

@@ -344,10 +344,7 @@ async fn multipart(
         None => (model.estimate(read), false),
     };
     check_size(size, opts)?;
-    let parser = Parser {
-        multipart,
-        field,
-    };
+    let parser = Parser { multipart, field };
     Ok(Inspected {
         cost: SendCost { recipients, size },
         size_known,
