@@ -3,76 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-
-use common::{TOKEN, WAIT, client, fake, simple};
+use common::{Process, TOKEN, client, fake, simple};
 use fake_nylas::DEMO_GRANT_ID;
 use futures_util::future::join_all;
 use serde_json::Value;
 use testkit::RedisServer;
-
-/// A `send-gateway` process; killed (and reaped) when dropped, whatever the test did.
-#[derive(Debug)]
-struct Process {
-    child: Child,
-    url: String,
-    admin: String,
-}
-
-impl Process {
-    /// Starts the binary on `config` and reads the two addresses it prints on stdout.
-    fn spawn(config: &Path) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_send-gateway"))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .env_remove("SEND_GATEWAY_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn send-gateway");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        // Keep draining stdout (logs go there too) so the process never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut process = Process {
-            child,
-            url: String::new(),
-            admin: String::new(),
-        };
-        let deadline = std::time::Instant::now() + WAIT;
-        while process.url.is_empty() || process.admin.is_empty() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                let status = process.child.try_wait().ok().flatten();
-                panic!(
-                    "send-gateway printed no addresses within {WAIT:?} (exit status: {status:?})"
-                )
-            });
-            if let Some(url) = line.strip_prefix("send-gateway listening on ") {
-                process.url = url.trim().to_owned();
-            } else if let Some(url) = line.strip_prefix("send-gateway admin on ") {
-                process.admin = url.trim().to_owned();
-            }
-        }
-        process
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_redis_let_exactly_the_quota_through() {

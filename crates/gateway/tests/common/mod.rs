@@ -3,7 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -322,4 +326,140 @@ pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
 /// A Redis-backed `[store]` table for `redis`.
 pub fn redis_store(redis: &testkit::RedisServer) -> String {
     format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())
+}
+
+/// A `send-gateway` process; killed (and reaped) when dropped, whatever the test did.
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+    pub url: String,
+    pub admin: String,
+}
+
+impl Process {
+    /// Starts the binary on `config` and reads the two addresses it prints on stdout.
+    pub fn spawn(config: &Path) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_send-gateway"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .env_remove("SEND_GATEWAY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn send-gateway");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        // Keep draining stdout so the process never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut process = Process {
+            child,
+            url: String::new(),
+            admin: String::new(),
+        };
+        let deadline = std::time::Instant::now() + WAIT;
+        while process.url.is_empty() || process.admin.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                let status = process.child.try_wait().ok().flatten();
+                panic!(
+                    "send-gateway printed no addresses within {WAIT:?} (exit status: {status:?})"
+                )
+            });
+            if let Some(url) = line.strip_prefix("send-gateway listening on ") {
+                process.url = url.trim().to_owned();
+            } else if let Some(url) = line.strip_prefix("send-gateway admin on ") {
+                process.admin = url.trim().to_owned();
+            }
+        }
+        process
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`) with `kill(1)`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed: {status}");
+    }
+
+    /// Waits (bounded by `limit`) for the process to exit.
+    pub async fn exit_status(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn send(&self, grant: &str) -> reqwest::RequestBuilder {
+        client()
+            .post(format!("{}/v3/grants/{grant}/messages/send", self.url))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(simple().to_string())
+    }
+
+    /// One send; its status and JSON body.
+    pub async fn send_once(&self, grant: &str) -> (u16, Value) {
+        let resp = self.send(grant).send().await.expect("an answer");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("a JSON body"))
+    }
+
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// Polls `/metrics` (bounded) until `name{labels}` reaches `value`.
+    pub async fn wait_metric(&self, name: &str, labels: &str, value: f64) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let m = self.metrics().await;
+            if metric_value(&m, name, labels) >= value {
+                return m;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}{{{labels}}} did not reach {value} within {WAIT:?}:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn quota(&self, grant: &str) -> Value {
+        let resp = client()
+            .get(format!("{}/v1/quota/{grant}", self.admin))
+            .send()
+            .await
+            .expect("quota");
+        assert_eq!(resp.status(), 200);
+        resp.json().await.expect("quota json")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
