@@ -282,25 +282,22 @@ async fn send(
         }
     };
     let (reservation, usage) = match decision {
+        // The gateway passes no idempotency key to the store, so an allowance is never a
+        // store-side replay: it was charged now and is settled like any other.
         Ok(Decision::Allowed(a)) => {
-            if !a.replay {
-                let crossed = events::crossings(&a.usage, charge);
-                if !crossed.is_empty() {
-                    events::report(state, &charged.subject, &charged.scope, crossed).await;
-                }
+            let crossed = events::crossings(&a.usage, charge);
+            if !crossed.is_empty() {
+                events::report(state, &charged.subject, &charged.scope, crossed).await;
             }
-            let reason = if a.replay {
-                "idempotent_replay"
-            } else {
-                "within_quota"
-            };
-            log_decision(request_id, &charged.subject, Outcome::Allowed, reason);
-            state.metrics.decision(Outcome::Allowed, reason);
-            if !a.replay {
-                state.metrics.units(charge);
-            }
-            // A replay charged nothing now; settling it would give back the first send.
-            ((!a.replay).then_some(a.reservation), Some(a.usage))
+            log_decision(
+                request_id,
+                &charged.subject,
+                Outcome::Allowed,
+                "within_quota",
+            );
+            state.metrics.decision(Outcome::Allowed, "within_quota");
+            state.metrics.units(charge);
+            (Some(a.reservation), Some(a.usage))
         }
         // More than a window's whole limit: no retry can ever pass, so this is a
         // per-message rejection (422/413), not a 429 that has no `Retry-After` to give.

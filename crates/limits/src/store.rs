@@ -21,8 +21,9 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 pub trait QuotaStore: Send + Sync + std::fmt::Debug {
     /// Charges `cost` against every window of `profile`, all or nothing.
     ///
-    /// With an `idempotency_key`, a repeat within [`IDEMPOTENCY_TTL`] returns the first
-    /// decision (including its reservation) and charges nothing new.
+    /// With an `idempotency_key`, a repeat within [`IDEMPOTENCY_TTL`] of an admitted request
+    /// returns that allowance (same reservation, `replay` set) and charges nothing new.
+    /// Denials are not remembered, and releasing a reservation forgets its key.
     ///
     /// # Errors
     /// Only infrastructure failures; being over a limit is [`Decision::Denied`].
