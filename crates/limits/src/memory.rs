@@ -133,6 +133,17 @@ impl MemoryStore {
     }
 
     fn decide(&self, scope: &str, profile: &Profile, cost: Cost, key: Option<&str>) -> Decision {
+        self.decide_with(scope, profile, cost, key, Admit::WithinLimits)
+    }
+
+    fn decide_with(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        key: Option<&str>,
+        admit: Admit,
+    ) -> Decision {
         let now = self.clock.now_ms();
         self.maybe_sweep(now);
         let mut entry = match self.scopes.get_mut(scope) {
@@ -151,7 +162,7 @@ impl MemoryStore {
                 return replay;
             }
         }
-        let mut decision = state.decide(scope_arc, profile, cost, now, || {
+        let mut decision = state.decide(scope_arc, profile, cost, now, admit, || {
             self.next_id.fetch_add(1, Ordering::Relaxed)
         });
         // Only admitted requests are remembered (as Nylas keeps only successful answers): a
@@ -166,6 +177,15 @@ impl MemoryStore {
         }
         decision
     }
+}
+
+/// Whether a decision looks at the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Charge only if every window stays within its limits.
+    WithinLimits,
+    /// Charge whatever the limits say ([`QuotaStore::charge`]).
+    Regardless,
 }
 
 impl ScopeState {
@@ -202,6 +222,7 @@ impl ScopeState {
         profile: &Profile,
         cost: Cost,
         now: Millis,
+        admit: Admit,
         next_id: impl FnOnce() -> u64,
     ) -> Decision {
         let want = cost.to_array();
@@ -227,7 +248,9 @@ impl ScopeState {
             }
             raw.push((Cost::from_array(used), state.next_free_at(w)));
         }
-        if let Some(over) = pick_denial(&overs) {
+        if admit == Admit::WithinLimits
+            && let Some(over) = pick_denial(&overs)
+        {
             return Decision::Denied(denial(profile, over, cost, usage_of(profile, &raw, now)));
         }
         let mut charges = Vec::with_capacity(profile.windows().len());
@@ -437,6 +460,18 @@ impl QuotaStore for MemoryStore {
     ) -> Result<Decision, StoreError> {
         check_idempotency_key(idempotency_key)?;
         Ok(self.decide(scope, profile, cost, idempotency_key))
+    }
+
+    async fn charge(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+    ) -> Result<Usage, StoreError> {
+        match self.decide_with(scope, profile, cost, None, Admit::Regardless) {
+            Decision::Allowed(a) => Ok(a.usage),
+            Decision::Denied(_) => Err(StoreError::Protocol("a forced charge was denied".into())),
+        }
     }
 
     async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {

@@ -240,7 +240,7 @@ impl RedisStore {
         }
         inv.key(self.key(scope, "k", ""));
         let idem_ttl = match key {
-            Some(k) if mode == "r" => {
+            Some(k) if mode == MODE_RESERVE => {
                 inv.key(self.key(scope, "i:", k));
                 IDEMPOTENCY_TTL.as_millis() as u64
             }
@@ -353,6 +353,11 @@ enum Raw {
     CoolingDown(u64),
     OverrideChanged(String),
 }
+
+/// `reserve.lua` modes: reserve within the limits, read usage, charge regardless.
+const MODE_RESERVE: &str = "r";
+const MODE_USAGE: &str = "u";
+const MODE_FORCE: &str = "f";
 
 fn protocol(what: &str) -> StoreError {
     StoreError::Protocol(format!("unexpected {what} from Redis"))
@@ -481,7 +486,7 @@ impl QuotaStore for RedisStore {
     ) -> Result<Decision, StoreError> {
         check_idempotency_key(idempotency_key)?;
         match self
-            .run_reserve(scope, profile, cost, idempotency_key, "r", None)
+            .run_reserve(scope, profile, cost, idempotency_key, MODE_RESERVE, None)
             .await?
         {
             Raw::Fields(f, replay) => {
@@ -508,7 +513,7 @@ impl QuotaStore for RedisStore {
                 profile,
                 cost,
                 idempotency_key,
-                "r",
+                MODE_RESERVE,
                 Some(expected_override),
             )
             .await?;
@@ -600,6 +605,26 @@ impl QuotaStore for RedisStore {
         Ok(())
     }
 
+    async fn charge(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+    ) -> Result<Usage, StoreError> {
+        match self
+            .run_reserve(scope, profile, cost, None, MODE_FORCE, None)
+            .await?
+        {
+            Raw::Fields(f, _) => match decision_of(&f, false, scope, profile, cost, None)? {
+                Decision::Allowed(a) => Ok(a.usage),
+                Decision::Denied(_) => Err(protocol("a forced charge was denied")),
+            },
+            Raw::CoolingDown(_) | Raw::OverrideChanged(_) => {
+                Err(protocol("guard reply to an unguarded call"))
+            }
+        }
+    }
+
     async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {
         if reservation.charges.is_empty() {
             return Ok(());
@@ -645,7 +670,7 @@ impl QuotaStore for RedisStore {
 
     async fn usage(&self, scope: &str, profile: &Profile) -> Result<Usage, StoreError> {
         let Raw::Fields(f, _) = self
-            .run_reserve(scope, profile, Cost::default(), None, "u", None)
+            .run_reserve(scope, profile, Cost::default(), None, MODE_USAGE, None)
             .await?
         else {
             return Err(protocol("usage reply"));

@@ -11,7 +11,8 @@
 -- ARGV[2]      reservation id
 -- ARGV[3]      idempotency TTL in ms, 0 for none
 -- ARGV[4..6]   cost: messages, recipients, bytes
--- ARGV[7]      mode: "r" reserve, "u" usage
+-- ARGV[7]      mode: "r" reserve, "u" usage, "f" charge whatever the limits say (a send that
+--              already went out cost more than was reserved)
 -- ARGV[8]      number of windows n
 -- ARGV[9]      "1": check the cool-down and the override first; "0": don't
 -- ARGV[10]     the override the caller expects ("" for none)
@@ -177,6 +178,7 @@ end
 
 local status = 1
 if mode == 'u' then status = 2 elseif over then status = 0 end
+-- Mode "f" never looks at the limits: `over` stays nil and the cost is charged.
 local reply = {status, ARGV[2], now, 0, 0, 0, 0, 0}
 if over then
   reply[4], reply[5], reply[6], reply[7], reply[8] = over.win, over.m, over.used, over.limit, over.retry

@@ -35,6 +35,16 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
         idempotency_key: Option<&str>,
     ) -> Result<Decision, StoreError>;
 
+    /// Charges `cost` against every window of `profile` whatever their limits say, and
+    /// returns the usage after it. For a send that has already gone out and turned out to
+    /// cost more than was reserved: the provider counted it, so the quota must too, even
+    /// past a limit. Never use it to admit a send.
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn charge(&self, scope: &str, profile: &Profile, cost: Cost)
+    -> Result<Usage, StoreError>;
+
     /// Gives back exactly what `reservation` charged, in the buckets it charged. Releasing
     /// twice is a no-op; counters never go below zero; buckets that have expired are left
     /// alone.

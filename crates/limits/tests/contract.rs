@@ -648,6 +648,55 @@ async fn settings_are_shared_and_set_once(h: Harness) {
     );
 }
 
+async fn forced_charges_count_past_the_limit_and_deny_what_follows(h: Harness) {
+    let p = ProfileSpec::default()
+        .window(
+            WindowSpec::rolling(HOUR)
+                .buckets(4)
+                .messages(3)
+                .recipients(5),
+        )
+        .window(WindowSpec::calendar(CalendarUnit::Day, "UTC").recipients(5))
+        .build("test")
+        .unwrap();
+    allowed(&h, "g", &p, Cost::new(1, 4, 0)).await;
+    // The send turned out to have 3 more recipients than reserved: charged, past the limit.
+    let after = h.store.charge("g", &p, Cost::new(0, 3, 0)).await.unwrap();
+    assert_eq!(used(&after, 0, Metric::Recipients), 7);
+    assert_eq!(used(&after, 1, Metric::Recipients), 7);
+    assert_eq!(used(&after, 0, Metric::Messages), 1);
+    let usage = h.store.usage("g", &p).await.unwrap();
+    assert_eq!(usage, after_without_clock_drift(&after, &usage));
+    // Over the limit, the window admits nothing until enough of it expires.
+    match reserve(&h, "g", &p, Cost::new(1, 0, 0)).await {
+        Decision::Denied(d) => assert_eq!((d.metric, d.used), (Metric::Recipients, 7)),
+        Decision::Allowed(_) => panic!("a window over its limit must deny"),
+    }
+    assert_eq!(
+        h.store.usage("g", &p).await.unwrap(),
+        usage_now(&h, &p).await
+    );
+}
+
+async fn usage_now(h: &Harness, p: &Profile) -> Usage {
+    let u = h.store.usage("g", p).await.unwrap();
+    assert_eq!(
+        used(&u, 0, Metric::Messages),
+        1,
+        "the denial charged nothing"
+    );
+    u
+}
+
+/// `usage` read later may differ from `after` only in the time left until a unit frees up.
+fn after_without_clock_drift(after: &Usage, later: &Usage) -> Usage {
+    let mut u = after.clone();
+    for (w, l) in u.windows.iter_mut().zip(&later.windows) {
+        w.next_free = l.next_free;
+    }
+    u
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod memory_backend {
@@ -692,6 +741,7 @@ contract!(
     profiles_without_windows_always_allow,
     guarded_reservations_respect_cool_downs_and_overrides,
     settings_are_shared_and_set_once,
+    forced_charges_count_past_the_limit_and_deny_what_follows,
 );
 
 #[test]
