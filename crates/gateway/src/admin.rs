@@ -1,6 +1,5 @@
 //! The admin listener: health, readiness, metrics and the per-grant quota API.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,9 +10,11 @@ use axum::routing::{get, put};
 use http::{HeaderMap, StatusCode, header};
 use serde_json::json;
 
-use crate::AppState;
-use crate::error::{GatewayError, new_request_id};
+use crate::error::GatewayError;
+use crate::request_id;
+use crate::scope::Scope;
 use crate::send::{GrantRef, grant_ref};
+use crate::state::AppState;
 
 /// The admin router.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -27,6 +28,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             put(set_override).delete(clear_override),
         )
         .with_state(state)
+        .layer(axum::middleware::from_fn(request_id::layer))
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -80,17 +82,8 @@ fn canonical(grant: &str) -> Result<String, GatewayError> {
     }
 }
 
-/// Runs an admin handler, rendering its error (with a fresh request id) in one place.
-async fn respond(handler: impl Future<Output = Result<Response, GatewayError>>) -> Response {
-    match handler.await {
-        Ok(r) => r,
-        Err(e) => e.into_response_with_id(&new_request_id()),
-    }
-}
-
 fn store_failed(e: limits::StoreError) -> GatewayError {
-    tracing::error!(error = %e, "quota store failed");
-    GatewayError::QuotaUnavailable
+    GatewayError::QuotaUnavailable(e.to_string())
 }
 
 /// The grant of a change request, once the admin token is checked.
@@ -101,20 +94,27 @@ fn authorized(state: &AppState, headers: &HeaderMap, grant: &str) -> Result<Stri
     canonical(grant)
 }
 
-async fn quota(State(state): State<Arc<AppState>>, Path(grant): Path<String>) -> Response {
-    respond(async {
-        let id = canonical(&grant)?;
-        let config = state.config();
-        let stored = crate::selection::stored_override(&state, &id).await.map_err(store_failed)?;
-        state.selector.learn_override(&id, stored.clone());
-        let selection = state.selector.select(&state, &config, &id, stored, None).await;
-        let profile = &selection.profile;
-        let usage = state
-            .store
-            .usage(&crate::proxy::grant_scope(&id), profile)
-            .await
-            .map_err(store_failed)?;
-        let windows: Vec<_> = usage
+async fn quota(
+    State(state): State<Arc<AppState>>,
+    Path(grant): Path<String>,
+) -> Result<Response, GatewayError> {
+    let id = canonical(&grant)?;
+    let config = state.config();
+    let store = state.store.as_ref();
+    let stored = crate::selection::stored_override(store, &id)
+        .await
+        .map_err(store_failed)?;
+    state.selector.learn_override(&id, stored.clone());
+    let selection = state
+        .selector
+        .select(store, &state.upstream, &config, &id, stored, None)
+        .await;
+    let profile = &selection.profile;
+    let usage = store
+        .usage(Scope::grant(&id).as_str(), profile)
+        .await
+        .map_err(store_failed)?;
+    let windows: Vec<_> = usage
             .windows
             .iter()
             .map(|w| {
@@ -128,20 +128,18 @@ async fn quota(State(state): State<Arc<AppState>>, Path(grant): Path<String>) ->
                 o
             })
             .collect();
-        Ok(axum::Json(json!({
-            "grant_id": id,
-            "profile": profile.name(),
-            "profile_source": selection.source.as_str(),
-            "provider": selection.provider,
-            "per_message": {
-                "max_recipients": profile.max_recipients_per_message().map(|v| v.get()),
-                "max_message_size": profile.max_message_size().map(|v| v.get()),
-            },
-            "windows": windows,
-        }))
-        .into_response())
-    })
-    .await
+    Ok(axum::Json(json!({
+        "grant_id": id,
+        "profile": profile.name(),
+        "profile_source": selection.source.as_str(),
+        "provider": selection.provider,
+        "per_message": {
+            "max_recipients": profile.max_recipients_per_message().map(|v| v.get()),
+            "max_message_size": profile.max_message_size().map(|v| v.get()),
+        },
+        "windows": windows,
+    }))
+    .into_response())
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -155,67 +153,61 @@ async fn set_override(
     Path(grant): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Response {
-    respond(async {
-        let id = authorized(&state, &headers, &grant)?;
-        let OverrideBody { profile } = serde_json::from_slice(&body).map_err(|_| {
-            GatewayError::InvalidAdminRequest("expected {\"profile\": \"<name>\"}".into())
-        })?;
-        if state.config().profile(&profile).is_none() {
-            return Err(GatewayError::InvalidAdminRequest(format!(
-                "no profile named {profile:?}"
-            )));
-        }
-        let scope = crate::proxy::grant_scope(&id);
-        state
-            .store
-            .meta_set(&scope, limits::META_PROFILE, &profile, None)
-            .await
-            .map_err(store_failed)?;
-        state.selector.learn_override(&id, Some(profile.clone()));
-        tracing::info!(grant = %id, profile = %profile, "profile override set by admin");
-        Ok(
-            axum::Json(json!({ "grant_id": id, "profile": profile, "profile_source": "override" }))
-                .into_response(),
+) -> Result<Response, GatewayError> {
+    let id = authorized(&state, &headers, &grant)?;
+    let OverrideBody { profile } = serde_json::from_slice(&body).map_err(|_| {
+        GatewayError::InvalidAdminRequest("expected {\"profile\": \"<name>\"}".into())
+    })?;
+    if state.config().profile(&profile).is_none() {
+        return Err(GatewayError::InvalidAdminRequest(format!(
+            "no profile named {profile:?}"
+        )));
+    }
+    state
+        .store
+        .meta_set(
+            Scope::grant(&id).as_str(),
+            limits::META_PROFILE,
+            &profile,
+            None,
         )
-    })
-    .await
+        .await
+        .map_err(store_failed)?;
+    state.selector.learn_override(&id, Some(profile.clone()));
+    tracing::info!(grant = %id, profile = %profile, "profile override set by admin");
+    Ok(
+        axum::Json(json!({ "grant_id": id, "profile": profile, "profile_source": "override" }))
+            .into_response(),
+    )
 }
 
 async fn clear_override(
     State(state): State<Arc<AppState>>,
     Path(grant): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    respond(async {
-        let id = authorized(&state, &headers, &grant)?;
-        let scope = crate::proxy::grant_scope(&id);
-        state
-            .store
-            .meta_delete(&scope, limits::META_PROFILE)
-            .await
-            .map_err(store_failed)?;
-        state.selector.learn_override(&id, None);
-        tracing::info!(grant = %id, "profile override removed by admin");
-        Ok(StatusCode::NO_CONTENT.into_response())
-    })
-    .await
+) -> Result<Response, GatewayError> {
+    let id = authorized(&state, &headers, &grant)?;
+    state
+        .store
+        .meta_delete(Scope::grant(&id).as_str(), limits::META_PROFILE)
+        .await
+        .map_err(store_failed)?;
+    state.selector.learn_override(&id, None);
+    tracing::info!(grant = %id, "profile override removed by admin");
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn reset(
     State(state): State<Arc<AppState>>,
     Path(grant): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    respond(async {
-        let id = authorized(&state, &headers, &grant)?;
-        state
-            .store
-            .reset(&crate::proxy::grant_scope(&id))
-            .await
-            .map_err(store_failed)?;
-        tracing::info!(grant = %id, "quota reset by admin");
-        Ok(StatusCode::NO_CONTENT.into_response())
-    })
-    .await
+) -> Result<Response, GatewayError> {
+    let id = authorized(&state, &headers, &grant)?;
+    state
+        .store
+        .reset(Scope::grant(&id).as_str())
+        .await
+        .map_err(store_failed)?;
+    tracing::info!(grant = %id, "quota reset by admin");
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

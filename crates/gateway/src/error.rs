@@ -1,8 +1,10 @@
 //! The one place gateway errors become HTTP responses.
 //!
-//! Every response the gateway writes itself is JSON in Nylas's error envelope with an
-//! `X-Request-Id` header, so the official SDKs raise a proper API error. Bodies of 5xx
-//! answers say nothing internal; the cause is logged once where it happens.
+//! Handlers and the send pipeline return [`GatewayError`]; its [`IntoResponse`] writes
+//! Nylas's error envelope with the request's id (from [`RequestId::current`]) in the body
+//! and the `X-Request-Id` header, so the official SDKs raise a proper API error. Bodies of
+//! 5xx answers say nothing internal: the cause travels in the response's extensions as a
+//! [`Failure`], which the request-id layer logs once.
 
 use std::time::Duration;
 
@@ -12,11 +14,13 @@ use limits::Denial;
 use serde_json::json;
 
 use crate::ratelimit;
+use crate::request_id::RequestId;
+use crate::upstream::UpstreamError;
 
 /// Header carrying the request id on every response the gateway writes.
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// A send the gateway answers itself.
+/// A request the gateway answers itself.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     /// More unique recipients than the profile allows in one message.
@@ -47,15 +51,16 @@ pub enum GatewayError {
         /// Time left in the cool-down.
         retry_after: Duration,
     },
-    /// The quota store is unreachable and the gateway is configured to reject.
+    /// The quota store failed and the gateway is configured to reject. Holds the cause,
+    /// for the log only.
     #[error("the sending quota cannot be checked right now; try again shortly")]
-    QuotaUnavailable,
-    /// Nylas could not be reached.
+    QuotaUnavailable(String),
+    /// Nylas could not be reached (the cause, for the log only).
     #[error("the upstream API could not be reached")]
-    UpstreamUnavailable,
-    /// Nylas did not answer in time.
+    UpstreamUnavailable(String),
+    /// Nylas did not answer in time (the cause, for the log only).
     #[error("the upstream API did not answer in time")]
-    UpstreamTimeout,
+    UpstreamTimeout(String),
     /// An admin request without the right token.
     #[error("a valid admin token is required")]
     Unauthorized,
@@ -80,9 +85,9 @@ impl GatewayError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             GatewayError::InvalidSendRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
-            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::QuotaUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidAdminRequest(_) | GatewayError::BadTarget => {
                 StatusCode::BAD_REQUEST
@@ -99,14 +104,35 @@ impl GatewayError {
             GatewayError::QuotaExceeded(_) => "quota_exceeded",
             GatewayError::ProviderThrottled { .. } => "provider_throttled",
             GatewayError::InvalidSendRequest(_) => "invalid_send_request",
-            GatewayError::QuotaUnavailable => "quota_unavailable",
-            GatewayError::UpstreamUnavailable => "upstream_unavailable",
-            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::QuotaUnavailable(_) => "quota_unavailable",
+            GatewayError::UpstreamUnavailable(_) => "upstream_unavailable",
+            GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::Unauthorized => "unauthorized",
             GatewayError::InvalidAdminRequest(_) | GatewayError::BadTarget => {
                 "invalid_request_error"
             }
             GatewayError::NotFound(_) => "not_found_error",
+        }
+    }
+
+    /// The answer to an upstream call that produced no response: 504 when it timed out,
+    /// else 502. `what` names the call in the logged cause.
+    pub fn upstream(what: &str, e: &UpstreamError) -> Self {
+        let cause = format!("{what}: {e}");
+        if e.is_timeout() {
+            GatewayError::UpstreamTimeout(cause)
+        } else {
+            GatewayError::UpstreamUnavailable(cause)
+        }
+    }
+
+    /// The internal cause of an infrastructure failure, for the log.
+    fn cause(&self) -> Option<&str> {
+        match self {
+            GatewayError::QuotaUnavailable(c)
+            | GatewayError::UpstreamUnavailable(c)
+            | GatewayError::UpstreamTimeout(c) => Some(c),
+            _ => None,
         }
     }
 
@@ -142,13 +168,38 @@ impl GatewayError {
         for (k, v) in extra_headers {
             headers.insert(k, v);
         }
+        resp.extensions_mut().insert(Failure {
+            error_type: self.error_type(),
+            cause: self.cause().map(str::to_owned),
+        });
         resp
     }
 }
 
-/// A fresh request id for a response the gateway writes.
-pub fn new_request_id() -> String {
-    format!("sendgw-{}", uuid::Uuid::new_v4())
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        self.into_response_with_id(&RequestId::current().to_string())
+    }
+}
+
+/// What the request-id layer logs of an error the gateway answered.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    error_type: &'static str,
+    cause: Option<String>,
+}
+
+impl Failure {
+    /// Logs the failure once: server-side failures with their cause as warnings, refusals
+    /// of the request at debug level (sends have their own decision line).
+    pub fn log(&self, request_id: RequestId, status: StatusCode) {
+        let cause = self.cause.as_deref().unwrap_or("");
+        if status.is_server_error() {
+            tracing::warn!(%request_id, status = status.as_u16(), error_type = self.error_type, cause, "request failed");
+        } else {
+            tracing::debug!(%request_id, status = status.as_u16(), error_type = self.error_type, "request refused");
+        }
+    }
 }
 
 /// Whole seconds, at least 1, for a `Retry-After` header.
@@ -162,15 +213,23 @@ mod tests {
 
     #[tokio::test]
     async fn envelopes_carry_the_request_id_in_body_and_header() {
-        let resp = GatewayError::UpstreamTimeout.into_response_with_id("abc");
+        let resp =
+            GatewayError::UpstreamTimeout("no answer in 1s".into()).into_response_with_id("abc");
         assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(resp.headers()[REQUEST_ID], "abc");
+        let failure = resp
+            .extensions()
+            .get::<Failure>()
+            .expect("the cause, for the log");
+        assert_eq!(failure.cause.as_deref(), Some("no answer in 1s"));
         let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["request_id"], "abc");
         assert_eq!(v["error"]["type"], "upstream_timeout");
-        assert!(v["error"]["message"].as_str().unwrap().contains("in time"));
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("in time"));
+        assert!(!message.contains("1s"), "the cause stays out of the body");
     }
 }

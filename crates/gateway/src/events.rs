@@ -4,14 +4,20 @@
 //!
 //! "Once" holds across replicas: the first to record the crossing in the store (a
 //! set-if-absent that lasts the window's length) reports it. Only a send that actually
-//! crosses a level asks the store, so ordinary sends cost nothing extra.
+//! crosses a level asks the store, so ordinary sends cost nothing extra; the webhook is
+//! posted in the background.
+//! Crossings are computed from what a send finally kept (see `lease`), never from a charge
+//! that was given back.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use limits::{Cost, Usage};
+use limits::{Cost, QuotaStore, Usage};
 use serde_json::json;
 
-use crate::AppState;
+use crate::config::EventsConfig;
+use crate::metrics::Metrics;
+use crate::scope::Scope;
 
 /// The levels reported, in percent.
 pub const LEVELS: [u64; 2] = [80, 100];
@@ -73,27 +79,63 @@ fn remember(w: &limits::WindowUsage) -> Duration {
     }
 }
 
-/// Reports `crossings` of `grant`, each at most once per window across replicas.
-pub async fn report(state: &AppState, grant: &str, scope: &str, crossings: Vec<Crossing>) {
-    for c in crossings {
-        let name = format!("threshold:{}:{}:{}", c.window_id, c.metric, c.level);
-        let first = match state
-            .store
-            .meta_set_new(scope, &name, "1", c.remember)
-            .await
-        {
-            Ok(first) => first,
-            Err(e) => {
-                // Better a duplicate event than a missed one.
-                tracing::warn!(grant, error = %e, "could not record a threshold crossing; reporting it anyway");
-                true
+/// Reports threshold crossings: the log line, the metric and the webhook.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    store: Arc<dyn QuotaStore>,
+    metrics: Arc<Metrics>,
+    /// The client for event webhooks (any URL the operator configured, unlike the
+    /// upstream), following no redirects.
+    client: reqwest::Client,
+}
+
+impl Reporter {
+    /// A reporter that records crossings in `store` and counts them in `metrics`.
+    ///
+    /// # Errors
+    /// The HTTP client cannot start.
+    pub fn new(store: Arc<dyn QuotaStore>, metrics: Arc<Metrics>) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Reporter {
+            store,
+            metrics,
+            client,
+        })
+    }
+
+    /// Reports `crossings` of `grant`, each at most once per window across replicas.
+    pub async fn report(
+        &self,
+        config: &EventsConfig,
+        grant: &str,
+        scope: &Scope,
+        crossings: Vec<Crossing>,
+    ) {
+        for c in crossings {
+            let name = format!("threshold:{}:{}:{}", c.window_id, c.metric, c.level);
+            let first = match self
+                .store
+                .meta_set_new(scope.as_str(), &name, "1", c.remember)
+                .await
+            {
+                Ok(first) => first,
+                Err(e) => {
+                    // Better a duplicate event than a missed one.
+                    tracing::warn!(grant, error = %e, "could not record a threshold crossing; reporting it anyway");
+                    true
+                }
+            };
+            if first {
+                self.announce(config, grant, &c);
             }
-        };
-        if !first {
-            continue;
         }
+    }
+
+    fn announce(&self, config: &EventsConfig, grant: &str, c: &Crossing) {
         let level = if c.level >= 100 { "100" } else { "80" };
-        state.metrics.threshold(level);
+        self.metrics.threshold(level);
         tracing::warn!(
             grant,
             window = %c.window,
@@ -103,36 +145,49 @@ pub async fn report(state: &AppState, grant: &str, scope: &str, crossings: Vec<C
             limit = c.limit,
             "quota threshold crossed"
         );
-        let config = state.config();
-        if let Some(url) = config.events.webhook_url.clone() {
-            let body = json!({
-                "event": "quota_threshold",
-                "grant_id": grant,
-                "window": c.window,
-                "metric": c.metric,
-                "level": c.level,
-                "used": c.used,
-                "limit": c.limit,
-                "at": jiff::Timestamp::now().to_string(),
-            });
-            let client = state.webhook.clone();
-            let timeout = config.events.timeout;
-            // Never on the send's path: the event is posted in the background.
-            tokio::spawn(async move {
-                let result = client.post(url).timeout(timeout).json(&body).send().await;
-                match result {
-                    Ok(r) if r.status().is_success() => {}
-                    Ok(r) => tracing::warn!(
-                        status = r.status().as_u16(),
-                        "threshold webhook refused the event"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %crate::upstream::describe(&e), "threshold webhook failed")
-                    }
-                }
-            });
-        }
+        let Some(url) = config.webhook_url.clone() else {
+            return;
+        };
+        let body = json!({
+            "event": "quota_threshold",
+            "grant_id": grant,
+            "window": c.window,
+            "metric": c.metric,
+            "level": c.level,
+            "used": c.used,
+            "limit": c.limit,
+            "at": jiff::Timestamp::now().to_string(),
+        });
+        let request = self.client.post(url).timeout(config.timeout).json(&body);
+        tokio::spawn(async move {
+            match request.send().await {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => tracing::warn!(
+                    status = r.status().as_u16(),
+                    "threshold webhook refused the event"
+                ),
+                Err(e) => tracing::warn!(error = %describe(&e), "threshold webhook failed"),
+            }
+        });
     }
+}
+
+/// A reqwest error's kind and innermost cause, without the URL.
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "request"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut cause = String::new();
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    format!("{kind}: {cause}")
 }
 
 #[cfg(test)]

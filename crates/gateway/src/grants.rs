@@ -99,18 +99,10 @@ impl GrantResolver {
             return Ok(Resolution::Grant(id.clone()));
         }
         let path = format!("/v3/grants/{}", utf8_percent_encode(&ident, SEGMENT));
-        let (status, headers, body) =
-            upstream
-                .get_small(&path, authorization)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(error = %crate::upstream::describe(&e), "grant look-up failed");
-                    if e.is_timeout() {
-                        GatewayError::UpstreamTimeout
-                    } else {
-                        GatewayError::UpstreamUnavailable
-                    }
-                })?;
+        let (status, headers, body) = upstream
+            .get_small(&path, authorization)
+            .await
+            .map_err(|e| GatewayError::upstream("grant look-up", &e))?;
         if !status.is_success() {
             return Ok(Resolution::Refused(relay_buffered(status, &headers, body)));
         }
@@ -123,8 +115,7 @@ impl GrantResolver {
             })
             .filter(|id| !id.is_empty())
             .ok_or_else(|| {
-                tracing::warn!("grant look-up answer has no data.id");
-                GatewayError::UpstreamUnavailable
+                GatewayError::UpstreamUnavailable("grant look-up answer has no data.id".into())
             })?;
         let mut cache = self.lock();
         if cache.len() >= MAX_ENTRIES {

@@ -39,7 +39,8 @@ fn config_error(e: &ConfigError) -> ExitCode {
 }
 
 fn serve(config: Config, sources: Sources) -> ExitCode {
-    init_tracing(&config.log);
+    // Held until the process ends: dropping it flushes the lines still queued.
+    let _log_writer = init_tracing(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -64,7 +65,15 @@ fn serve(config: Config, sources: Sources) -> ExitCode {
 
 /// Logs go to stderr (stdout carries the ready lines), coloured only on a terminal, as text
 /// or JSON per `[log] format`; `RUST_LOG`, when set, replaces `[log] level`.
-fn init_tracing(log: &LogConfig) {
+///
+/// Lines are written by a background thread (`tracing-appender`), so no request waits on
+/// a write to stderr. It is not lossy: should the queue ever fill, logging waits rather than
+/// dropping a decision line. The returned guard flushes the queue when dropped.
+fn init_tracing(log: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("send-gateway-log")
+        .finish(std::io::stderr());
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
             .unwrap_or_else(|e| {
@@ -76,7 +85,7 @@ fn init_tracing(log: &LogConfig) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     let installed = match log.format {
         LogFormat::Text => builder.with_target(false).try_init(),
@@ -90,4 +99,5 @@ fn init_tracing(log: &LogConfig) {
     if let Err(e) = installed {
         eprintln!("send-gateway: cannot start logging: {e}");
     }
+    guard
 }

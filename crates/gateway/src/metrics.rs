@@ -42,6 +42,28 @@ impl Outcome {
     }
 }
 
+/// How a reservation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Kept: the send went out, or may have.
+    Kept,
+    /// Given back: nothing was sent.
+    Released,
+    /// Its request ended before the outcome was known; the charge stays.
+    Dropped,
+}
+
+impl Settlement {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Settlement::Kept => "kept",
+            Settlement::Released => "released",
+            Settlement::Dropped => "dropped",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     outcome: &'static str,
@@ -75,6 +97,7 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     units: Family<MetricLabel, Counter>,
     settled: Family<OutcomeLabel, Counter>,
+    corrections: Family<MetricLabel, Counter>,
     store_duration: Family<OpLabel, Histogram>,
     upstream_duration: Histogram,
     upstream_responses: Family<ClassLabel, Counter>,
@@ -115,8 +138,14 @@ impl Default for Metrics {
         let settled = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "reservations_settled",
-            "Reservations kept or released after the upstream answered",
+            "Reservations kept or released after the upstream answered, or dropped unsettled (kept)",
             settled.clone(),
+        );
+        let corrections = Family::<MetricLabel, Counter>::default();
+        registry.register(
+            "charge_corrections",
+            "Sends charged more after Nylas's answer listed more than was counted, by metric",
+            corrections.clone(),
         );
         let store_duration =
             Family::<OpLabel, Histogram>::new_with_constructor(
@@ -164,6 +193,7 @@ impl Default for Metrics {
             decisions,
             units,
             settled,
+            corrections,
             store_duration,
             upstream_duration,
             upstream_responses,
@@ -192,10 +222,19 @@ impl Metrics {
         }
     }
 
-    /// Counts a settlement (`kept` or `released`).
-    pub fn settled(&self, released: bool) {
-        let outcome = if released { "released" } else { "kept" };
+    /// Counts a settlement.
+    pub fn settled(&self, settlement: Settlement) {
+        let outcome = settlement.as_str();
         self.settled.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Counts a charge corrected upwards for `metric` after Nylas's answer.
+    pub fn correction(&self, metric: limits::Metric) {
+        self.corrections
+            .get_or_create(&MetricLabel {
+                metric: metric.as_str(),
+            })
+            .inc();
     }
 
     /// Records a store call's latency.

@@ -14,10 +14,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
-use limits::{META_PROFILE, Profile};
+use limits::{META_PROFILE, Profile, QuotaStore};
 
-use crate::AppState;
 use crate::config::Config;
+use crate::scope::Scope;
+use crate::upstream::Upstream;
 
 /// The store setting that caches a grant's provider.
 pub const META_PROVIDER: &str = "provider";
@@ -95,16 +96,19 @@ impl Selector {
     }
 
     /// Picks the profile for `grant`, given the override the store is believed to hold.
+    /// Learns the grant's provider through `store` (shared) and `upstream` when needed.
     pub async fn select(
         &self,
-        state: &AppState,
+        store: &dyn QuotaStore,
+        upstream: &Upstream,
         config: &Config,
         grant: &str,
         override_name: Option<String>,
         authorization: Option<&HeaderValue>,
     ) -> Selection {
         let provider = if config.grants.resolve_provider {
-            self.provider(state, config, grant, authorization).await
+            self.provider(store, upstream, config, grant, authorization)
+                .await
         } else {
             None
         };
@@ -139,7 +143,8 @@ impl Selector {
     /// The grant's provider: local cache, then the store, then Nylas.
     async fn provider(
         &self,
-        state: &AppState,
+        store: &dyn QuotaStore,
+        upstream: &Upstream,
         config: &Config,
         grant: &str,
         authorization: Option<&HeaderValue>,
@@ -150,8 +155,8 @@ impl Selector {
         {
             return p.clone();
         }
-        let scope = crate::proxy::grant_scope(grant);
-        let shared = match state.store.meta_get(&scope, META_PROVIDER).await {
+        let scope = Scope::grant(grant);
+        let shared = match store.meta_get(scope.as_str(), META_PROVIDER).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(grant, error = %e, "could not read the cached provider");
@@ -164,11 +169,10 @@ impl Selector {
             // and nothing to remember, or the grant's next send could not learn it either.
             None if config.upstream.api_key.is_none() && authorization.is_none() => return None,
             None => {
-                let learnt = self.ask_nylas(state, config, grant, authorization).await;
+                let learnt = ask_nylas(upstream, config, grant, authorization).await;
                 if let Some(p) = &learnt
-                    && let Err(e) = state
-                        .store
-                        .meta_set(&scope, META_PROVIDER, p, Some(ttl))
+                    && let Err(e) = store
+                        .meta_set(scope.as_str(), META_PROVIDER, p, Some(ttl))
                         .await
                 {
                     tracing::warn!(grant, error = %e, "could not share the grant's provider");
@@ -195,43 +199,44 @@ impl Selector {
         );
         provider
     }
+}
 
-    async fn ask_nylas(
-        &self,
-        state: &AppState,
-        config: &Config,
-        grant: &str,
-        authorization: Option<&HeaderValue>,
-    ) -> Option<String> {
-        let api_key = config
-            .upstream
-            .api_key
-            .as_deref()
-            .and_then(|k| HeaderValue::from_str(&format!("Bearer {k}")).ok());
-        let auth = api_key.as_ref().or(authorization);
-        let path = format!("/v3/grants/{}", crate::grants::encode_segment(grant));
-        match state.upstream.get_small(&path, auth).await {
-            Ok((status, _, body)) if status.is_success() => {
-                let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-                let p = v
-                    .pointer("/data/provider")?
-                    .as_str()?
-                    .trim()
-                    .to_ascii_lowercase();
-                (!p.is_empty()).then_some(p)
-            }
-            Ok((status, _, _)) => {
-                tracing::warn!(
-                    grant,
-                    status = status.as_u16(),
-                    "provider look-up refused; using the default profile"
-                );
-                None
-            }
-            Err(e) => {
-                tracing::warn!(grant, error = %crate::upstream::describe(&e), "provider look-up failed; using the default profile");
-                None
-            }
+/// The grant's provider, asked of Nylas with `[upstream] api_key`, else the caller's
+/// credentials.
+async fn ask_nylas(
+    upstream: &Upstream,
+    config: &Config,
+    grant: &str,
+    authorization: Option<&HeaderValue>,
+) -> Option<String> {
+    let api_key = config
+        .upstream
+        .api_key
+        .as_deref()
+        .and_then(|k| HeaderValue::from_str(&format!("Bearer {k}")).ok());
+    let auth = api_key.as_ref().or(authorization);
+    let path = format!("/v3/grants/{}", crate::grants::encode_segment(grant));
+    match upstream.get_small(&path, auth).await {
+        Ok((status, _, body)) if status.is_success() => {
+            let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            let p = v
+                .pointer("/data/provider")?
+                .as_str()?
+                .trim()
+                .to_ascii_lowercase();
+            (!p.is_empty()).then_some(p)
+        }
+        Ok((status, _, _)) => {
+            tracing::warn!(
+                grant,
+                status = status.as_u16(),
+                "provider look-up refused; using the default profile"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(grant, error = %e, "provider look-up failed; using the default profile");
+            None
         }
     }
 }
@@ -241,11 +246,10 @@ impl Selector {
 /// # Errors
 /// The store failed.
 pub async fn stored_override(
-    state: &AppState,
+    store: &dyn QuotaStore,
     grant: &str,
 ) -> Result<Option<String>, limits::StoreError> {
-    state
-        .store
-        .meta_get(&crate::proxy::grant_scope(grant), META_PROFILE)
+    store
+        .meta_get(Scope::grant(grant).as_str(), META_PROFILE)
         .await
 }

@@ -1,17 +1,29 @@
 //! The one upstream: request building, header hygiene and response relaying.
 //!
 //! Only `[upstream] url` is ever contacted: the request target's path and query are appended
-//! to it, and the client's `Host` (or an absolute-form target's authority) is ignored.
+//! to its path, and the client's `Host` (or an absolute-form target's authority) is ignored.
+//! The target is normalised once, by [`Upstream::normalise`], and sent exactly as
+//! normalised: what the proxy classifies is what Nylas receives.
+//!
+//! The client is hyper's own pooled client (HTTP/1.1, and HTTP/2 where TLS negotiates it),
+//! with no redirect handling: a redirect goes back to the caller as it came.
 
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tower_http::timeout::TimeoutBody;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus `Host`, which
-/// reqwest sets for the upstream.
+/// the client sets for the upstream.
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -24,11 +36,17 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::HOST,
 ];
 
+/// Most bytes read from a small upstream answer (a grant or draft look-up).
+pub const SMALL_ANSWER_LIMIT: usize = 1024 * 1024;
+
 /// A client for the configured upstream.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: reqwest::Client,
-    base: String,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    scheme: Scheme,
+    authority: Authority,
+    /// The base URL's path without its trailing `/` (often empty).
+    prefix: String,
     timeout: Duration,
 }
 
@@ -36,51 +54,61 @@ impl Upstream {
     /// A client for `base` (scheme, host, optional path prefix) with a per-request timeout.
     ///
     /// # Errors
-    /// The TLS backend cannot be initialised.
-    pub fn new(base: &reqwest::Url, timeout: Duration) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            // Redirects go back to the client unchanged; the gateway never follows them.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
+    /// `base` is not an `http` or `https` URL with a host.
+    pub fn new(base: &reqwest::Url, timeout: Duration) -> Result<Self, UpstreamError> {
+        let bad = || UpstreamError::Config(format!("{base} is not an http(s) URL with a host"));
+        let scheme: Scheme = base.scheme().parse().map_err(|_| bad())?;
+        let host = base.host_str().ok_or_else(bad)?;
+        let authority: Authority = match base.port() {
+            Some(port) => format!("{host}:{port}").parse(),
+            None => host.parse(),
+        }
+        .map_err(|_| bad())?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeout.min(Duration::from_secs(10))));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            // A stalled body (either way) fails after this long without a byte; a slow but
-            // moving download is never cut off.
-            .read_timeout(timeout)
-            .build()?;
+            .build(https);
         Ok(Upstream {
             client,
-            base: base.as_str().trim_end_matches('/').to_owned(),
+            scheme,
+            authority,
+            prefix: base.path().trim_end_matches('/').to_owned(),
             timeout,
         })
     }
 
-    /// The upstream URL for a request target's path and query.
-    pub fn url(&self, path_and_query: &str) -> String {
-        format!("{}{path_and_query}", self.base)
+    /// The request target as it will reach the upstream, relative to the configured base:
+    /// `\` becomes `/`, and `.` and `..` segments (also percent-encoded) are resolved the
+    /// way a URL parser resolves them; a target that climbs above the root stays at it.
+    /// `None` when the result is not a valid target.
+    pub fn normalise(&self, path_and_query: &str) -> Option<PathAndQuery> {
+        normalise(path_and_query)
     }
 
-    /// The request target as it will reach the upstream: parsed by the same URL parser
-    /// that sends it (`\\` becomes `/`, `.` and `..` segments and their encoded forms go),
-    /// relative to the configured base. A target that climbs above the base's path stays
-    /// under it. `None` when the target cannot form a URL.
-    pub fn normalise(&self, path_and_query: &str) -> Option<http::Uri> {
-        let url = reqwest::Url::parse(&self.url(path_and_query)).ok()?;
-        let base_path = reqwest::Url::parse(&self.base)
-            .ok()?
-            .path()
-            .trim_end_matches('/')
-            .to_owned();
-        let path = url.path();
-        let relative = match path.strip_prefix(&base_path) {
-            Some(rest) if rest.starts_with('/') || rest.is_empty() => rest,
-            _ => path,
+    /// The absolute upstream URI for a normalised target.
+    fn uri(&self, target: &PathAndQuery) -> Result<Uri, UpstreamError> {
+        let pq: PathAndQuery = if self.prefix.is_empty() {
+            target.clone()
+        } else {
+            format!("{}{}", self.prefix, target.as_str())
+                .parse()
+                .map_err(|_| UpstreamError::Config("the target cannot form a URI".into()))?
         };
-        let relative = if relative.is_empty() { "/" } else { relative };
-        let target = match url.query() {
-            Some(q) => format!("{relative}?{q}"),
-            None => relative.to_owned(),
-        };
-        target.parse().ok()
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| UpstreamError::Config("the target cannot form a URI".into()))
     }
 
     /// The per-request timeout.
@@ -88,62 +116,121 @@ impl Upstream {
         self.timeout
     }
 
-    /// Sends a request upstream with the client's end-to-end headers.
+    /// Sends a request upstream with the client's end-to-end headers (hop-by-hop ones are
+    /// dropped here too) and `content_length` when known.
     ///
     /// The timeout runs until the response headers arrive (Nylas itself gives up at 90 s);
-    /// the response body then streams for as long as it keeps moving.
+    /// the response body then streams for as long as it keeps moving: it fails after the
+    /// same time without a byte.
     ///
     /// # Errors
-    /// [`UpstreamError::Timeout`] when no response came in time; otherwise whatever reqwest
-    /// reports: connect failures, broken connections, or the body stream failing (an aborted
+    /// [`UpstreamError::Timeout`] when no response came in time; [`UpstreamError::Http`]
+    /// for connect failures, broken connections, or the request body failing (an aborted
     /// oversized send).
     pub async fn send(
         &self,
         method: Method,
-        path_and_query: &str,
-        headers: &HeaderMap,
-        body: reqwest::Body,
+        target: &PathAndQuery,
+        mut headers: HeaderMap,
+        body: Body,
         content_length: Option<u64>,
-    ) -> Result<reqwest::Response, UpstreamError> {
-        let mut out = forwardable(headers);
-        out.remove(header::CONTENT_LENGTH);
+    ) -> Result<Response, UpstreamError> {
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::CONTENT_LENGTH);
         if let Some(len) = content_length {
-            out.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
-        let request = self
-            .client
-            .request(method, self.url(path_and_query))
-            .headers(out)
-            .body(body)
-            .send();
-        match tokio::time::timeout(self.timeout, request).await {
-            Ok(result) => result.map_err(UpstreamError::Http),
-            Err(_) => Err(UpstreamError::Timeout(self.timeout)),
-        }
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = self.uri(target)?;
+        *request.headers_mut() = headers;
+        let resp = match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Ok(result) => result.map_err(UpstreamError::Http)?,
+            Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_response_headers(&mut parts.headers);
+        let body = Body::new(TimeoutBody::new(self.timeout, body));
+        Ok(Response::from_parts(parts, body))
     }
 
-    /// `GET` with only the caller's `Authorization`, reading the whole (small) answer.
+    /// `GET` with only `authorization`, reading the whole (small) answer.
     ///
     /// # Errors
-    /// As [`Upstream::send`].
+    /// As [`Upstream::send`], plus [`UpstreamError::Body`] when the answer breaks off or is
+    /// over [`SMALL_ANSWER_LIMIT`].
     pub async fn get_small(
         &self,
         path: &str,
         authorization: Option<&HeaderValue>,
-    ) -> Result<(http::StatusCode, HeaderMap, Bytes), reqwest::Error> {
-        let mut req = self
-            .client
-            .get(self.url(path))
-            .timeout(self.timeout)
-            .header(header::ACCEPT, "application/json");
+    ) -> Result<(StatusCode, HeaderMap, Bytes), UpstreamError> {
+        let target: PathAndQuery = path
+            .parse()
+            .map_err(|_| UpstreamError::Config("the look-up path is not a valid target".into()))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         if let Some(a) = authorization {
-            req = req.header(header::AUTHORIZATION, a.clone());
+            headers.insert(header::AUTHORIZATION, a.clone());
         }
-        let resp = req.send().await?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await?;
-        Ok((status, headers, body))
+        let resp = self
+            .send(Method::GET, &target, headers, Body::empty(), None)
+            .await?;
+        let (parts, body) = resp.into_parts();
+        let read = Limited::new(body, SMALL_ANSWER_LIMIT).collect();
+        let body = match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) => return Err(UpstreamError::Body(e.to_string())),
+            Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
+        };
+        Ok((parts.status, parts.headers, body))
+    }
+}
+
+/// See [`Upstream::normalise`].
+fn normalise(path_and_query: &str) -> Option<PathAndQuery> {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let path = path.replace('\\', "/");
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, segment) in segments.iter().enumerate() {
+        match dots(segment) {
+            1 if i == last => out.push(""),
+            1 => {}
+            2 => {
+                out.pop();
+                if i == last {
+                    out.push("");
+                }
+            }
+            _ => out.push(segment),
+        }
+    }
+    let mut target = String::with_capacity(path_and_query.len() + 1);
+    for segment in &out {
+        target.push('/');
+        target.push_str(segment);
+    }
+    if target.is_empty() {
+        target.push('/');
+    }
+    if let Some(q) = query {
+        target.push('?');
+        target.push_str(q);
+    }
+    target.parse().ok()
+}
+
+/// 1 for a `.` segment, 2 for `..` (either dot may be written `%2e`), else 0.
+fn dots(segment: &str) -> u8 {
+    let lower = segment.to_ascii_lowercase();
+    match lower.as_str() {
+        "." | "%2e" => 1,
+        ".." | ".%2e" | "%2e." | "%2e%2e" => 2,
+        _ => 0,
     }
 }
 
@@ -153,40 +240,37 @@ pub enum UpstreamError {
     /// No response headers within the configured timeout.
     #[error("no response within {0:?}")]
     Timeout(Duration),
-    /// The HTTP client failed (connect, I/O, body stream).
+    /// The HTTP client failed (connect, I/O, request body stream).
     #[error("{}", describe(.0))]
-    Http(reqwest::Error),
+    Http(hyper_util::client::legacy::Error),
+    /// A small answer could not be read whole.
+    #[error("body: {0}")]
+    Body(String),
+    /// The configured base or a target cannot form a request.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl UpstreamError {
     /// Whether the upstream was too slow.
     pub fn is_timeout(&self) -> bool {
-        match self {
-            UpstreamError::Timeout(_) => true,
-            UpstreamError::Http(e) => e.is_timeout(),
-        }
+        matches!(self, UpstreamError::Timeout(_))
     }
 
     /// Whether the connection failed before anything was sent.
     pub fn is_connect(&self) -> bool {
-        matches!(self, UpstreamError::Http(e) if e.is_connect())
+        match self {
+            UpstreamError::Http(e) => e.is_connect(),
+            UpstreamError::Config(_) => true,
+            _ => false,
+        }
     }
 }
 
-/// A reqwest error's kind and innermost cause, without the URL (which could carry an
+/// A client error's kind and innermost cause, without the URL (which could carry an
 /// identifier or a query).
-pub fn describe(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else if e.is_body() {
-        "body"
-    } else if e.is_request() {
-        "request"
-    } else {
-        "other"
-    };
+fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    let kind = if e.is_connect() { "connect" } else { "request" };
     let mut source = std::error::Error::source(e);
     let mut cause = String::new();
     while let Some(s) = source {
@@ -196,9 +280,8 @@ pub fn describe(e: &reqwest::Error) -> String {
     format!("{kind}: {cause}")
 }
 
-/// The client's headers minus hop-by-hop ones (including any named by `Connection`).
-pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
-    let mut out = headers.clone();
+/// Removes hop-by-hop headers, including any named by `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -207,35 +290,30 @@ pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
     for h in HOP_BY_HOP.iter().chain(named.iter()) {
-        out.remove(h);
+        headers.remove(h);
     }
-    out
 }
 
-/// Relays an upstream response: status and end-to-end headers intact, body streamed.
-pub fn relay(resp: reqwest::Response) -> Response {
-    let status = resp.status();
-    let headers = response_headers(resp.headers());
-    let mut out = Response::new(Body::from_stream(resp.bytes_stream()));
-    *out.status_mut() = status;
-    *out.headers_mut() = headers;
+/// The client's headers minus hop-by-hop ones (including any named by `Connection`).
+pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    strip_hop_by_hop(&mut out);
     out
 }
 
 /// A response from parts already read.
-pub fn relay_buffered(status: http::StatusCode, headers: &HeaderMap, body: Bytes) -> Response {
+pub fn relay_buffered(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Response {
     let mut out = Response::new(Body::from(body));
     *out.status_mut() = status;
-    *out.headers_mut() = response_headers(headers);
+    let mut headers = headers.clone();
+    strip_response_headers(&mut headers);
+    *out.headers_mut() = headers;
     out
 }
 
-fn response_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut out = forwardable(headers);
-    // `Host` is not a response header, but a `Content-Length` must survive: only
-    // hop-by-hop headers go.
-    out.remove(header::HOST);
-    out
+/// Only hop-by-hop headers go from a response; its `Content-Length` stays.
+fn strip_response_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
 }
 
 #[cfg(test)]
@@ -293,6 +371,10 @@ mod tests {
             n("/v3/grants/draft%2F1/drafts/d%2F2"),
             "/v3/grants/draft%2F1/drafts/d%2F2"
         );
+        assert_eq!(n("/v3/grants/g/%2E"), "/v3/grants/g/");
+        assert_eq!(n("/v3/grants/g/x/.%2E"), "/v3/grants/g/");
+        assert_eq!(n("/"), "/");
+        assert_eq!(n("/v3//grants"), "/v3//grants");
     }
 
     #[test]
@@ -302,9 +384,19 @@ mod tests {
             Duration::from_secs(1),
         )
         .unwrap();
+        let t: PathAndQuery = "/v3/grants/a%2Fb?x=1".parse().unwrap();
         assert_eq!(
-            u.url("/v3/grants/a%2Fb?x=1"),
+            u.uri(&t).unwrap().to_string(),
             "http://127.0.0.1:4000/v3/grants/a%2Fb?x=1"
+        );
+        let prefixed = Upstream::new(
+            &"https://api.example/nylas/".parse().unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(
+            prefixed.uri(&t).unwrap().to_string(),
+            "https://api.example/nylas/v3/grants/a%2Fb?x=1"
         );
     }
 }

@@ -245,7 +245,13 @@ async fn logs_name_each_decision_and_never_a_credential_body_or_address() {
             .expect("send");
         assert_eq!(resp.status(), expected);
     }
-    let _ = child.kill();
+    // SIGTERM, as an operator stops it: log lines are written by a background thread,
+    // and an orderly exit flushes every one still queued.
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(stopped.success());
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).expect("read log");
     let decisions: Vec<Value> = text

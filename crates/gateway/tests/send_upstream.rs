@@ -1,12 +1,15 @@
-//! Forwarding an inspected body through `reqwest` to a server on 127.0.0.1:0.
+//! Forwarding an inspected body through the gateway's upstream client to a server on
+//! 127.0.0.1:0.
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::routing::post;
 use futures_util::{StreamExt, stream};
 use gateway::send::{InspectOptions, classify, inspect};
+use gateway::upstream::Upstream;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method};
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 const BOUNDARY: &str = "----formdata-undici-0987654321";
@@ -44,7 +47,7 @@ async fn upstream() -> (String, mpsc::UnboundedReceiver<Received>) {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/v3/grants/g1/messages/send"), rx)
+    (format!("http://{addr}"), rx)
 }
 
 fn body_with_attachment(len: usize) -> Bytes {
@@ -70,13 +73,15 @@ fn client_body(body: &Bytes) -> Body {
     ))
 }
 
+const TARGET: &str = "/v3/grants/g1/messages/send";
+
 async fn send(
-    url: &str,
+    base: &str,
     body: Bytes,
     with_length: bool,
     limit: u64,
 ) -> (bool, gateway::send::Overflow) {
-    let route = classify(&Method::POST, &url.parse().expect("uri")).expect("send route");
+    let route = classify(&Method::POST, &TARGET.parse().expect("uri")).expect("send route");
     let mut headers = HeaderMap::new();
     let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
     headers.insert(
@@ -95,15 +100,17 @@ async fn send(
         .expect("inspected");
     let upstream_body = inspected.body;
     let overflow = upstream_body.overflow();
-    let mut request = reqwest::Client::new()
-        .post(url)
-        .header(CONTENT_TYPE, content_type);
-    if let Some(length) = upstream_body.content_length() {
-        request = request.header(CONTENT_LENGTH, length);
-    }
-    let ok = request
-        .body(upstream_body.into_reqwest())
-        .send()
+    let upstream = Upstream::new(&base.parse().expect("base"), Duration::from_secs(10))
+        .expect("upstream client");
+    let length = upstream_body.content_length();
+    let ok = upstream
+        .send(
+            Method::POST,
+            &TARGET.parse().expect("target"),
+            headers,
+            upstream_body.into_body(),
+            length,
+        )
         .await
         .is_ok_and(|r| r.status().is_success());
     (ok, overflow)
@@ -138,9 +145,7 @@ async fn an_overflow_aborts_the_upstream_request() {
     assert!(overflow.is_over());
     assert!(overflow.size() > 2_000_000 && overflow.bytes() < 3_000_000);
     // The server either saw a broken body or no complete request at all.
-    if let Ok(Some(got)) =
-        tokio::time::timeout(std::time::Duration::from_secs(5), received.recv()).await
-    {
+    if let Ok(Some(got)) = tokio::time::timeout(Duration::from_secs(5), received.recv()).await {
         assert!(got.is_err(), "upstream must not get a complete body");
     }
 }

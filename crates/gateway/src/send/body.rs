@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
-use axum::body::BodyDataStream;
+use axum::body::{Body, BodyDataStream};
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use multer::{Field, Multipart};
@@ -64,6 +64,7 @@ pub struct Overflow {
 struct OverflowState {
     over: AtomicBool,
     finished: AtomicBool,
+    complete: AtomicBool,
     bytes: AtomicU64,
     size: AtomicU64,
     failure: OnceLock<InspectError>,
@@ -85,6 +86,14 @@ impl Overflow {
     /// True when the whole client body was forwarded (all its `Content-Length`, or to its end).
     pub fn is_finished(&self) -> bool {
         self.state.finished.load(Ordering::Acquire)
+    }
+
+    /// True once the complete message has been handed to the upstream client: the whole
+    /// body, or, for multipart, everything up to and including the closing boundary (what
+    /// a multipart parser needs to act on the request). From then on the send may have
+    /// happened whatever becomes of the rest of the body or the connection.
+    pub fn is_complete(&self) -> bool {
+        self.is_finished() || self.state.complete.load(Ordering::Acquire)
     }
 
     /// Why the body was cut short, if it was: [`InspectError::TooLarge`],
@@ -127,6 +136,10 @@ impl Overflow {
 
     fn finish(&self) {
         self.state.finished.store(true, Ordering::Release);
+    }
+
+    fn complete(&self) {
+        self.state.complete.store(true, Ordering::Release);
     }
 }
 
@@ -388,6 +401,8 @@ impl Driver {
                 }
                 continue;
             }
+            // The parser is done and every chunk up to its closing boundary has gone out.
+            self.meter.overflow.complete();
             let next = match self.tail.as_mut() {
                 Some(tail) => tail.next().await,
                 None => None,
@@ -420,7 +435,7 @@ impl Driver {
 /// the client's body, unchanged, counted, and cut short (with an error) once the
 /// message grows past the size limit.
 ///
-/// Turn it into a request body with [`into_reqwest`](Self::into_reqwest); keep an
+/// Turn it into a request body with [`into_body`](Self::into_body); keep an
 /// [`overflow`](Self::overflow) handle first to learn afterwards why it stopped.
 pub struct UpstreamBody {
     inner: Inner,
@@ -524,19 +539,13 @@ impl UpstreamBody {
         }
     }
 
-    /// A `reqwest` body: a fixed one for a buffered body, else a stream
-    /// ([`reqwest::Body::wrap_stream`]) whose error aborts the upstream request.
-    pub fn into_reqwest(self) -> reqwest::Body {
+    /// A request body: a fixed one for a buffered body, else a stream whose error aborts
+    /// the upstream request.
+    pub fn into_body(self) -> Body {
         match self.inner {
-            Inner::Buffered(body) => reqwest::Body::from(body),
-            Inner::Streaming(_) => reqwest::Body::wrap_stream(self.into_stream()),
+            Inner::Buffered(body) => Body::from(body),
+            Inner::Streaming(_) => Body::from_stream(self.into_stream()),
         }
-    }
-}
-
-impl From<UpstreamBody> for reqwest::Body {
-    fn from(body: UpstreamBody) -> Self {
-        body.into_reqwest()
     }
 }
 

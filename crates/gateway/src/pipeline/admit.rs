@@ -1,0 +1,209 @@
+//! Phase 3, admit: the per-message checks (they can never pass on a retry, so 413/422 and
+//! no store call), then one reserve, which charges every window all or nothing and returns
+//! a [`Lease`].
+
+use std::time::Instant;
+
+use limits::{Cost, Decision, Denial, Guarded, Metric, Profile, StoreError};
+
+use super::charged::Charged;
+use super::{SendCtx, Stop};
+use crate::config::OnUnavailable;
+use crate::error::GatewayError;
+use crate::lease::Lease;
+use crate::metrics::Outcome;
+use crate::send::SendCost;
+use crate::state::AppState;
+
+/// How many times a reserve is retried after another replica changed the override.
+const OVERRIDE_ATTEMPTS: usize = 3;
+
+/// Admits a send of `cost` (`size_known`: whether its size covers the whole message): `Some` lease when charged, `None` when the store failed and
+/// `on_unavailable = "allow"` forwards it uncounted.
+pub(super) async fn admit(
+    state: &AppState,
+    ctx: &mut SendCtx,
+    charged: &mut Charged,
+    cost: SendCost,
+    size_known: bool,
+) -> Result<Option<Lease>, Stop> {
+    per_message(&charged.profile, cost).map_err(|e| ctx.reject(e))?;
+    let charge = Cost::new(
+        1,
+        cost.recipients,
+        bytes_to_charge(&charged.profile, cost, size_known),
+    );
+    // Every request is charged, idempotency key or not: a repeat whose key Nylas has
+    // stored comes back with `Idempotent-Response: true` and is released then. Trusting the
+    // key here would let a bigger message, or a retry after a failure Nylas did not store,
+    // through uncounted.
+    match reserve(state, ctx, charged, cost, charge).await? {
+        Ok(Decision::Allowed(a)) => {
+            ctx.decide(Outcome::Allowed, "within_quota");
+            let profile = charged.profile.clone();
+            let (store, metrics) = (state.store.clone(), state.metrics.clone());
+            Ok(Some(Lease::new(
+                store,
+                metrics,
+                a.reservation,
+                profile,
+                a.usage,
+            )))
+        }
+        Ok(Decision::Denied(d)) => Err(denied(ctx, d)),
+        Err(StoreError::Invalid(msg)) => Err(ctx.reject(GatewayError::InvalidSendRequest(msg))),
+        Err(e) => unavailable(ctx, &e),
+    }
+}
+
+/// One reserve (guarded for grants: cool-downs and overrides checked in the same step),
+/// retried under the new profile when another replica changed the grant's override.
+async fn reserve(
+    state: &AppState,
+    ctx: &mut SendCtx,
+    charged: &mut Charged,
+    cost: SendCost,
+    charge: Cost,
+) -> Result<Result<Decision, StoreError>, Stop> {
+    for _ in 0..OVERRIDE_ATTEMPTS {
+        let started = Instant::now();
+        let scope = charged.scope.as_str();
+        let result = match &charged.grant {
+            None => state
+                .store
+                .reserve(scope, &charged.profile, charge, None)
+                .await
+                .map(Guarded::Decided),
+            Some(_) => {
+                let expected = charged.override_name.as_deref();
+                state
+                    .store
+                    .reserve_guarded(scope, &charged.profile, charge, None, expected)
+                    .await
+            }
+        };
+        state.metrics.store_call("reserve", started.elapsed());
+        match result {
+            Ok(Guarded::Decided(d)) => return Ok(Ok(d)),
+            Ok(Guarded::CoolingDown(left)) => {
+                ctx.decide(Outcome::Denied, "provider_throttled");
+                let err = GatewayError::ProviderThrottled { retry_after: left };
+                return Err(Stop::Fail(err));
+            }
+            // Another replica changed the grant's override: charge under the new profile.
+            Ok(Guarded::OverrideChanged(name)) => {
+                reselect(state, ctx, charged, name).await;
+                per_message(&charged.profile, cost).map_err(|e| ctx.reject(e))?;
+            }
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+    Ok(Err(StoreError::Protocol(
+        "profile override kept changing".into(),
+    )))
+}
+
+async fn reselect(state: &AppState, ctx: &SendCtx, charged: &mut Charged, name: Option<String>) {
+    let grant = charged.grant.clone().unwrap_or_default();
+    state.selector.learn_override(&grant, name.clone());
+    let selection = state
+        .selector
+        .select(
+            state.store.as_ref(),
+            &state.upstream,
+            &ctx.config,
+            &grant,
+            name,
+            ctx.authorization.as_ref(),
+        )
+        .await;
+    charged.profile = selection.profile;
+    charged.override_name = selection.override_name;
+}
+
+/// A window's quota refused the send.
+fn denied(ctx: &mut SendCtx, d: Denial) -> Stop {
+    // More than a window's whole limit: no retry can ever pass, so this is a per-message
+    // rejection (422/413), not a 429 that has no `Retry-After` to give.
+    if d.retry_after.is_none() && d.metric != Metric::Messages {
+        let err = if d.metric == Metric::Bytes {
+            GatewayError::MessageTooLarge {
+                size: d.requested,
+                limit: d.limit,
+            }
+        } else {
+            GatewayError::TooManyRecipients {
+                count: d.requested,
+                limit: d.limit,
+            }
+        };
+        return ctx.reject(err);
+    }
+    ctx.decide(Outcome::Denied, d.metric.as_str());
+    Stop::Fail(GatewayError::QuotaExceeded(Box::new(d)))
+}
+
+/// The store failed: refuse, or forward uncounted, as `[store] on_unavailable` says.
+fn unavailable(ctx: &mut SendCtx, e: &StoreError) -> Result<Option<Lease>, Stop> {
+    let reason = store_reason(e);
+    match ctx.config.store.on_unavailable {
+        OnUnavailable::Reject => {
+            ctx.decide(Outcome::StoreError, reason);
+            Err(Stop::Fail(GatewayError::QuotaUnavailable(e.to_string())))
+        }
+        OnUnavailable::Allow => {
+            tracing::warn!(request_id = %ctx.request_id, error = %e, "quota store failed; send forwarded uncounted");
+            ctx.decide(Outcome::AllowedUncounted, reason);
+            Ok(None)
+        }
+    }
+}
+
+/// Bytes to charge. A body of unknown length (chunked, as the Node SDK sends) is only
+/// partly read before the reservation; where a window limits bytes, it is charged at the
+/// most it may grow to (the per-message cap), since charging what was read so far would
+/// under-count. Without a bytes window the figure is informational and stays as read.
+fn bytes_to_charge(profile: &Profile, cost: SendCost, size_known: bool) -> u64 {
+    match profile.max_message_size() {
+        Some(max) if !size_known && limits_bytes(profile) => cost.size.max(max.get()),
+        _ => cost.size,
+    }
+}
+
+/// Whether any window of `profile` limits bytes.
+pub(super) fn limits_bytes(profile: &Profile) -> bool {
+    profile
+        .windows()
+        .iter()
+        .any(|w| w.limit(Metric::Bytes).is_some())
+}
+
+/// The profile's per-message caps.
+fn per_message(profile: &Profile, cost: SendCost) -> Result<(), GatewayError> {
+    if let Some(max) = profile.max_recipients_per_message()
+        && cost.recipients > max.get()
+    {
+        return Err(GatewayError::TooManyRecipients {
+            count: cost.recipients,
+            limit: max.get(),
+        });
+    }
+    if let Some(max) = profile.max_message_size()
+        && cost.size > max.get()
+    {
+        return Err(GatewayError::MessageTooLarge {
+            size: cost.size,
+            limit: max.get(),
+        });
+    }
+    Ok(())
+}
+
+fn store_reason(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Unavailable(_) => "unavailable",
+        StoreError::Timeout(_) => "timeout",
+        StoreError::Protocol(_) => "protocol",
+        StoreError::Invalid(_) => "invalid",
+    }
+}

@@ -1,0 +1,88 @@
+//! Phase 2, what it costs: the body read just far enough to count the send (see
+//! [`crate::send`]), or, for a draft, the draft as Nylas holds it.
+
+use axum::body::Body;
+use http::HeaderMap;
+
+use super::charged::Charged;
+use super::{SendCtx, Stop};
+use crate::error::GatewayError;
+use crate::send::{
+    InspectError, InspectOptions, SendCost, SendRoute, UpstreamBody, cost_from_message_json,
+    inspect,
+};
+use crate::state::AppState;
+use crate::upstream::relay_buffered;
+
+/// A send whose cost is known, with the body to forward.
+#[derive(Debug)]
+pub(super) struct Priced {
+    pub cost: SendCost,
+    /// Whether `cost.size` covers the whole message (false for a chunked body still
+    /// streaming).
+    pub size_known: bool,
+    pub body: UpstreamBody,
+}
+
+/// Costs the send.
+pub(super) async fn what(
+    state: &AppState,
+    ctx: &mut SendCtx,
+    charged: &Charged,
+    route: &SendRoute,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Priced, Stop> {
+    let opts = InspectOptions {
+        json_limit: ctx.config.server.max_json_body,
+        max_message_size: charged.profile.max_message_size().map(|v| v.get()),
+        ..InspectOptions::default()
+    };
+    let inspected = match inspect(route, headers, body, &opts).await {
+        Ok(i) => i,
+        Err(e) => return Err(ctx.reject(inspect_error(e))),
+    };
+    let mut priced = Priced {
+        cost: inspected.cost,
+        size_known: inspected.size_known,
+        body: inspected.body,
+    };
+    if inspected.draft_needs_lookup {
+        let SendRoute::Draft { path, .. } = route else {
+            return Err(ctx.reject(GatewayError::InvalidSendRequest("not a draft send".into())));
+        };
+        priced.cost = draft_cost(state, ctx, path).await?;
+        // The draft's attachments carry their sizes: the whole message is known.
+        priced.size_known = true;
+    }
+    Ok(priced)
+}
+
+/// The cost of the draft at `path`, read from Nylas with the caller's credentials. A
+/// refusal goes back to the caller as Nylas gave it.
+async fn draft_cost(state: &AppState, ctx: &mut SendCtx, path: &str) -> Result<SendCost, Stop> {
+    let (status, headers, body) = state
+        .upstream
+        .get_small(path, ctx.authorization.as_ref())
+        .await
+        .map_err(|e| GatewayError::upstream("draft look-up", &e))?;
+    if !status.is_success() {
+        return Err(Stop::Relay(Box::new(relay_buffered(
+            status, &headers, body,
+        ))));
+    }
+    let draft: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+        GatewayError::UpstreamUnavailable("draft look-up answer is not JSON".into())
+    })?;
+    cost_from_message_json(&draft).map_err(|e| ctx.reject(inspect_error(e)))
+}
+
+/// The answer to a body that could not be counted.
+pub(super) fn inspect_error(e: InspectError) -> GatewayError {
+    match e {
+        InspectError::Invalid(msg) | InspectError::Body(msg) => {
+            GatewayError::InvalidSendRequest(msg)
+        }
+        InspectError::TooLarge { size, limit } => GatewayError::MessageTooLarge { size, limit },
+    }
+}

@@ -1,0 +1,148 @@
+//! Serving: the two listeners, the layers around them, signals and the drain.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::config::{self, Config};
+use crate::state::AppState;
+use crate::{admin, proxy, request_id};
+
+/// The proxy router. Layers, outermost first: the request id (with its span and the one
+/// log line of a gateway error). Everything else is the proxy handler's.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .fallback(proxy::handle)
+        .with_state(state)
+        .layer(axum::middleware::from_fn(request_id::layer))
+}
+
+/// Serves the proxy on `listener` and the admin API on `admin` until `shutdown` resolves,
+/// then stops taking proxy connections and lets in-flight requests finish (up to
+/// `[server] shutdown_grace`). The admin listener answers until then (`/readyz` with 503).
+///
+/// # Errors
+/// A listener fails.
+pub async fn run(
+    listener: TcpListener,
+    admin: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grace = state.config().server.shutdown_grace;
+    let (stop_proxy, proxy_rx) = tokio::sync::watch::channel(false);
+    let (stop_admin, admin_rx) = tokio::sync::watch::channel(false);
+    let proxy =
+        axum::serve(listener, app(Arc::clone(&state))).with_graceful_shutdown(wait(proxy_rx));
+    let admin = axum::serve(admin, admin::router(Arc::clone(&state)))
+        .with_graceful_shutdown(wait(admin_rx));
+    let proxy = tokio::spawn(async move { proxy.await });
+    let admin = tokio::spawn(async move { admin.await });
+    shutdown.await;
+    state.begin_shutdown();
+    tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
+    // The proxy stops taking connections at once. The admin listener keeps answering
+    // (`/readyz` says 503) until the proxy has drained, so probes see the drain instead of
+    // a refused connection.
+    let deadline = tokio::time::Instant::now() + grace;
+    let _ = stop_proxy.send(true);
+    let proxy = tokio::time::timeout_at(deadline, proxy).await;
+    let _ = stop_admin.send(true);
+    let admin = tokio::time::timeout_at(deadline, admin).await;
+    match proxy {
+        Ok(p) => p??,
+        Err(_) => tracing::warn!("shutdown grace elapsed with requests still in flight"),
+    }
+    if let Ok(a) = admin {
+        a??;
+    }
+    Ok(())
+}
+
+/// Binds the configured listeners, prints `send-gateway listening on http://ADDR` and
+/// `send-gateway admin on http://ADDR` on stdout (scripts read them when binding port 0),
+/// and serves until SIGTERM or Ctrl-C. SIGHUP calls `reload` and applies the result (see
+/// [`AppState::reload`]); a configuration that fails to load is logged and counted, and
+/// the running one stays.
+///
+/// # Errors
+/// A listener cannot bind, the store cannot be configured, or a listener fails.
+pub async fn serve<R>(config: Config, reload: R) -> anyhow::Result<()>
+where
+    R: Fn() -> Result<Config, config::ConfigError> + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind(config.server.listen).await?;
+    let admin = TcpListener::bind(config.server.admin_listen).await?;
+    let state = Arc::new(AppState::new(config).await?);
+    // Ready lines only once the state is built: a bad upstream URL or store fails first.
+    println!(
+        "send-gateway listening on http://{}",
+        listener.local_addr()?
+    );
+    println!("send-gateway admin on http://{}", admin.local_addr()?);
+    let config = state.config();
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        admin = %admin.local_addr()?,
+        upstream = %config.upstream.url,
+        store = ?config.store.backend,
+        "send-gateway started"
+    );
+    spawn_reloader(Arc::clone(&state), reload)?;
+    run(listener, admin, state, shutdown_signal()).await
+}
+
+#[cfg(unix)]
+fn spawn_reloader<R>(state: Arc<AppState>, reload: R) -> anyhow::Result<()>
+where
+    R: Fn() -> Result<Config, config::ConfigError> + Send + Sync + 'static,
+{
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match reload() {
+                Ok(config) => {
+                    state.reload(config);
+                }
+                Err(e) => {
+                    state.metrics.reload(false);
+                    tracing::error!(error = %e, "configuration reload refused; keeping the running configuration");
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn spawn_reloader<R>(_state: Arc<AppState>, _reload: R) -> anyhow::Result<()> {
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn wait(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}

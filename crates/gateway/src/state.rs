@@ -1,0 +1,167 @@
+//! The state shared by every request: configuration, store, upstream and caches.
+//!
+//! Components take what they use (a store, an upstream, the metrics), not this whole
+//! state; only the request handlers and the server see it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use http::HeaderMap;
+use limits::{MemoryStore, QuotaStore, RedisStore};
+
+use crate::config::{Config, StoreBackend};
+use crate::events::Reporter;
+use crate::grants::GrantResolver;
+use crate::metrics::Metrics;
+use crate::selection::Selector;
+use crate::upstream::Upstream;
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct AppState {
+    config: RwLock<Arc<Config>>,
+    /// The quota store.
+    pub store: Arc<dyn QuotaStore>,
+    /// The upstream client.
+    pub upstream: Upstream,
+    /// Grant identifier resolution.
+    pub grants: GrantResolver,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Profile selection caches.
+    pub selector: Selector,
+    /// Threshold events.
+    pub events: Reporter,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    /// Builds the state: connects the store named by the configuration.
+    ///
+    /// # Errors
+    /// The Redis store cannot be configured, or the upstream URL cannot be used.
+    pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let store: Arc<dyn QuotaStore> = match config.store.backend {
+            StoreBackend::Memory => Arc::new(MemoryStore::new()),
+            StoreBackend::Redis => Arc::new(RedisStore::lazy(&config.redis())?),
+        };
+        if let Err(e) = store.ping().await {
+            // Start anyway: sends are answered per `on_unavailable` until Redis is back.
+            tracing::warn!(error = %e, "quota store not reachable at start-up");
+        }
+        Self::with_store(config, store)
+    }
+
+    /// Builds the state around an existing store (tests inject one).
+    ///
+    /// # Errors
+    /// The upstream URL cannot be used, or the webhook client cannot start.
+    pub fn with_store(config: Config, store: Arc<dyn QuotaStore>) -> anyhow::Result<Self> {
+        let upstream = Upstream::new(&config.upstream.url, config.upstream.timeout)?;
+        let metrics = Arc::new(Metrics::default());
+        Ok(AppState {
+            grants: GrantResolver::new(config.grants.cache_ttl),
+            events: Reporter::new(Arc::clone(&store), Arc::clone(&metrics))?,
+            config: RwLock::new(Arc::new(config)),
+            store,
+            upstream,
+            metrics,
+            selector: Selector::default(),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(
+            &self
+                .config
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Applies a reloaded configuration: profiles, grant and domain settings, events, the
+    /// admin token and request limits take effect at once; usage is untouched (keys never
+    /// name a limit). Listeners, the upstream and the store need a restart: their old values
+    /// stay, with a warning. Returns the keys that were not applied.
+    pub fn reload(&self, mut new: Config) -> Vec<&'static str> {
+        let old = self.config();
+        let kept = keep_restart_only(&old, &mut new);
+        if new.grants != old.grants {
+            self.selector.forget_providers();
+        }
+        for key in &kept {
+            tracing::warn!(
+                key,
+                "configuration change needs a restart; keeping the running value"
+            );
+        }
+        *self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
+        self.metrics.reload(true);
+        tracing::info!("configuration reloaded");
+        kept
+    }
+
+    /// Whether the gateway is draining.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Starts draining: readiness answers 503 from now on.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `headers` carry the admin token (always true when none is configured).
+    pub fn admin_authorized(&self, headers: &HeaderMap) -> bool {
+        let config = self.config();
+        let Some(token) = config.server.admin_token.as_deref() else {
+            return true;
+        };
+        let given = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(given.as_bytes(), token.as_bytes())
+    }
+}
+
+/// Puts back into `new` the running values of keys a reload cannot change; returns them.
+fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    if new.server.listen != old.server.listen {
+        kept.push("server.listen");
+        new.server.listen = old.server.listen;
+    }
+    if new.server.admin_listen != old.server.admin_listen {
+        kept.push("server.admin_listen");
+        new.server.admin_listen = old.server.admin_listen;
+    }
+    if new.upstream.url != old.upstream.url || new.upstream.timeout != old.upstream.timeout {
+        kept.push("upstream");
+        new.upstream.url = old.upstream.url.clone();
+        new.upstream.timeout = old.upstream.timeout;
+    }
+    if new.store != old.store {
+        kept.push("store");
+        new.store = old.store.clone();
+    }
+    if new.grants.cache_ttl != old.grants.cache_ttl {
+        kept.push("grants.cache_ttl");
+        new.grants.cache_ttl = old.grants.cache_ttl;
+    }
+    if new.log != old.log {
+        kept.push("log");
+        new.log = old.log.clone();
+    }
+    kept
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
