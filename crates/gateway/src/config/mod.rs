@@ -24,11 +24,11 @@
 //! The file is parsed with the `toml` crate (for line and column of syntax errors); the
 //! environment and flags are then applied to that tree as assignments to one key each
 //! (see `sources.rs` for why not as figment layers), and the result is handed to [`figment`]
-//! as one provider and extracted into the section structs with `deny_unknown_fields`. Figment is
-//! there for its errors: it reports the path of the failing value, array indices included,
-//! and a structured [`figment::error::Kind`] (unknown field, missing field, wrong type), from
-//! which we write a one-line `profiles.x.windows[0].messages: ...`. Plain `toml` + serde gives
-//! a multi-line message with a source excerpt and no key path.
+//! as one provider and extracted into the section structs with `deny_unknown_fields`.
+//! Figment is there for its errors: it reports the path of the failing value, array indices
+//! included, and a structured [`figment::error::Kind`] (unknown field, missing field, wrong
+//! type), from which we write a one-line `profiles.x.windows[0].messages: ...`. Plain
+//! `toml` + serde gives a multi-line message with a source excerpt and no key path.
 //!
 //! Figment's own TOML and env providers are not used (their features stay off): the first
 //! would pull in a second, older `toml`, the second reads the process environment directly.

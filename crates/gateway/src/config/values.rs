@@ -20,8 +20,8 @@ use super::MASK;
 
 /// A secret sent in an HTTP header (`server.admin_token`, `upstream.api_key`): `Debug`
 /// shows `<redacted>` and serializing writes [`MASK`], so neither logs nor `check-config`
-/// can leak it. Derefs to the value itself. Never empty, never contains blanks or control
-/// characters (which would make the header invalid or split it).
+/// can leak it. Derefs to the value itself. Never contains blanks or control characters
+/// (which would make the header invalid or split it); `""` in the file means no secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
@@ -125,15 +125,8 @@ fn greater_than_zero<E: de::Error>() -> E {
 pub(super) mod duration {
     use super::*;
 
-    pub(crate) fn deserialize<'de, D>(deserializer: D) -> Result<Duration, D::Error>
-    where
-        D: Deserializer<'de>,
-    {
-        from_str(
-            deserializer,
-            "a duration such as \"250ms\", \"90s\" or \"24h\"",
-            parse,
-        )
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        from_str(d, "a duration such as \"250ms\", \"90s\" or \"24h\"", parse)
     }
 
     pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -158,15 +151,12 @@ pub(super) mod nonzero_duration {
     pub(crate) use super::duration::serialize;
     use super::*;
 
-    pub(crate) fn deserialize<'de, D>(deserializer: D) -> Result<Duration, D::Error>
-    where
-        D: Deserializer<'de>,
-    {
-        let d = duration::deserialize(deserializer)?;
-        if d.is_zero() {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let length = duration::deserialize(d)?;
+        if length.is_zero() {
             return Err(greater_than_zero());
         }
-        Ok(d)
+        Ok(length)
     }
 }
 
@@ -236,11 +226,8 @@ fn parse_byte_size(s: &str) -> Result<u64, String> {
 pub(super) mod body_size {
     use super::*;
 
-    pub(crate) fn deserialize<'de, D>(deserializer: D) -> Result<usize, D::Error>
-    where
-        D: Deserializer<'de>,
-    {
-        let ByteSize(n) = ByteSize::deserialize(deserializer)?;
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let ByteSize(n) = ByteSize::deserialize(d)?;
         let n = usize::try_from(n).map_err(|_| de::Error::custom("is too large"))?;
         if n == 0 {
             return Err(greater_than_zero());
@@ -257,11 +244,8 @@ pub(super) mod body_size {
 pub(super) mod addr {
     use super::*;
 
-    pub(crate) fn deserialize<'de, D>(deserializer: D) -> Result<SocketAddr, D::Error>
-    where
-        D: Deserializer<'de>,
-    {
-        from_str(deserializer, "an address such as \"127.0.0.1:8080\"", |s| {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        from_str(d, "an address such as \"127.0.0.1:8080\"", |s| {
             SocketAddr::from_str(s)
                 .map_err(|_| format!("invalid socket address {s:?} (expected ip:port)"))
         })
@@ -276,15 +260,8 @@ pub(super) mod addr {
 pub(super) mod upstream_url {
     use super::*;
 
-    pub(crate) fn deserialize<'de, D>(deserializer: D) -> Result<Url, D::Error>
-    where
-        D: Deserializer<'de>,
-    {
-        from_str(
-            deserializer,
-            "a URL such as \"https://api.us.nylas.com\"",
-            parse,
-        )
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
+        from_str(d, "a URL such as \"https://api.us.nylas.com\"", parse)
     }
 
     pub(crate) fn serialize<S: Serializer>(url: &Url, s: S) -> Result<S::Ok, S::Error> {
@@ -321,21 +298,15 @@ fn check_http(url: &Url) -> Result<(), String> {
 pub(super) mod webhook_url {
     use super::*;
 
-    pub(crate) fn deserialize<'de, D>(deserializer: D) -> Result<Option<Url>, D::Error>
-    where
-        D: Deserializer<'de>,
-    {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Url>, D::Error> {
         from_str(
-            deserializer,
+            d,
             "a URL such as \"https://hooks.example.com/sendgw\", or \"\"",
             parse,
         )
     }
 
-    pub(crate) fn serialize<S>(url: &Option<Url>, s: S) -> Result<S::Ok, S::Error>
-    where
-        S: Serializer,
-    {
+    pub(crate) fn serialize<S: Serializer>(url: &Option<Url>, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&url.as_ref().map_or_else(String::new, mask_webhook_url))
     }
 
