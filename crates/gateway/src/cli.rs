@@ -190,7 +190,7 @@ fn run_quota(
         .token
         .clone()
         .filter(|t| !t.is_empty())
-        .or_else(|| config.and_then(|c| c.server.admin_token));
+        .or_else(|| config.and_then(|c| c.server.admin_token).map(String::from));
 
     let mut url = admin.clone();
     url.path_segments_mut()

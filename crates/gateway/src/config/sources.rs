@@ -21,8 +21,10 @@ use figment::Figment;
 use figment::error::{Actual, Kind};
 use limits::Profile;
 
-use super::raw::RawConfig;
-use super::{Config, ConfigError, TomlLayer, figment_error, key_segment, read_toml_file, show};
+use super::error::{TomlLayer, figment_error, key_segment, read_toml_file};
+use super::profiles::profile_table;
+use super::validate::Document;
+use super::{Config, ConfigError};
 
 /// Prefix of the environment variables that set keys: `SEND_GATEWAY__<SECTION>__<KEY>`.
 pub const ENV_PREFIX: &str = "SEND_GATEWAY__";
@@ -298,10 +300,7 @@ fn seed_builtins(base: &mut toml::Table, assignments: &[Assignment]) {
         if let toml::Value::Table(profiles) = profiles
             && !profiles.contains_key(name)
         {
-            profiles.insert(
-                name.clone(),
-                toml::Value::Table(show::profile_table(&profile)),
-            );
+            profiles.insert(name.clone(), toml::Value::Table(profile_table(&profile)));
         }
     }
 }
@@ -345,8 +344,8 @@ pub(super) fn resolve(
                 None => err,
             })
         };
-        let raw: RawConfig = match figment.extract() {
-            Ok(raw) => raw,
+        let doc: Document = match figment.extract() {
+            Ok(doc) => doc,
             Err(e) => {
                 let typed = matches!(
                     &e.kind,
@@ -359,7 +358,7 @@ pub(super) fn resolve(
                 }
             }
         };
-        return Config::from_raw(raw)
+        return Config::from_document(doc)
             .map_err(|e| blame(e, false, &mut as_text).expect("no retry was asked for"));
     }
 }

@@ -582,12 +582,12 @@ fn exit_code_is_ex_usage() {
 
 #[test]
 fn redact_userinfo_keeps_the_host() {
-    assert_eq!(redact_userinfo("redis://h:1"), "redis://h:1");
+    assert_eq!(values::redact_userinfo("redis://h:1"), "redis://h:1");
     assert_eq!(
-        redact_userinfo("redis://:pw@h:1/0"),
+        values::redact_userinfo("redis://:pw@h:1/0"),
         "redis://<redacted>@h:1/0"
     );
-    assert_eq!(redact_userinfo("nonsense@"), "nonsense@");
+    assert_eq!(values::redact_userinfo("nonsense@"), "nonsense@");
 }
 
 #[test]
@@ -727,6 +727,61 @@ fn new_keys_are_validated() {
         "events.url",
         "webhook_url, timeout",
     );
+}
+
+#[test]
+fn log_level_is_validated_like_every_key() {
+    use tracing_subscriber::EnvFilter;
+
+    for ok in [
+        "info",
+        "WARN",
+        "off",
+        "gateway=debug,info",
+        "info,hyper=warn",
+        "gateway::proxy=trace",
+        "[send]=debug",
+    ] {
+        let c = Config::from_toml_str(&format!("[log]\nlevel = {ok:?}"))
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert_eq!(c.log.level, ok);
+    }
+    // What EnvFilter refuses, the configuration refuses, naming the key.
+    for bad in ["gateway=loud", "=info", "gateway=info=debug"] {
+        assert!(EnvFilter::try_new(bad).is_err(), "{bad}");
+        assert_err(
+            &format!("[log]\nlevel = {bad:?}"),
+            "log.level",
+            &format!("invalid filter {bad:?}: "),
+        );
+    }
+    // A typo EnvFilter reads as a target name, which would turn every other log line off.
+    for typo in ["inof", "warning", "info,degub", "gateway"] {
+        assert!(EnvFilter::try_new(typo).is_ok(), "{typo}");
+        assert_err(
+            &format!("[log]\nlevel = {typo:?}"),
+            "log.level",
+            "is not a level",
+        );
+    }
+    assert_err("[log]\nlevel = \"inof\"", "log.level", "\"inof=debug\"");
+    assert_err(
+        "[log]\nlevel = 5",
+        "log.level",
+        "expected a string, found the integer 5",
+    );
+    // From the environment or a flag (`--log-level`), the variable or the key is named.
+    let e = env_err(&[("SEND_GATEWAY__LOG__LEVEL", "gateway=loud")]);
+    assert_eq!(e.key(), "SEND_GATEWAY__LOG__LEVEL");
+    assert!(e.message().starts_with("invalid filter"), "{e}");
+    let e = Sources {
+        overrides: vec![("log.level".into(), "inof".into())],
+        ..Sources::default()
+    }
+    .load()
+    .unwrap_err();
+    assert_eq!(e.key(), "log.level");
+    assert!(e.message().contains("is not a level"), "{e}");
 }
 
 fn env(vars: &[(&str, &str)]) -> Sources {
@@ -1068,18 +1123,21 @@ fn masked_toml_hides_secrets() {
     // Still a valid configuration.
     Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
 
-    assert_eq!(show::mask_store_url("redis://h:1"), "redis://h:1");
-    assert_eq!(show::mask_store_url("redis://:pw@h:1"), "redis://:***@h:1");
+    assert_eq!(values::mask_store_url("redis://h:1"), "redis://h:1");
     assert_eq!(
-        show::mask_store_url("redis://pw@h:1/0"),
+        values::mask_store_url("redis://:pw@h:1"),
+        "redis://:***@h:1"
+    );
+    assert_eq!(
+        values::mask_store_url("redis://pw@h:1/0"),
         "redis://***@h:1/0"
     );
     assert_eq!(
-        show::mask_store_url("redis+cluster://u:p@a:1,b:2"),
+        values::mask_store_url("redis+cluster://u:p@a:1,b:2"),
         "redis+cluster://u:***@a:1,b:2"
     );
-    assert_eq!(show::mask_store_url("nonsense@"), "nonsense@");
-    let url = |s: &str| show::mask_webhook_url(&Url::parse(s).unwrap());
+    assert_eq!(values::mask_store_url("nonsense@"), "nonsense@");
+    let url = |s: &str| values::mask_webhook_url(&Url::parse(s).unwrap());
     assert_eq!(url("https://h/x"), "https://h/x");
     assert_eq!(url("https://u@h/x?a=1&b=2"), "https://***@h/x?***");
 }

@@ -1,0 +1,135 @@
+//! The file as extracted, and the rules that relate one key to another, checked once.
+//!
+//! Each value was already parsed and range-checked while deserializing (`values.rs`); what
+//! is left needs the whole configuration: the profiles that names refer to, the listeners
+//! against each other, the Redis URL when the store is Redis.
+
+use std::collections::BTreeMap;
+
+use limits::Profile;
+use serde::Deserialize;
+
+use super::error::key_segment;
+use super::profiles::ProfileTable;
+use super::{
+    Config, ConfigError, DomainsConfig, EventsConfig, GrantsConfig, LogConfig, ServerConfig,
+    StoreBackend, StoreConfig, UpstreamConfig,
+};
+
+/// The whole file: [`Config`]'s sections as they are, and profiles as their tables, not yet
+/// built. Missing tables and keys take their defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Document {
+    server: ServerConfig,
+    upstream: UpstreamConfig,
+    store: StoreConfig,
+    grants: GrantsConfig,
+    domains: DomainsConfig,
+    log: LogConfig,
+    events: EventsConfig,
+    profiles: BTreeMap<String, ProfileTable>,
+}
+
+impl Config {
+    /// Builds the profiles over the built-ins and checks every cross-key rule.
+    pub(super) fn from_document(doc: Document) -> Result<Config, ConfigError> {
+        let mut profiles: BTreeMap<String, Profile> = Profile::BUILTIN
+            .iter()
+            .filter_map(|name| Profile::builtin(name).map(|p| (name.to_string(), p)))
+            .collect();
+        for (name, table) in doc.profiles {
+            check_profile_name(&name)?;
+            let profile = table.into_spec().build(&name)?;
+            profiles.insert(name, profile);
+        }
+        let config = Config {
+            server: doc.server,
+            upstream: doc.upstream,
+            store: doc.store,
+            grants: doc.grants,
+            domains: doc.domains,
+            log: doc.log,
+            events: doc.events,
+            profiles,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let (listen, admin_listen) = (self.server.listen, self.server.admin_listen);
+        // Port 0 twice is two different ephemeral ports (what tests do).
+        if listen == admin_listen && listen.port() != 0 {
+            return Err(ConfigError::new(
+                "server.admin_listen",
+                format!("must differ from server.listen ({listen})"),
+            ));
+        }
+        if self.store.backend == StoreBackend::Redis {
+            check_redis_url(&self.store.url)?;
+        }
+        self.check_profile_exists("grants.default_profile", &self.grants.default_profile)?;
+        for (provider, profile) in &self.grants.provider_profiles {
+            let key = format!("grants.provider_profiles.{}", key_segment(provider));
+            if !plain_name(provider) {
+                return Err(ConfigError::new(
+                    key,
+                    "a provider name uses only a-z, 0-9, '_' and '-' (as Nylas writes it: \"google\", \"icloud\")",
+                ));
+            }
+            self.check_profile_exists(&key, profile)?;
+        }
+        if let Some(name) = &self.domains.profile {
+            self.check_profile_exists("domains.profile", name)?;
+        }
+        Ok(())
+    }
+
+    fn check_profile_exists(&self, key: &str, name: &str) -> Result<(), ConfigError> {
+        if self.profiles.contains_key(name) {
+            return Ok(());
+        }
+        let known: Vec<&str> = self.profiles.keys().map(String::as_str).collect();
+        Err(ConfigError::new(
+            key,
+            format!(
+                "no profile named {name:?} (known: {}; add one with [profiles.<name>])",
+                known.join(", ")
+            ),
+        ))
+    }
+}
+
+/// `[a-z0-9_-]+`.
+fn plain_name(name: &str) -> bool {
+    let plain = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
+    !name.is_empty() && name.chars().all(plain)
+}
+
+/// Profile names appear in metrics, headers and Redis keys: keep them plain.
+fn check_profile_name(name: &str) -> Result<(), ConfigError> {
+    if !plain_name(name) {
+        return Err(ConfigError::new(
+            format!("profiles.{}", key_segment(name)),
+            "a profile name uses only a-z, 0-9, '_' and '-'",
+        ));
+    }
+    Ok(())
+}
+
+/// The URL is never echoed: it may carry a password.
+fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    const SCHEMES: [&str; 3] = ["redis://", "rediss://", "redis+cluster://"];
+    let rest = SCHEMES.iter().find_map(|s| url.strip_prefix(s));
+    let Some(rest) = rest else {
+        return Err(ConfigError::new(
+            "store.url",
+            "must start with redis://, rediss:// or redis+cluster:// when store.backend is \"redis\"",
+        ));
+    };
+    if rest.split(',').all(|node| node.trim().is_empty()) {
+        return Err(ConfigError::new("store.url", "must name a host"));
+    }
+    Ok(())
+}
