@@ -14,7 +14,7 @@ use limits::Denial;
 use serde_json::json;
 
 use crate::ratelimit;
-use crate::request_id::RequestId;
+use crate::request_id::{Failure, RequestId};
 use crate::upstream::UpstreamError;
 
 /// Header carrying the request id on every response the gateway writes.
@@ -168,10 +168,10 @@ impl GatewayError {
         for (k, v) in extra_headers {
             headers.insert(k, v);
         }
-        resp.extensions_mut().insert(Failure {
-            error_type: self.error_type(),
-            cause: self.cause().map(str::to_owned),
-        });
+        resp.extensions_mut().insert(Failure::new(
+            self.error_type(),
+            self.cause().map(str::to_owned),
+        ));
         resp
     }
 }
@@ -179,26 +179,6 @@ impl GatewayError {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         self.into_response_with_id(&RequestId::current().to_string())
-    }
-}
-
-/// What the request-id layer logs of an error the gateway answered.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    error_type: &'static str,
-    cause: Option<String>,
-}
-
-impl Failure {
-    /// Logs the failure once: server-side failures with their cause as warnings, refusals
-    /// of the request at debug level (sends have their own decision line).
-    pub fn log(&self, request_id: RequestId, status: StatusCode) {
-        let cause = self.cause.as_deref().unwrap_or("");
-        if status.is_server_error() {
-            tracing::warn!(%request_id, status = status.as_u16(), error_type = self.error_type, cause, "request failed");
-        } else {
-            tracing::debug!(%request_id, status = status.as_u16(), error_type = self.error_type, "request refused");
-        }
     }
 }
 
@@ -221,7 +201,7 @@ mod tests {
             .extensions()
             .get::<Failure>()
             .expect("the cause, for the log");
-        assert_eq!(failure.cause.as_deref(), Some("no answer in 1s"));
+        assert_eq!(failure.cause(), Some("no answer in 1s"));
         let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();

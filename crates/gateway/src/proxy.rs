@@ -22,8 +22,12 @@ pub async fn handle(State(state): State<Arc<AppState>>, mut req: Request) -> Res
     // vanish), and the target as it will be sent (`\` becomes `/`, dot segments go), so a
     // send cannot pass as something else.
     strip_hop_by_hop(req.headers_mut());
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    match state.upstream.normalise(target) {
+    let target = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    match state.upstream.normalise_target(&target) {
         Some(pq) => *req.uri_mut() = pq.into(),
         None => return GatewayError::BadTarget.into_response(),
     }

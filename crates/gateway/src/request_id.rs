@@ -19,7 +19,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 
-use crate::error::Failure;
+use http::StatusCode;
 
 tokio::task_local! {
     static CURRENT: RequestId;
@@ -74,6 +74,36 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
         span.in_scope(|| failure.log(id, resp.status()));
     }
     resp
+}
+
+/// What the request-id layer logs of an error the gateway answered.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    error_type: &'static str,
+    cause: Option<String>,
+}
+
+impl Failure {
+    /// A failure of `error_type` (the envelope's `error.type`), with its internal cause.
+    pub fn new(error_type: &'static str, cause: Option<String>) -> Self {
+        Failure { error_type, cause }
+    }
+
+    /// The internal cause, if any.
+    pub fn cause(&self) -> Option<&str> {
+        self.cause.as_deref()
+    }
+
+    /// Logs the failure once: server-side failures with their cause as warnings, refusals
+    /// of the request at debug level (sends have their own decision line).
+    pub fn log(&self, request_id: RequestId, status: StatusCode) {
+        let cause = self.cause.as_deref().unwrap_or("");
+        if status.is_server_error() {
+            tracing::warn!(%request_id, status = status.as_u16(), error_type = self.error_type, cause, "request failed");
+        } else {
+            tracing::debug!(%request_id, status = status.as_u16(), error_type = self.error_type, "request refused");
+        }
+    }
 }
 
 #[cfg(test)]

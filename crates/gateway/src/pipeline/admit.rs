@@ -7,7 +7,7 @@ use std::time::Instant;
 use limits::{Cost, Decision, Denial, Guarded, Metric, Profile, StoreError};
 
 use super::charged::Charged;
-use super::{SendCtx, Stop};
+use super::ctx::{SendCtx, Stop};
 use crate::config::OnUnavailable;
 use crate::error::GatewayError;
 use crate::lease::Lease;
@@ -152,7 +152,7 @@ fn unavailable(ctx: &mut SendCtx, e: &StoreError) -> Result<Option<Lease>, Stop>
             Err(Stop::Fail(GatewayError::QuotaUnavailable(e.to_string())))
         }
         OnUnavailable::Allow => {
-            tracing::warn!(request_id = %ctx.request_id, error = %e, "quota store failed; send forwarded uncounted");
+            tracing::warn!(request_id = %ctx.record.request_id, error = %e, "quota store failed; send forwarded uncounted");
             ctx.decide(Outcome::AllowedUncounted, reason);
             Ok(None)
         }

@@ -4,7 +4,7 @@
 
 use limits::Profile;
 
-use super::{SendCtx, Stop};
+use super::ctx::{SendCtx, Stop};
 use crate::error::GatewayError;
 use crate::grants::Resolution;
 use crate::scope::Scope;
@@ -34,7 +34,7 @@ pub(super) async fn who(
             let profile = ctx.config.domain_profile().cloned().ok_or_else(|| {
                 GatewayError::InvalidSendRequest("domain sends are not counted".into())
             })?;
-            ctx.subject = Some(domain.clone());
+            ctx.record.subject = Some(domain.clone());
             Charged {
                 scope: Scope::domain(domain),
                 profile,
@@ -62,7 +62,7 @@ async fn grant_charged(
         Resolution::Grant(id) => id,
         Resolution::Refused(resp) => return Err(Stop::Relay(Box::new(resp))),
     };
-    ctx.subject = Some(id.clone());
+    ctx.record.subject = Some(id.clone());
     let cached = state.selector.cached_override(&id);
     let selection = state
         .selector

@@ -5,7 +5,7 @@ use axum::body::Body;
 use http::HeaderMap;
 
 use super::charged::Charged;
-use super::{SendCtx, Stop};
+use super::ctx::{SendCtx, Stop};
 use crate::error::GatewayError;
 use crate::send::{
     InspectError, InspectOptions, SendCost, SendRoute, UpstreamBody, cost_from_message_json,

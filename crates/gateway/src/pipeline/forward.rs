@@ -6,7 +6,8 @@ use std::time::Instant;
 use http::request::Parts;
 use http::uri::PathAndQuery;
 
-use super::{SendCtx, UpstreamSeen};
+use super::ctx::SendCtx;
+use super::report::UpstreamSeen;
 use crate::send::{Overflow, UpstreamBody};
 use crate::state::AppState;
 use crate::upstream::UpstreamError;
@@ -47,7 +48,7 @@ pub(super) async fn forward(
     let took = started.elapsed();
     let status = result.as_ref().map_or(0, |r| r.status().as_u16());
     state.metrics.upstream(status, took);
-    ctx.upstream = Some(UpstreamSeen {
+    ctx.record.upstream = Some(UpstreamSeen {
         status,
         request_id: result
             .as_ref()

@@ -20,8 +20,8 @@ use limits::Cost;
 
 use super::admit::limits_bytes;
 use super::charged::Charged;
+use super::ctx::{SendCtx, Stop};
 use super::forward::Sent;
-use super::{SendCtx, Stop};
 use crate::error::GatewayError;
 use crate::lease::{Kept, Lease};
 use crate::metrics::Settlement;
@@ -88,7 +88,7 @@ pub(super) async fn settle(
 
 async fn release(ctx: &mut SendCtx, lease: Option<Lease>) {
     if let Some(lease) = lease {
-        ctx.settlement = Some(Settlement::Released);
+        ctx.record.settlement = Some(Settlement::Released);
         lease.release().await;
     }
 }
@@ -131,7 +131,7 @@ async fn unsent(
 
 fn kept_unknown(ctx: &mut SendCtx, lease: Option<Lease>) {
     if let Some(lease) = lease {
-        ctx.settlement = Some(Settlement::Kept);
+        ctx.record.settlement = Some(Settlement::Kept);
         let _ = lease.keep();
     }
 }
@@ -144,7 +144,7 @@ async fn keep(
     lease: Lease,
     resp: Response,
 ) -> Result<(Response, Option<Kept>), Stop> {
-    ctx.settlement = Some(Settlement::Kept);
+    ctx.record.settlement = Some(Settlement::Kept);
     if !resp.status().is_success() || !is_json(resp.headers()) {
         return Ok((resp, Some(lease.keep())));
     }
@@ -191,15 +191,15 @@ fn correction(ctx: &SendCtx, charged: &Charged, cost: Cost, answer: &Bytes) -> C
         return Cost::default();
     };
     let recipients = sent.recipients.saturating_sub(cost.recipients);
-    let bytes = if limits_bytes(&charged.profile) && ctx.kind != SendKind::Mime {
+    let bytes = if limits_bytes(&charged.profile) && ctx.record.kind != SendKind::Mime {
         sent.size.saturating_sub(cost.bytes)
     } else {
         0
     };
     if recipients > 0 || bytes > 0 {
         tracing::warn!(
-            request_id = %ctx.request_id,
-            grant = ctx.subject.as_deref().unwrap_or(""),
+            request_id = %ctx.record.request_id,
+            grant = ctx.record.subject(),
             recipients,
             bytes,
             "Nylas sent more than was counted; charging the difference"
@@ -264,9 +264,9 @@ async fn throttled(state: &AppState, ctx: &SendCtx, charged: &Charged, resp: Res
     };
     if provider {
         let pause = retry_after.unwrap_or(DEFAULT_PAUSE);
-        tracing::warn!(request_id = %ctx.request_id, grant = ctx.subject.as_deref().unwrap_or(""), seconds = pause.as_secs(), "provider throttled the grant; cooling down");
+        tracing::warn!(request_id = %ctx.record.request_id, grant = ctx.record.subject(), seconds = pause.as_secs(), "provider throttled the grant; cooling down");
         if let Err(e) = state.store.cool_down(charged.scope.as_str(), pause).await {
-            tracing::error!(request_id = %ctx.request_id, error = %e, "could not record the cool-down");
+            tracing::error!(request_id = %ctx.record.request_id, error = %e, "could not record the cool-down");
         }
     }
     Response::from_parts(parts, body)

@@ -1,0 +1,69 @@
+//! The per-request context the phases fill in, and how a phase ends a send early.
+
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::response::Response;
+use http::{HeaderValue, header};
+
+use super::report::Record;
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::metrics::Outcome;
+use crate::request_id::RequestId;
+use crate::send::SendRoute;
+use crate::state::AppState;
+
+/// How a send ends before its last phase.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    /// The gateway answers with this error.
+    Fail(GatewayError),
+    /// Nylas's own answer (to a look-up) goes back as it came (boxed: a response is large
+    /// next to an error, and most stops are errors).
+    Relay(Box<Response>),
+}
+
+impl From<GatewayError> for Stop {
+    fn from(e: GatewayError) -> Self {
+        Stop::Fail(e)
+    }
+}
+
+/// Everything the phases learn about one send.
+#[derive(Debug)]
+pub(crate) struct SendCtx {
+    /// The configuration as it was when the send arrived.
+    pub config: Arc<Config>,
+    /// The caller's credentials, for look-ups made on its behalf.
+    pub authorization: Option<HeaderValue>,
+    /// What the send's log line and metric will say (reported once, also when the send's
+    /// future is dropped).
+    pub record: Record,
+}
+
+impl SendCtx {
+    pub fn new(state: &AppState, route: &SendRoute, req: &Request) -> Self {
+        let request_id = req
+            .extensions()
+            .get::<RequestId>()
+            .copied()
+            .unwrap_or_else(RequestId::current);
+        SendCtx {
+            config: state.config(),
+            authorization: req.headers().get(header::AUTHORIZATION).cloned(),
+            record: Record::new(request_id, route.kind(), Arc::clone(&state.metrics)),
+        }
+    }
+
+    /// Records the decision (the last one recorded is the one reported).
+    pub fn decide(&mut self, outcome: Outcome, reason: &'static str) {
+        self.record.decision = Some((outcome, reason));
+    }
+
+    /// Records a per-message refusal and returns the error to answer with.
+    pub fn reject(&mut self, err: GatewayError) -> Stop {
+        self.decide(Outcome::StaticRejected, err.error_type());
+        Stop::Fail(err)
+    }
+}
