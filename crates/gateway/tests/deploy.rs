@@ -115,13 +115,8 @@ impl Problems {
 fn check_config(args: &[String], env: &[(String, String)]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.args(args).arg("check-config");
-    for (name, _) in std::env::vars_os() {
-        if name
-            .to_str()
-            .is_some_and(|n| n.to_ascii_uppercase().starts_with("SEND_GATEWAY"))
-        {
-            cmd.env_remove(&name);
-        }
+    for name in testkit::process::vars_with_prefix("SEND_GATEWAY") {
+        cmd.env_remove(name);
     }
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.output().expect("run send-gateway check-config")
