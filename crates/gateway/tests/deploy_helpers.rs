@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use deploy_support::{
-    MetricType, check_config, config_arg, describe, effective, host_port, metric_tokens,
-    quantity_bytes, registered_metrics, with_config_path,
+    MetricType, check_config, config_arg, describe, effective, exposed_names, host_port,
+    metric_tokens, quantity_bytes, registered_metrics, with_config_path,
 };
 
 #[test]
@@ -57,4 +57,14 @@ fn helpers_parse_what_they_claim() {
         kinds.get("sendgw_requests_in_flight"),
         Some(&MetricType::Gauge)
     );
+    let exposed = exposed_names();
+    for name in [
+        "sendgw_decisions_total",
+        "sendgw_store_duration_seconds_bucket",
+        "sendgw_store_duration_seconds_count",
+        "sendgw_requests_in_flight",
+    ] {
+        assert!(exposed.contains(name), "{name} in {exposed:?}");
+    }
+    assert!(!exposed.contains("sendgw_decisions"), "{exposed:?}");
 }

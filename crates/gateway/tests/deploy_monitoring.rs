@@ -1,5 +1,5 @@
 //! `deploy/monitoring/` and every `sendgw_` metric name under `deploy/`: each is one the
-//! gateway registers (read from `src/metrics.rs`), the Grafana dashboard shows every
+//! gateway registers (read from its metrics registry), the Grafana dashboard shows every
 //! registered metric, and the alert rules are well formed and cover the failure modes.
 
 mod deploy_support;

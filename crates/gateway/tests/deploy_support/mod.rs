@@ -402,7 +402,7 @@ pub fn resolve_config_env(
 // ---------------------------------------------------------------------------------------
 // Metric names
 
-/// A metric family's type.
+/// A metric family's type, as its `# TYPE` line gives it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricType {
     Counter,
@@ -411,137 +411,56 @@ pub enum MetricType {
     Unknown,
 }
 
-/// `(exposed base name, type)` of every metric `src/metrics.rs` registers: the registry's
-/// prefix (`sendgw`) and name, plus the unit for `register_with_unit`.
-pub fn registered_metrics() -> Vec<(String, MetricType)> {
-    let src = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src/metrics.rs"));
-    let prefix = src
-        .split("Registry::with_prefix(\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("metrics.rs builds its registry with Registry::with_prefix(\"...\")");
-    let mut out = Vec::new();
-    let mut rest = src.as_str();
-    while let Some(at) = rest.find(".register") {
-        rest = &rest[at + ".register".len()..];
-        let with_unit = rest.starts_with("_with_unit(");
-        let Some(open) = rest.find('(') else { break };
-        if open > "_with_unit".len() {
-            continue;
-        }
-        let args = call_arguments(&rest[open + 1..]);
-        let Some(name) = args.first().and_then(|a| a.trim().strip_prefix('"')) else {
-            continue;
-        };
-        let mut name = format!("{prefix}_{}", name.trim_end_matches('"'));
-        let unit = args.get(2).and_then(|u| u.trim().rsplit("::").next());
-        if let (true, Some(unit)) = (with_unit, unit) {
-            let unit = unit.to_ascii_lowercase();
-            if !name.ends_with(&format!("_{unit}")) {
-                name = format!("{name}_{unit}");
-            }
-        }
-        let metric = args.last().map_or("", |a| a.trim());
-        out.push((name, metric_type(&src, metric)));
-    }
+/// The exposition of the gateway's metrics registry with a sample in every family
+/// ([`gateway::metrics::Metrics::with_every_family`]), as `/metrics` would serve it.
+///
+/// # Panics
+/// When the registry holds a family that has no sample there (its `Debug` lists one
+/// `Descriptor` per registered metric), since such a family would be missing from the text.
+pub fn registry_text() -> String {
+    let metrics = gateway::metrics::Metrics::with_every_family();
+    let text = metrics.render();
+    let registered = format!("{metrics:?}").matches("Descriptor {").count();
+    let described = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
     assert!(
-        !out.is_empty(),
-        "found no registry.register(...) in metrics.rs"
+        registered > 0 && described == registered,
+        "the registry holds {registered} metric families but Metrics::with_every_family() \
+         renders {described}: give every family a sample there\n{text}"
     );
-    out
+    text
 }
 
-/// The top-level, comma-separated arguments of a call whose `(` was just consumed.
-fn call_arguments(text: &str) -> Vec<String> {
-    let mut args = Vec::new();
-    let mut depth = 0usize;
-    let mut in_str = false;
-    let mut escaped = false;
-    let mut current = String::new();
-    for ch in text.chars() {
-        if in_str {
-            current.push(ch);
-            match (escaped, ch) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_str = false,
-                _ => {}
-            }
-            continue;
-        }
-        match ch {
-            '"' => {
-                in_str = true;
-                current.push(ch);
-            }
-            '(' | '[' | '{' | '<' => {
-                depth += 1;
-                current.push(ch);
-            }
-            ')' | ']' | '}' | '>' if depth > 0 => {
-                depth -= 1;
-                current.push(ch);
-            }
-            ')' => break,
-            ',' if depth == 0 => args.push(std::mem::take(&mut current)),
-            _ => current.push(ch),
-        }
-    }
-    if !current.trim().is_empty() {
-        args.push(current);
-    }
-    args
+/// `(family name, type)` of every metric the gateway registers, from the `# TYPE` lines of
+/// [`registry_text`]. The family name is the exposed base name: the registry's prefix and
+/// the metric's name (and unit), without the `_total`, `_bucket`, ... of its samples.
+pub fn registered_metrics() -> Vec<(String, MetricType)> {
+    registry_text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|rest| {
+            let (name, ty) = rest
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("a `# TYPE NAME TYPE` line: {rest:?}"));
+            let ty = match ty.trim() {
+                "counter" => MetricType::Counter,
+                "gauge" => MetricType::Gauge,
+                "histogram" => MetricType::Histogram,
+                _ => MetricType::Unknown,
+            };
+            (name.to_owned(), ty)
+        })
+        .collect()
 }
 
-/// The type of the metric expression `expr` (`decisions.clone()`, `Gauge::default()`), from
-/// the expression itself or the `let` that made the variable it names.
-fn metric_type(src: &str, expr: &str) -> MetricType {
-    let classify = |text: &str| {
-        if text.contains("Histogram") {
-            MetricType::Histogram
-        } else if text.contains("Counter") {
-            MetricType::Counter
-        } else if text.contains("Gauge") {
-            MetricType::Gauge
-        } else {
-            MetricType::Unknown
-        }
-    };
-    let direct = classify(expr);
-    if direct != MetricType::Unknown {
-        return direct;
-    }
-    let ident: String = expr
-        .chars()
-        .take_while(|c| c.is_alphanumeric() || *c == '_')
-        .collect();
-    if ident.is_empty() {
-        return MetricType::Unknown;
-    }
-    for pat in [format!("let {ident} ="), format!("let {ident}:")] {
-        if let Some(at) = src.find(&pat) {
-            let stmt = src[at..].split(';').next().unwrap_or("");
-            return classify(stmt);
-        }
-    }
-    MetricType::Unknown
-}
-
-/// Every name a registered metric is exposed under.
+/// Every name a sample of [`registry_text`] is exposed under (`sendgw_decisions_total`,
+/// `sendgw_store_duration_seconds_bucket`, ...).
 pub fn exposed_names() -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for (base, ty) in registered_metrics() {
-        let suffixes: &[&str] = match ty {
-            MetricType::Counter => &["_total"],
-            MetricType::Gauge => &[""],
-            MetricType::Histogram => &["_bucket", "_sum", "_count"],
-            MetricType::Unknown => &["", "_total", "_bucket", "_sum", "_count"],
-        };
-        for s in suffixes {
-            names.insert(format!("{base}{s}"));
-        }
-    }
-    names
+    registry_text()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Every `sendgw_...` token in `text`.
