@@ -26,10 +26,7 @@ async fn the_binary_prints_its_address_and_serves_the_demo_grant() {
         .expect("a ready line within 10 s")
         .unwrap()
         .expect("a first line");
-    let url = ready
-        .strip_prefix("fake-nylas listening on ")
-        .expect("the ready line format")
-        .to_owned();
+    let url = testkit::process::listening_url("fake-nylas", &ready).expect("the ready line format");
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     let grant_line = lines.next_line().await.unwrap().unwrap();
     assert!(grant_line.contains(DEMO_GRANT_ID) && grant_line.contains(DEMO_GRANT_EMAIL));

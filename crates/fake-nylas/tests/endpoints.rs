@@ -2,10 +2,11 @@
 
 mod common;
 
-use common::{Multipart, TOKEN, authed, client, parts, start};
+use common::{BOUNDARY, TOKEN, authed, client, parts, start};
 use fake_nylas::{DEMO_GRANT_EMAIL, DEMO_GRANT_ID, Grant, SendKind, download_pattern};
 use reqwest::Method;
 use serde_json::{Value, json};
+use testkit::multipart::Multipart;
 
 #[tokio::test]
 async fn every_identifier_form_resolves_to_the_canonical_grant() {
@@ -252,7 +253,7 @@ async fn python_style_multipart_send_lists_attachments() {
     let fake = start().await;
     let client = client();
     let attachment = vec![7u8; 3 * 1024 * 1024];
-    let (content_type, body) = Multipart::new()
+    let (content_type, body) = Multipart::new(BOUNDARY)
         .part(
             "message",
             Some(""),
@@ -296,7 +297,7 @@ async fn python_style_multipart_send_lists_attachments() {
 async fn node_style_chunked_multipart_send_is_read_whole() {
     let fake = start().await;
     let client = client();
-    let (content_type, body) = Multipart::new()
+    let (content_type, body) = Multipart::new(BOUNDARY)
         .part(
             "message",
             None,
@@ -337,7 +338,7 @@ async fn raw_mime_send_reads_the_mime_part_as_file_or_field() {
     let client = client();
     let mime = b"From: Demo <demo@example.com>\r\nTo: A <a@x.com>, b@x.com\r\nCc: c@x.com\r\nSubject: raw hello\r\n\r\nbody\r\n";
     for (filename, content_type) in [(Some("message.eml"), Some("message/rfc822")), (None, None)] {
-        let (ct, body) = Multipart::new()
+        let (ct, body) = Multipart::new(BOUNDARY)
             .part("mime", filename, content_type, mime)
             .finish();
         let response = authed(
@@ -368,7 +369,9 @@ async fn raw_mime_send_reads_the_mime_part_as_file_or_field() {
     assert!(sends.iter().all(|s| s.send == Some(SendKind::Mime)));
     assert_eq!(sends[0].query.as_deref(), Some("type=mime"));
 
-    let (ct, body) = Multipart::new().part("message", None, None, b"{}").finish();
+    let (ct, body) = Multipart::new(BOUNDARY)
+        .part("message", None, None, b"{}")
+        .finish();
     let missing = authed(
         &client,
         Method::POST,

@@ -10,53 +10,31 @@
 //! It prints the figures; `crates/gateway/BENCHMARKS.md` records them. No assertion here
 //! depends on timing.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use testkit::RedisServer;
+use testkit::multipart::Multipart;
+use testkit::process::{Expect, Server};
 
 const ROUNDS: usize = 3;
 const CONCURRENT: usize = 8;
 const ATTACHMENT: usize = 20_000_000;
 
-struct Gateway {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_gateway(config: &str) -> Gateway {
+/// The release binary on `config`, written to a file; ready once it printed its address.
+fn start_gateway(config: &str) -> Server {
     let dir = std::env::temp_dir().join(format!("sendgw-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_send-gateway"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn send-gateway");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = lines
-        .next()
-        .and_then(Result::ok)
-        .and_then(|l| {
-            l.strip_prefix("send-gateway listening on ")
-                .map(str::to_owned)
-        })
-        .expect("ready line");
-    // Drain the rest of stdout so the process never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Gateway { child, url }
+    let mut cmd = testkit::process::send_gateway(env!("CARGO_BIN_EXE_send-gateway"), &path);
+    cmd.stderr(Stdio::null());
+    Server::spawn(
+        &mut cmd,
+        "send-gateway",
+        Expect::Listening,
+        Duration::from_secs(30),
+    )
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
@@ -69,21 +47,27 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn multipart(boundary: &str, recipients: usize, attachment: &[u8]) -> Vec<u8> {
+/// A Python-SDK-shaped send: the message part, then one attachment.
+fn multipart(boundary: &str, recipients: usize, attachment: &[u8]) -> bytes::Bytes {
     let to: Vec<_> = (0..recipients)
         .map(|i| serde_json::json!({"email": format!("r{i}@example.org")}))
         .collect();
     let message = serde_json::json!({"to": to, "subject": "load", "body": "hello"}).to_string();
-    let mut b = Vec::with_capacity(attachment.len() + 1024);
-    b.extend_from_slice(
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"message\"; filename=\"\"\r\nContent-Type: application/json\r\n\r\n{message}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file0\"; filename=\"big.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    Multipart::new(boundary)
+        .part(
+            "message",
+            Some(""),
+            Some("application/json"),
+            message.as_bytes(),
         )
-        .as_bytes(),
-    );
-    b.extend_from_slice(attachment);
-    b.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    b
+        .part(
+            "file0",
+            Some("big.bin"),
+            Some("application/octet-stream"),
+            attachment,
+        )
+        .finish()
+        .1
 }
 
 /// Commands a client sends (round trips), as opposed to commands a Lua script runs inside
@@ -174,10 +158,10 @@ recipients = 1000000
         .pool_max_idle_per_host(CONCURRENT)
         .build()
         .unwrap();
-    let send_url = format!("{}/v3/grants/{grant}/messages/send", gw.url);
+    let send_url = format!("{}/v3/grants/{grant}/messages/send", gw.url());
     let attachment: Vec<u8> = (0..ATTACHMENT).map(|i| (i % 251) as u8).collect();
-    let body = bytes::Bytes::from(multipart("loadboundary", 3, &attachment));
-    println!("gateway RSS before load: {} KiB", vm_hwm_kib(gw.child.id()));
+    let body = multipart("loadboundary", 3, &attachment);
+    println!("gateway RSS before load: {} KiB", vm_hwm_kib(gw.id()));
 
     let started = Instant::now();
     let mut ok = 0;
@@ -211,7 +195,7 @@ recipients = 1000000
         );
     }
     let elapsed = started.elapsed();
-    let hwm = vm_hwm_kib(gw.child.id());
+    let hwm = vm_hwm_kib(gw.id());
     println!(
         "peak RSS of send-gateway relaying {CONCURRENT} concurrent 20 MB multipart sends x {ROUNDS} rounds: {:.1} MiB ({ok} sends relayed in {:.1} s)",
         hwm as f64 / 1024.0,
@@ -225,10 +209,10 @@ recipients = 1000000
             .collect();
         serde_json::json!({"to": to, "subject": "s", "body": "b"}).to_string()
     };
-    let send = |body: String| {
+    let send_to = |url: &str, body: String| {
         rt.block_on(
             client
-                .post(&send_url)
+                .post(url)
                 .header("authorization", "Bearer load")
                 .header("content-type", "application/json")
                 .body(body)
@@ -238,6 +222,7 @@ recipients = 1000000
         .status()
         .as_u16()
     };
+    let send = |body: String| send_to(&send_url, body);
     let n = 200;
     redis.command(&["CONFIG", "RESETSTAT"]).unwrap();
     let allowed = (0..n).filter(|_| send(json(2)) == 200).count();
@@ -248,20 +233,8 @@ recipients = 1000000
     // A profile that is already exhausted, for denials: restart the gateway with limit 1.
     drop(gw);
     let gw = start_gateway(&config.replace("messages = 1000000", "messages = 1"));
-    let send_url2 = format!("{}/v3/grants/{grant}/messages/send", gw.url);
-    let send2 = |body: String| {
-        rt.block_on(
-            client
-                .post(&send_url2)
-                .header("authorization", "Bearer load")
-                .header("content-type", "application/json")
-                .body(body)
-                .send(),
-        )
-        .unwrap()
-        .status()
-        .as_u16()
-    };
+    let send_url2 = format!("{}/v3/grants/{grant}/messages/send", gw.url());
+    let send2 = |body: String| send_to(&send_url2, body);
     // The grant used its one message above; every send now is denied.
     redis.command(&["CONFIG", "RESETSTAT"]).unwrap();
     let denied = (0..n).filter(|_| send2(json(2)) == 429).count();

@@ -283,6 +283,23 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// A fresh registry in which every family has one sample, so that its
+    /// [`Metrics::render`] names every metric the gateway can expose (the exposition leaves
+    /// out a family with no sample). For checking names against the registry, as the deploy
+    /// tests do; never served. A new family needs a sample here too.
+    pub fn with_every_family() -> Metrics {
+        let m = Metrics::default();
+        m.decision(Outcome::Allowed, "within_quota");
+        m.units(limits::Cost::default());
+        m.settled(Settlement::Kept);
+        m.correction(limits::Metric::Recipients);
+        m.store_call("reserve", Duration::ZERO);
+        m.upstream(200, Duration::ZERO);
+        m.threshold("80");
+        m.reload(true);
+        m
+    }
 }
 
 /// Decrements the in-flight gauge when dropped.

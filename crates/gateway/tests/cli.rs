@@ -16,13 +16,8 @@ use tokio::process::Command;
 /// child exactly what it means to.
 fn bin() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_send-gateway"));
-    for (name, _) in std::env::vars_os() {
-        if name
-            .to_str()
-            .is_some_and(|n| n.to_ascii_uppercase().starts_with("SEND_GATEWAY"))
-        {
-            cmd.env_remove(name);
-        }
+    for name in testkit::process::vars_with_prefix("SEND_GATEWAY") {
+        cmd.env_remove(name);
     }
     cmd.kill_on_drop(true);
     cmd

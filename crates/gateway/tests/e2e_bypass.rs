@@ -5,8 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Gateway, Multipart, TOKEN, attachment, client, config, fake, message};
+use common::{Gateway, TOKEN, attachment, client, config, fake, message};
 use fake_nylas::{DEMO_GRANT_ID, Rule};
+use testkit::multipart::Multipart;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends one raw HTTP/1.1 request and returns the whole answer.

@@ -7,11 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Gateway, Multipart, TOKEN, WAIT, attachment, chunked, client, config, evalsha_calls,
-    eventually, fake, gateway_error, message, simple,
+    Gateway, TOKEN, WAIT, attachment, chunked, client, config, evalsha_calls, eventually, fake,
+    gateway_error, message, simple,
 };
 use fake_nylas::{DEMO_GRANT_ID, Rule};
 use testkit::RedisServer;
+use testkit::multipart::Multipart;
 use tokio::io::AsyncWriteExt;
 
 /// A profile of 2 recipients and 1 MB per message, 2 messages a minute.

@@ -4,9 +4,10 @@
 mod common;
 
 use bytes::Bytes;
-use common::{Gateway, Multipart, TOKEN, client, config, eventually, fake, message, metric_value};
+use common::{Gateway, TOKEN, client, config, eventually, fake, message, metric_value};
 use fake_nylas::{DEMO_GRANT_ID, Rule};
 use serde_json::json;
+use testkit::multipart::Multipart;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;

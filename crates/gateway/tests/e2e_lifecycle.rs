@@ -4,14 +4,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Gateway, Process, WAIT, client, fake, metric_value, redis_store};
 use fake_nylas::{FakeNylas, Grant, Rule};
 use serde_json::Value;
 use testkit::RedisServer;
+use testkit::process::{Expect, Server};
 
 /// A file for the binary: both listeners on port 0, `extra` tables, and one profile
 /// `daily` of `messages` per rolling 24 h for every grant.
@@ -207,27 +206,11 @@ async fn logs_name_each_decision_and_never_a_credential_body_or_address() {
     .expect("write config");
     let log = dir.path().join("stderr.log");
     let stderr = std::fs::File::create(&log).expect("log file");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_send-gateway"))
-        .arg("--config")
-        .arg(&config)
-        // The most verbose level, so nothing is hidden by the filter.
-        .env("RUST_LOG", "trace")
-        .env_remove("SEND_GATEWAY_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn send-gateway");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let url = lines
-        .next()
-        .and_then(Result::ok)
-        .and_then(|l| {
-            l.strip_prefix("send-gateway listening on ")
-                .map(str::to_owned)
-        })
-        .expect("ready line");
-    std::thread::spawn(move || for _ in lines {});
+    let mut cmd = testkit::process::send_gateway(env!("CARGO_BIN_EXE_send-gateway"), &config);
+    // The most verbose level, so nothing is hidden by the filter.
+    cmd.env("RUST_LOG", "trace").stderr(stderr);
+    let mut gw = Server::spawn(&mut cmd, "send-gateway", Expect::Listening, WAIT);
+    let url = gw.url().to_owned();
     let secret_token = "tok_very_secret_123";
     let message = serde_json::json!({
         "to": [{"email": "hidden.person@example.org", "name": "Hidden Person"}],
@@ -247,12 +230,16 @@ async fn logs_name_each_decision_and_never_a_credential_body_or_address() {
     }
     // SIGTERM, as an operator stops it: log lines are written by a background thread,
     // and an orderly exit flushes every one still queued.
-    let stopped = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(stopped.success());
-    let _ = child.wait();
+    gw.signal("TERM");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gw.try_wait().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "exits after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(gw);
     let text = std::fs::read_to_string(&log).expect("read log");
     let decisions: Vec<Value> = text
         .lines()

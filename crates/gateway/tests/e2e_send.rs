@@ -4,11 +4,11 @@
 mod common;
 
 use common::{
-    Gateway, Multipart, TOKEN, attachment, chunked, client, config, fake, gateway_error, message,
-    simple,
+    Gateway, TOKEN, attachment, chunked, client, config, fake, gateway_error, message, simple,
 };
 use fake_nylas::{DEMO_GRANT_EMAIL, DEMO_GRANT_ID, Grant, SendKind};
 use serde_json::{Value, json};
+use testkit::multipart::Multipart;
 
 #[tokio::test]
 async fn json_send_is_relayed_with_ratelimit_headers_and_counted_by_unique_recipients() {

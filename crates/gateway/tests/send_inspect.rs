@@ -9,6 +9,7 @@ use futures_util::{StreamExt, stream};
 use gateway::send::{InspectError, InspectOptions, Inspected, SendRoute, classify, inspect};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method};
+use testkit::multipart::Multipart;
 
 const LIMIT: u64 = 20_000_000;
 const PY_BOUNDARY: &str = "c0a5e8b2f7d94b1e9f3a6d2c8e4b7a15";
@@ -82,39 +83,35 @@ async fn forward(inspected: Inspected) -> (Vec<u8>, Option<InspectError>) {
 /// Python SDK (requests + toolbelt): the message part has `filename=""` and a
 /// content type; attachments are `file0`, `file1`...
 fn python_multipart(message: &str, attachments: &[(&str, &[u8])]) -> Bytes {
-    let b = PY_BOUNDARY;
-    let mut body = format!(
-        "--{b}\r\nContent-Disposition: form-data; name=\"message\"; filename=\"\"\r\n\
-         Content-Type: application/json\r\n\r\n{message}\r\n"
-    )
-    .into_bytes();
+    let mut body = Multipart::new(PY_BOUNDARY).part(
+        "message",
+        Some(""),
+        Some("application/json"),
+        message.as_bytes(),
+    );
     for (i, (name, data)) in attachments.iter().enumerate() {
-        body.extend_from_slice(
-            format!(
-                "--{b}\r\nContent-Disposition: form-data; name=\"file{i}\"; filename=\"{name}\"\r\n\
-                 Content-Type: application/octet-stream\r\n\r\n"
-            )
-            .as_bytes(),
+        body = body.part(
+            &format!("file{i}"),
+            Some(name),
+            Some("application/octet-stream"),
+            data,
         );
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
     }
-    body.extend_from_slice(format!("--{b}--\r\n").as_bytes());
-    Bytes::from(body)
+    body.finish().1
 }
 
 /// Node SDK (undici FormData): the message part has no filename and no content type.
 fn node_multipart(message: &str, attachment: &[u8]) -> Bytes {
-    let b = NODE_BOUNDARY;
-    let mut body = format!(
-        "--{b}\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n{message}\r\n\
-         --{b}\r\nContent-Disposition: form-data; name=\"file0\"; filename=\"big.bin\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(attachment);
-    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
-    Bytes::from(body)
+    Multipart::new(NODE_BOUNDARY)
+        .part("message", None, None, message.as_bytes())
+        .part(
+            "file0",
+            Some("big.bin"),
+            Some("application/octet-stream"),
+            attachment,
+        )
+        .finish()
+        .1
 }
 
 const MESSAGE: &str = r#"{"subject":"Report","body":"<p>see attached</p>","to":[{"name":"Ann","email":"ann@example.com"}],"cc":[{"email":"ANN@example.com "},{"email":"bob@example.com"}],"bcc":[{"email":"carl@example.com"}]}"#;

@@ -10,6 +10,7 @@ use gateway::upstream::Upstream;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method};
 use std::time::Duration;
+use testkit::multipart::Multipart;
 use tokio::sync::mpsc;
 
 const BOUNDARY: &str = "----formdata-undici-0987654321";
@@ -51,16 +52,17 @@ async fn upstream() -> (String, mpsc::UnboundedReceiver<Received>) {
 }
 
 fn body_with_attachment(len: usize) -> Bytes {
-    let b = BOUNDARY;
-    let mut body = format!(
-        "--{b}\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n{MESSAGE}\r\n\
-         --{b}\r\nContent-Disposition: form-data; name=\"file0\"; filename=\"x.bin\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend((0..len).map(|i| (i % 253) as u8));
-    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
-    Bytes::from(body)
+    let attachment: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+    Multipart::new(BOUNDARY)
+        .part("message", None, None, MESSAGE.as_bytes())
+        .part(
+            "file0",
+            Some("x.bin"),
+            Some("application/octet-stream"),
+            &attachment,
+        )
+        .finish()
+        .1
 }
 
 fn client_body(body: &Bytes) -> Body {

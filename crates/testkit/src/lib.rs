@@ -3,6 +3,12 @@
 //! # Layout
 //! - [`RedisServer`]: a private `redis-server` on a free loopback port, which a test can
 //!   stop, pause (SIGSTOP) and restart; never the one that may listen on 6379.
+//! - [`process`]: a spawned server (`send-gateway`, `fake-nylas`) and the ready lines it
+//!   prints on stdout (`NAME listening on URL`, `NAME admin on URL`).
+//! - [`multipart`]: `multipart/form-data` bodies built by hand, part header by part header.
+
+pub mod multipart;
+pub mod process;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -45,53 +45,5 @@ pub async fn parts(response: reqwest::Response) -> (u16, Value) {
     (status, body)
 }
 
-/// A multipart body built by hand, so tests control every header of every part.
-pub struct Multipart {
-    boundary: String,
-    body: Vec<u8>,
-}
-
-impl Multipart {
-    pub fn new() -> Self {
-        Multipart {
-            boundary: "fake-nylas-test-boundary".into(),
-            body: Vec::new(),
-        }
-    }
-
-    /// Adds a part; `filename` and `content_type` are written only when given.
-    pub fn part(
-        mut self,
-        name: &str,
-        filename: Option<&str>,
-        content_type: Option<&str>,
-        data: &[u8],
-    ) -> Self {
-        let mut head = format!(
-            "--{}\r\nContent-Disposition: form-data; name=\"{name}\"",
-            self.boundary
-        );
-        if let Some(filename) = filename {
-            head.push_str(&format!("; filename=\"{filename}\""));
-        }
-        head.push_str("\r\n");
-        if let Some(content_type) = content_type {
-            head.push_str(&format!("Content-Type: {content_type}\r\n"));
-        }
-        head.push_str("\r\n");
-        self.body.extend_from_slice(head.as_bytes());
-        self.body.extend_from_slice(data);
-        self.body.extend_from_slice(b"\r\n");
-        self
-    }
-
-    pub fn content_type(&self) -> String {
-        format!("multipart/form-data; boundary={}", self.boundary)
-    }
-
-    pub fn finish(mut self) -> (String, Vec<u8>) {
-        self.body
-            .extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
-        (self.content_type(), self.body)
-    }
-}
+/// The boundary of the tests' hand-built multipart bodies ([`testkit::multipart::Multipart`]).
+pub const BOUNDARY: &str = "fake-nylas-test-boundary";

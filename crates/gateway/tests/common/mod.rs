@@ -3,11 +3,9 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +13,7 @@ use fake_nylas::FakeNylas;
 use gateway::AppState;
 use gateway::config::Config;
 use serde_json::{Value, json};
+use testkit::process::{Expect, Server};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -206,59 +205,6 @@ pub async fn gateway_error(resp: reqwest::Response, status: u16, error_type: &st
     body
 }
 
-/// A multipart body built by hand, so every part header is what a given SDK writes.
-#[derive(Debug)]
-pub struct Multipart {
-    boundary: String,
-    body: Vec<u8>,
-}
-
-impl Multipart {
-    pub fn new(boundary: &str) -> Self {
-        Multipart {
-            boundary: boundary.to_owned(),
-            body: Vec::new(),
-        }
-    }
-
-    /// Adds a part; `filename` and `content_type` are written only when given.
-    pub fn part(
-        mut self,
-        name: &str,
-        filename: Option<&str>,
-        content_type: Option<&str>,
-        data: &[u8],
-    ) -> Self {
-        let mut head = format!(
-            "--{}\r\nContent-Disposition: form-data; name=\"{name}\"",
-            self.boundary
-        );
-        if let Some(filename) = filename {
-            head.push_str(&format!("; filename=\"{filename}\""));
-        }
-        head.push_str("\r\n");
-        if let Some(content_type) = content_type {
-            head.push_str(&format!("Content-Type: {content_type}\r\n"));
-        }
-        head.push_str("\r\n");
-        self.body.extend_from_slice(head.as_bytes());
-        self.body.extend_from_slice(data);
-        self.body.extend_from_slice(b"\r\n");
-        self
-    }
-
-    pub fn content_type(&self) -> String {
-        format!("multipart/form-data; boundary={}", self.boundary)
-    }
-
-    /// The content type and the whole body.
-    pub fn finish(mut self) -> (String, Bytes) {
-        self.body
-            .extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
-        (self.content_type(), Bytes::from(self.body))
-    }
-}
-
 /// `len` attachment bytes that are not all the same.
 pub fn attachment(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 253) as u8).collect()
@@ -328,10 +274,11 @@ pub fn redis_store(redis: &testkit::RedisServer) -> String {
     format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())
 }
 
-/// A `send-gateway` process; killed (and reaped) when dropped, whatever the test did.
+/// A `send-gateway` process ([`testkit::process::Server`]); killed (and reaped) when
+/// dropped, whatever the test did.
 #[derive(Debug)]
 pub struct Process {
-    pub child: Child,
+    server: Server,
     pub url: String,
     pub admin: String,
 }
@@ -339,62 +286,26 @@ pub struct Process {
 impl Process {
     /// Starts the binary on `config` and reads the two addresses it prints on stdout.
     pub fn spawn(config: &Path) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_send-gateway"))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .env_remove("SEND_GATEWAY_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn send-gateway");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        // Keep draining stdout so the process never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut process = Process {
-            child,
-            url: String::new(),
-            admin: String::new(),
-        };
-        let deadline = std::time::Instant::now() + WAIT;
-        while process.url.is_empty() || process.admin.is_empty() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                let status = process.child.try_wait().ok().flatten();
-                panic!(
-                    "send-gateway printed no addresses within {WAIT:?} (exit status: {status:?})"
-                )
-            });
-            if let Some(url) = line.strip_prefix("send-gateway listening on ") {
-                process.url = url.trim().to_owned();
-            } else if let Some(url) = line.strip_prefix("send-gateway admin on ") {
-                process.admin = url.trim().to_owned();
-            }
+        let mut cmd = testkit::process::send_gateway(env!("CARGO_BIN_EXE_send-gateway"), config);
+        cmd.stderr(Stdio::inherit());
+        let server = Server::spawn(&mut cmd, "send-gateway", Expect::ListeningAndAdmin, WAIT);
+        Process {
+            url: server.url().to_owned(),
+            admin: server.admin().expect("an admin listener").to_owned(),
+            server,
         }
-        process
     }
 
     /// Sends `signal` (`HUP`, `TERM`) with `kill(1)`.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed: {status}");
+        self.server.signal(signal);
     }
 
     /// Waits (bounded by `limit`) for the process to exit.
     pub async fn exit_status(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
+            if let Some(status) = self.server.try_wait() {
                 return Some(status);
             }
             if tokio::time::Instant::now() >= deadline {
@@ -454,12 +365,5 @@ impl Process {
             .expect("quota");
         assert_eq!(resp.status(), 200);
         resp.json().await.expect("quota json")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
