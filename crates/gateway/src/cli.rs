@@ -176,74 +176,9 @@ fn run_quota(
         QuotaCommand::Show(args) => (args, false),
         QuotaCommand::Reset(args) => (args, true),
     };
-    let config = if args.admin.is_none() || args.token.is_none() {
-        Some(config().map_err(QuotaError::Config)?)
-    } else {
-        None
-    };
-    let admin = match (&args.admin, &config) {
-        (Some(url), _) => parse_admin_url(url)?,
-        (None, Some(c)) => admin_url_for(c.server.admin_listen),
-        (None, None) => unreachable!("the configuration is loaded when --admin is missing"),
-    };
-    let token = args
-        .token
-        .clone()
-        .filter(|t| !t.is_empty())
-        .or_else(|| config.and_then(|c| c.server.admin_token).map(String::from));
-
-    let mut url = admin.clone();
-    url.path_segments_mut()
-        .map_err(|()| QuotaError::Usage(format!("--admin: {admin} cannot be a base URL")))?
-        .pop_if_empty()
-        .extend(["v1", "quota", &args.grant]);
-    // The admin listener is internal (loopback, a pod, a port-forward): never through a
-    // proxy picked up from HTTP_PROXY.
-    let client = Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| QuotaError::Failed(format!("cannot start the HTTP client: {e}")))?;
-    let mut request = if reset {
-        client.delete(url)
-    } else {
-        client.get(url)
-    };
-    if let Some(token) = &token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().map_err(|e| {
-        QuotaError::Failed(format!(
-            "cannot reach the admin API at {admin}: {}",
-            error_chain(&e)
-        ))
-    })?;
-    let status = response.status();
-    let body = response.text().map_err(|e| {
-        QuotaError::Failed(format!(
-            "the admin API at {admin} answered {status} but its body could not be read: {}",
-            error_chain(&e)
-        ))
-    })?;
-    if status == reqwest::StatusCode::UNAUTHORIZED {
-        let hint = if token.is_some() {
-            "the admin token given was refused"
-        } else {
-            "this gateway needs an admin token: pass --token, or set SEND_GATEWAY_ADMIN_TOKEN"
-        };
-        return Err(QuotaError::Failed(format!(
-            "not authorized by the admin API at {admin} (401): {hint}"
-        )));
-    }
-    if !status.is_success() {
-        let message = serde_json::from_str::<Value>(&body)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| body.trim().chars().take(200).collect());
-        return Err(QuotaError::Failed(format!(
-            "the admin API at {admin} answered {status}: {message}"
-        )));
-    }
+    let (admin, token) = admin_and_token(&args, config)?;
+    let url = quota_url(&admin, &args.grant)?;
+    let body = call_admin(&admin, url, reset, token.as_deref())?;
     let grant = &args.grant;
     if reset {
         return Ok(if args.json {
@@ -261,6 +196,108 @@ fn run_quota(
         ))
     })?;
     Ok(render_table(&json))
+}
+
+/// The admin API's base URL and the token to send: from `--admin` and `--token`, else
+/// from the configuration, which is loaded only when one of them is missing.
+fn admin_and_token(
+    args: &QuotaArgs,
+    config: impl FnOnce() -> Result<Config, ConfigError>,
+) -> Result<(Url, Option<String>), QuotaError> {
+    let config = if args.admin.is_none() || args.token.is_none() {
+        Some(config().map_err(QuotaError::Config)?)
+    } else {
+        None
+    };
+    let admin = match (&args.admin, &config) {
+        (Some(url), _) => parse_admin_url(url)?,
+        (None, Some(c)) => admin_url_for(c.server.admin_listen),
+        (None, None) => unreachable!("the configuration is loaded when --admin is missing"),
+    };
+    let token = args
+        .token
+        .clone()
+        .filter(|t| !t.is_empty())
+        .or_else(|| config.and_then(|c| c.server.admin_token).map(String::from));
+    Ok((admin, token))
+}
+
+/// `<admin>/v1/quota/<grant>`.
+fn quota_url(admin: &Url, grant: &str) -> Result<Url, QuotaError> {
+    let mut url = admin.clone();
+    url.path_segments_mut()
+        .map_err(|()| QuotaError::Usage(format!("--admin: {admin} cannot be a base URL")))?
+        .pop_if_empty()
+        .extend(["v1", "quota", grant]);
+    Ok(url)
+}
+
+/// `GET` (or, to reset, `DELETE`) `url`; returns the body of a successful answer.
+fn call_admin(
+    admin: &Url,
+    url: Url,
+    reset: bool,
+    token: Option<&str>,
+) -> Result<String, QuotaError> {
+    // The admin listener is internal (loopback, a pod, a port-forward): never through a
+    // proxy picked up from HTTP_PROXY.
+    let client = Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| QuotaError::Failed(format!("cannot start the HTTP client: {e}")))?;
+    let mut request = if reset {
+        client.delete(url)
+    } else {
+        client.get(url)
+    };
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().map_err(|e| {
+        QuotaError::Failed(format!(
+            "cannot reach the admin API at {admin}: {}",
+            error_chain(&e)
+        ))
+    })?;
+    let status = response.status();
+    let body = response.text().map_err(|e| {
+        QuotaError::Failed(format!(
+            "the admin API at {admin} answered {status} but its body could not be read: {}",
+            error_chain(&e)
+        ))
+    })?;
+    check_status(admin, status, &body, token.is_some())?;
+    Ok(body)
+}
+
+/// A refusal or failure of the admin API as one line, with a hint for a 401.
+fn check_status(
+    admin: &Url,
+    status: reqwest::StatusCode,
+    body: &str,
+    token_given: bool,
+) -> Result<(), QuotaError> {
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        let hint = if token_given {
+            "the admin token given was refused"
+        } else {
+            "this gateway needs an admin token: pass --token, or set SEND_GATEWAY_ADMIN_TOKEN"
+        };
+        return Err(QuotaError::Failed(format!(
+            "not authorized by the admin API at {admin} (401): {hint}"
+        )));
+    }
+    if !status.is_success() {
+        let message = serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| body.trim().chars().take(200).collect());
+        return Err(QuotaError::Failed(format!(
+            "the admin API at {admin} answered {status}: {message}"
+        )));
+    }
+    Ok(())
 }
 
 /// `--admin` as given; `host:port` alone means `http://host:port`.
@@ -323,6 +360,31 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 /// ```
 pub fn render_table(json: &Value) -> String {
     let mut out = String::new();
+    let head = head_lines(json);
+    let width = head.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (key, value) in &head {
+        let _ = writeln!(out, "{key:<width$}  {value}");
+    }
+
+    let windows = json
+        .get("windows")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    if windows.is_empty() {
+        out.push_str("no counting windows: sends are not counted\n");
+        return out;
+    }
+    write_rows(&mut out, &window_rows(windows));
+    out
+}
+
+/// The `key  value` lines above the table: grant, profile, any other top-level scalar,
+/// then the per-message caps.
+fn head_lines(json: &Value) -> Vec<(String, String)> {
     let mut head: Vec<(String, String)> = Vec::new();
     if let Some(grant) = json.get("grant_id").and_then(Value::as_str) {
         head.push(("grant".into(), grant.into()));
@@ -348,37 +410,30 @@ pub fn render_table(json: &Value) -> String {
         }
     }
     if let Some(per) = json.get("per_message") {
-        let recipients = per.get("max_recipients").and_then(Value::as_u64);
-        let size = per.get("max_message_size").and_then(Value::as_u64);
-        let mut caps = Vec::new();
-        if let Some(n) = recipients {
-            caps.push(format!("at most {n} recipients"));
-        }
-        if let Some(n) = size {
-            caps.push(format!("at most {} ({n} bytes)", human_bytes(n)));
-        }
-        if caps.is_empty() {
-            caps.push("no caps".into());
-        }
-        head.push(("per message".into(), caps.join(", ")));
+        head.push(("per message".into(), per_message_caps(per)));
     }
-    let width = head.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    for (key, value) in &head {
-        let _ = writeln!(out, "{key:<width$}  {value}");
-    }
+    head
+}
 
-    let windows = json
-        .get("windows")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    if !out.is_empty() {
-        out.push('\n');
+/// `at most 500 recipients, at most 20 MB (20000000 bytes)`, or `no caps`.
+fn per_message_caps(per: &Value) -> String {
+    let recipients = per.get("max_recipients").and_then(Value::as_u64);
+    let size = per.get("max_message_size").and_then(Value::as_u64);
+    let mut caps = Vec::new();
+    if let Some(n) = recipients {
+        caps.push(format!("at most {n} recipients"));
     }
-    if windows.is_empty() {
-        out.push_str("no counting windows: sends are not counted\n");
-        return out;
+    if let Some(n) = size {
+        caps.push(format!("at most {} ({n} bytes)", human_bytes(n)));
     }
+    if caps.is_empty() {
+        caps.push("no caps".into());
+    }
+    caps.join(", ")
+}
+
+/// The header row, then one row per window and metric.
+fn window_rows(windows: &[Value]) -> Vec<[String; 6]> {
     let mut rows = vec![[
         "WINDOW".to_owned(),
         "METRIC".to_owned(),
@@ -400,17 +455,7 @@ pub fn render_table(json: &Value) -> String {
         let Some(fields) = window.as_object() else {
             continue;
         };
-        // The metrics in the order of the configuration, then any others.
-        let mut metrics: Vec<(&String, &Value)> =
-            fields.iter().filter(|(_, v)| v.is_object()).collect();
-        let rank = |name: &str| {
-            ["messages", "recipients", "bytes"]
-                .iter()
-                .position(|m| *m == name)
-                .unwrap_or(usize::MAX)
-        };
-        metrics.sort_by_key(|(name, _)| (rank(name), (*name).clone()));
-        for (metric, counts) in metrics {
+        for (metric, counts) in sorted_metrics(fields) {
             let number = |key: &str| {
                 counts
                     .get(key)
@@ -427,13 +472,33 @@ pub fn render_table(json: &Value) -> String {
             ]);
         }
     }
+    rows
+}
+
+/// A window's metrics (its object-valued fields).
+fn sorted_metrics(fields: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
+    // The metrics in the order of the configuration, then any others.
+    let mut metrics: Vec<(&String, &Value)> =
+        fields.iter().filter(|(_, v)| v.is_object()).collect();
+    let rank = |name: &str| {
+        ["messages", "recipients", "bytes"]
+            .iter()
+            .position(|m| *m == name)
+            .unwrap_or(usize::MAX)
+    };
+    metrics.sort_by_key(|(name, _)| (rank(name), (*name).clone()));
+    metrics
+}
+
+/// `rows` in aligned columns: text left, numbers right, no trailing spaces.
+fn write_rows(out: &mut String, rows: &[[String; 6]]) {
     let mut widths = [0usize; 6];
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    for row in &rows {
+    for row in rows {
         let [period, metric, used, limit, remaining, resets] = row;
         let line = format!(
             "{period:<w0$}  {metric:<w1$}  {used:>w2$}  {limit:>w3$}  {remaining:>w4$}  {resets}",
@@ -446,7 +511,6 @@ pub fn render_table(json: &Value) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
-    out
 }
 
 /// `45s`, `5m 3s`, `23h 59m`, `2d 3h`: the two largest units, for a glance.

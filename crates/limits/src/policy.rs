@@ -293,7 +293,21 @@ impl WindowSpec {
     }
 
     fn build(&self, field: &str) -> Result<Window, PolicyError> {
-        let err = |key: &str, problem: String| PolicyError::new(format!("{field}.{key}"), problem);
+        let limits = self.limits(field)?;
+        let (id, label, period) = match &self.period {
+            PeriodSpec::Rolling(length) => self.build_rolling(field, *length)?,
+            PeriodSpec::Calendar(unit) => self.build_calendar(field, *unit)?,
+        };
+        Ok(Window {
+            id: id.into(),
+            label: label.into(),
+            period,
+            limits,
+        })
+    }
+
+    /// The limits indexed by metric: each greater than zero, at least one of them set.
+    fn limits(&self, field: &str) -> Result<[Option<NonZeroU64>; 3], PolicyError> {
         let mut limits = [None; 3];
         for (metric, value) in
             Metric::ALL
@@ -301,8 +315,9 @@ impl WindowSpec {
                 .zip([self.messages, self.recipients, self.bytes])
         {
             if let Some(v) = value {
-                let v = NonZeroU64::new(v)
-                    .ok_or_else(|| err(metric.as_str(), "must be greater than zero".into()))?;
+                let v = NonZeroU64::new(v).ok_or_else(|| {
+                    field_error(field, metric.as_str(), "must be greater than zero".into())
+                })?;
                 limits[metric.index()] = Some(v);
             }
         }
@@ -312,73 +327,80 @@ impl WindowSpec {
                 "a window needs at least one of messages, recipients or bytes".into(),
             ));
         }
-        let (id, label, period) = match &self.period {
-            PeriodSpec::Rolling(length) => {
-                if self.timezone.is_some() {
-                    return Err(err(
-                        "timezone",
-                        "only calendar windows (\"day\", \"month\") take a time zone".into(),
-                    ));
-                }
-                if *length < MIN_ROLLING || *length > MAX_ROLLING {
-                    return Err(err(
-                        "period",
-                        "a rolling window must be from 1s to 31d long".into(),
-                    ));
-                }
-                let length_ms = u64::try_from(length.as_millis()).unwrap_or(u64::MAX);
-                if length.subsec_nanos() % 1_000_000 != 0 {
-                    return Err(err(
-                        "period",
-                        "must be a whole number of milliseconds".into(),
-                    ));
-                }
-                let requested = self.buckets.unwrap_or(DEFAULT_BUCKETS);
-                if requested == 0 || requested > MAX_BUCKETS {
-                    return Err(err("buckets", format!("must be from 1 to {MAX_BUCKETS}")));
-                }
-                let buckets = largest_divisor_at_most(length_ms, u64::from(requested));
-                let bucket_ms = length_ms / buckets;
-                let buckets = u32::try_from(buckets).unwrap_or(requested);
-                let label = humanize(*length);
-                (
-                    format!("r{length_ms}b{buckets}"),
-                    label,
-                    Period::Rolling {
-                        length: *length,
-                        buckets: NonZeroU32::new(buckets).unwrap_or(NonZeroU32::MIN),
-                        bucket_ms: NonZeroU64::new(bucket_ms).unwrap_or(NonZeroU64::MIN),
-                    },
-                )
-            }
-            PeriodSpec::Calendar(unit) => {
-                if self.buckets.is_some() {
-                    return Err(err("buckets", "only rolling windows have buckets".into()));
-                }
-                let tz_name = self.timezone.clone().unwrap_or_else(|| "UTC".to_owned());
-                let tz = TimeZone::get(&tz_name)
-                    .map_err(|_| err("timezone", format!("unknown time zone {tz_name:?}")))?;
-                let unit_name = match unit {
-                    CalendarUnit::Day => "day",
-                    CalendarUnit::Month => "month",
-                };
-                (
-                    format!("{unit_name}@{tz_name}"),
-                    unit_name.to_owned(),
-                    Period::Calendar {
-                        unit: *unit,
-                        tz_name,
-                        tz,
-                    },
-                )
-            }
+        Ok(limits)
+    }
+
+    /// Id, label and period of a rolling window of `length`.
+    fn build_rolling(
+        &self,
+        field: &str,
+        length: Duration,
+    ) -> Result<(String, String, Period), PolicyError> {
+        let err = |key: &str, problem: String| field_error(field, key, problem);
+        if self.timezone.is_some() {
+            return Err(err(
+                "timezone",
+                "only calendar windows (\"day\", \"month\") take a time zone".into(),
+            ));
+        }
+        if length < MIN_ROLLING || length > MAX_ROLLING {
+            return Err(err(
+                "period",
+                "a rolling window must be from 1s to 31d long".into(),
+            ));
+        }
+        let length_ms = u64::try_from(length.as_millis()).unwrap_or(u64::MAX);
+        if !length.subsec_nanos().is_multiple_of(1_000_000) {
+            return Err(err(
+                "period",
+                "must be a whole number of milliseconds".into(),
+            ));
+        }
+        let requested = self.buckets.unwrap_or(DEFAULT_BUCKETS);
+        if requested == 0 || requested > MAX_BUCKETS {
+            return Err(err("buckets", format!("must be from 1 to {MAX_BUCKETS}")));
+        }
+        let buckets = largest_divisor_at_most(length_ms, u64::from(requested));
+        let bucket_ms = length_ms / buckets;
+        let buckets = u32::try_from(buckets).unwrap_or(requested);
+        let label = humanize(length);
+        Ok((
+            format!("r{length_ms}b{buckets}"),
+            label,
+            Period::Rolling {
+                length,
+                buckets: NonZeroU32::new(buckets).unwrap_or(NonZeroU32::MIN),
+                bucket_ms: NonZeroU64::new(bucket_ms).unwrap_or(NonZeroU64::MIN),
+            },
+        ))
+    }
+
+    /// Id, label and period of a calendar window of `unit` in the spec's time zone.
+    fn build_calendar(
+        &self,
+        field: &str,
+        unit: CalendarUnit,
+    ) -> Result<(String, String, Period), PolicyError> {
+        if self.buckets.is_some() {
+            return Err(field_error(
+                field,
+                "buckets",
+                "only rolling windows have buckets".into(),
+            ));
+        }
+        let tz_name = self.timezone.clone().unwrap_or_else(|| "UTC".to_owned());
+        let tz = TimeZone::get(&tz_name).map_err(|_| {
+            field_error(field, "timezone", format!("unknown time zone {tz_name:?}"))
+        })?;
+        let unit_name = match unit {
+            CalendarUnit::Day => "day",
+            CalendarUnit::Month => "month",
         };
-        Ok(Window {
-            id: id.into(),
-            label: label.into(),
-            period,
-            limits,
-        })
+        Ok((
+            format!("{unit_name}@{tz_name}"),
+            unit_name.to_owned(),
+            Period::Calendar { unit, tz_name, tz },
+        ))
     }
 }
 
@@ -481,6 +503,11 @@ impl PolicyError {
     pub fn field(&self) -> &str {
         &self.field
     }
+}
+
+/// An error in `key` of the window at `field`, e.g. `profiles.icloud.windows[0].messages`.
+fn field_error(field: &str, key: &str, problem: String) -> PolicyError {
+    PolicyError::new(format!("{field}.{key}"), problem)
 }
 
 /// The largest divisor of `n` that is at most `cap` (at least 1), so buckets tile the window

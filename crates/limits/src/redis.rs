@@ -15,11 +15,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation, Value};
 
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
-use crate::policy::{Metric, Period, Profile};
+use crate::policy::{Metric, Period, Profile, Window};
 use crate::store::{
     Guarded, IDEMPOTENCY_TTL, META_COOLDOWN, META_PROFILE, QuotaStore, StoreError,
     check_idempotency_key,
@@ -235,6 +235,38 @@ impl RedisStore {
             None => SystemClock.now_ms(),
         };
         let mut inv = self.reserve.prepare_invoke();
+        // reserve.lua reads its keys, then its arguments, then the windows', by position.
+        let idem_ttl = self.reserve_keys(&mut inv, scope, profile, key, mode);
+        let id = rand::random::<u64>() >> 2;
+        inv.arg(self.now_hint())
+            .arg(id)
+            .arg(idem_ttl)
+            .arg(cost.messages)
+            .arg(cost.recipients)
+            .arg(cost.bytes)
+            .arg(mode)
+            .arg(profile.windows().len())
+            .arg(if guard.is_some() { "1" } else { "0" })
+            .arg(guard.flatten().unwrap_or(""));
+        for w in profile.windows() {
+            window_args(&mut inv, w, local_now);
+        }
+        let mut conn = self.conn().await?;
+        let reply: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
+        parse_reserve_reply(&reply, profile.windows().len())
+    }
+
+    /// Adds reserve.lua's KEYS: the windows', the key index, the idempotency record (a
+    /// placeholder without a key, or outside reserve mode), the override and the cool-down.
+    /// Returns the idempotency record's TTL in ms, 0 for none.
+    fn reserve_keys(
+        &self,
+        inv: &mut ScriptInvocation<'_>,
+        scope: &str,
+        profile: &Profile,
+        key: Option<&str>,
+        mode: &str,
+    ) -> u64 {
         for w in profile.windows() {
             inv.key(self.window_key(scope, w.id()));
         }
@@ -251,74 +283,7 @@ impl RedisStore {
         };
         inv.key(self.meta_key(scope, META_PROFILE));
         inv.key(self.meta_key(scope, META_COOLDOWN));
-        let id = rand::random::<u64>() >> 2;
-        inv.arg(
-            self.clock_override
-                .as_ref()
-                .map(|c| c.now_ms().to_string())
-                .unwrap_or_default(),
-        )
-        .arg(id)
-        .arg(idem_ttl)
-        .arg(cost.messages)
-        .arg(cost.recipients)
-        .arg(cost.bytes)
-        .arg(mode)
-        .arg(profile.windows().len())
-        .arg(if guard.is_some() { "1" } else { "0" })
-        .arg(guard.flatten().unwrap_or(""));
-        for w in profile.windows() {
-            let lim = |m: Metric| w.limit(m).map_or(0, |v| v.get());
-            let (kind, p) = match w.period() {
-                Period::Rolling {
-                    bucket_ms, buckets, ..
-                } => (0, [bucket_ms.get(), u64::from(buckets.get()), 0, 0, 0, 0]),
-                Period::Calendar { unit, tz, .. } => {
-                    // The script picks whichever period holds the Redis time.
-                    let (s1, e1) = calendar_bounds(*unit, tz, local_now);
-                    let (s0, e0) = calendar_bounds(*unit, tz, s1.saturating_sub(1));
-                    let (s2, e2) = calendar_bounds(*unit, tz, e1);
-                    (1, [s0, e0, s1, e1, s2, e2])
-                }
-            };
-            inv.arg(kind)
-                .arg(lim(Metric::Messages))
-                .arg(lim(Metric::Recipients))
-                .arg(lim(Metric::Bytes));
-            for v in p {
-                inv.arg(v);
-            }
-        }
-        let mut conn = self.conn().await?;
-        let reply: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
-        let Value::Array(items) = &reply else {
-            return Err(protocol("reply"));
-        };
-        let text = |i: usize| match items.get(i) {
-            Some(Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
-            Some(Value::Int(n)) => Ok(n.to_string()),
-            _ => Err(protocol("reply field")),
-        };
-        let (fields, replay) = match items.first() {
-            Some(Value::Int(5)) => {
-                let ms = text(1)?.parse().map_err(|_| protocol("cool-down"))?;
-                return Ok(Raw::CoolingDown(ms));
-            }
-            Some(Value::Int(4)) => return Ok(Raw::OverrideChanged(text(1)?)),
-            // An idempotent repeat: the first reply, stored as text.
-            Some(Value::Int(3)) => {
-                let fields = text(1)?
-                    .split(',')
-                    .map(|s| s.parse::<i64>().map_err(|_| protocol("idempotent record")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                (fields, true)
-            }
-            _ => (ints(items)?, false),
-        };
-        if fields.len() != 8 + 6 * profile.windows().len() {
-            return Err(protocol("reply length does not match the profile"));
-        }
-        Ok(Raw::Fields(fields, replay))
+        idem_ttl
     }
 
     fn meta_key(&self, scope: &str, name: &str) -> String {
@@ -400,6 +365,64 @@ fn ints(items: &[Value]) -> Result<Vec<i64>, StoreError> {
             _ => Err(protocol("reply field")),
         })
         .collect()
+}
+
+/// Adds reserve.lua's 10 arguments for window `w`: kind, limits m r b (0: none), then the
+/// bucketing of a rolling window or three candidate periods of a calendar one around
+/// `local_now`.
+fn window_args(inv: &mut ScriptInvocation<'_>, w: &Window, local_now: Millis) {
+    let lim = |m: Metric| w.limit(m).map_or(0, |v| v.get());
+    let (kind, p) = match w.period() {
+        Period::Rolling {
+            bucket_ms, buckets, ..
+        } => (0, [bucket_ms.get(), u64::from(buckets.get()), 0, 0, 0, 0]),
+        Period::Calendar { unit, tz, .. } => {
+            // The script picks whichever period holds the Redis time.
+            let (s1, e1) = calendar_bounds(*unit, tz, local_now);
+            let (s0, e0) = calendar_bounds(*unit, tz, s1.saturating_sub(1));
+            let (s2, e2) = calendar_bounds(*unit, tz, e1);
+            (1, [s0, e0, s1, e1, s2, e2])
+        }
+    };
+    inv.arg(kind)
+        .arg(lim(Metric::Messages))
+        .arg(lim(Metric::Recipients))
+        .arg(lim(Metric::Bytes));
+    for v in p {
+        inv.arg(v);
+    }
+}
+
+/// reserve.lua's reply for a profile of `windows` windows.
+fn parse_reserve_reply(reply: &Value, windows: usize) -> Result<Raw, StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(protocol("reply"));
+    };
+    let text = |i: usize| match items.get(i) {
+        Some(Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+        Some(Value::Int(n)) => Ok(n.to_string()),
+        _ => Err(protocol("reply field")),
+    };
+    let (fields, replay) = match items.first() {
+        Some(Value::Int(5)) => {
+            let ms = text(1)?.parse().map_err(|_| protocol("cool-down"))?;
+            return Ok(Raw::CoolingDown(ms));
+        }
+        Some(Value::Int(4)) => return Ok(Raw::OverrideChanged(text(1)?)),
+        // An idempotent repeat: the first reply, stored as text.
+        Some(Value::Int(3)) => {
+            let fields = text(1)?
+                .split(',')
+                .map(|s| s.parse::<i64>().map_err(|_| protocol("idempotent record")))
+                .collect::<Result<Vec<_>, _>>()?;
+            (fields, true)
+        }
+        _ => (ints(items)?, false),
+    };
+    if fields.len() != 8 + 6 * windows {
+        return Err(protocol("reply length does not match the profile"));
+    }
+    Ok(Raw::Fields(fields, replay))
 }
 
 /// Builds the decision out of a reserve reply.

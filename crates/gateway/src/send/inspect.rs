@@ -278,50 +278,11 @@ async fn multipart(
         opts,
     };
 
-    let mut field = loop {
-        let next = multipart
-            .next_field()
-            .await
-            .map_err(|e| source.parse_error(&e))?;
-        head.check()?;
-        let Some(mut field) = next else {
-            return Err(InspectError::Invalid(format!(
-                "no `{}` part",
-                target.name()
-            )));
-        };
-        if field.name() == Some(target.name()) {
-            check_part_name(&field, Some(target.name()))?;
-            break field;
-        }
-        check_part_name(&field, None)?;
-        // An attachment before the counting information: its raw bytes stay queued.
-        while head.chunk(&mut field).await?.is_some() {
-            head.check()?;
-        }
-    };
-
+    let mut field = target_part(&mut multipart, &head).await?;
     let (recipients, model, field) = match target {
         Target::Message => {
-            let mut json = BytesMut::new();
-            while let Some(chunk) = head.chunk(&mut field).await? {
-                let size = json.len().saturating_add(chunk.len());
-                if size > opts.json_limit {
-                    return Err(InspectError::TooLarge {
-                        size: size as u64,
-                        limit: opts.json_limit as u64,
-                    });
-                }
-                json.extend_from_slice(&chunk);
-                head.check()?;
-            }
-            let (cost, _) = message_cost(&parse_json(&json)?)?;
-            let model = SizeModel {
-                fixed: cost.size,
-                exempt: json.len() as u64,
-                inflate: true,
-            };
-            (cost.recipients, model, None)
+            let (recipients, model) = message_part(&head, &mut field).await?;
+            (recipients, model, None)
         }
         Target::Mime => {
             let (end, rest) = header_section(&head, field).await?;
@@ -351,6 +312,64 @@ async fn multipart(
         draft_needs_lookup: false,
         body: UpstreamBody::streaming(source, parser, model, opts.max_message_size, content_length),
     })
+}
+
+/// Reads parts up to the target part and returns it, unread.
+async fn target_part(
+    multipart: &mut Multipart<'static>,
+    head: &Head<'_>,
+) -> Result<Field<'static>, InspectError> {
+    let target = head.target;
+    loop {
+        let next = multipart
+            .next_field()
+            .await
+            .map_err(|e| head.source.parse_error(&e))?;
+        head.check()?;
+        let Some(mut field) = next else {
+            return Err(InspectError::Invalid(format!(
+                "no `{}` part",
+                target.name()
+            )));
+        };
+        if field.name() == Some(target.name()) {
+            check_part_name(&field, Some(target.name()))?;
+            return Ok(field);
+        }
+        check_part_name(&field, None)?;
+        // An attachment before the counting information: its raw bytes stay queued.
+        while head.chunk(&mut field).await?.is_some() {
+            head.check()?;
+        }
+    }
+}
+
+/// Reads the `message` part's JSON, within `json_limit`; returns its recipients and the
+/// size model of the message (the JSON counted as parsed, the other parts inflated).
+async fn message_part(
+    head: &Head<'_>,
+    field: &mut Field<'static>,
+) -> Result<(u64, SizeModel), InspectError> {
+    let opts = head.opts;
+    let mut json = BytesMut::new();
+    while let Some(chunk) = head.chunk(field).await? {
+        let size = json.len().saturating_add(chunk.len());
+        if size > opts.json_limit {
+            return Err(InspectError::TooLarge {
+                size: size as u64,
+                limit: opts.json_limit as u64,
+            });
+        }
+        json.extend_from_slice(&chunk);
+        head.check()?;
+    }
+    let (cost, _) = message_cost(&parse_json(&json)?)?;
+    let model = SizeModel {
+        fixed: cost.size,
+        exempt: json.len() as u64,
+        inflate: true,
+    };
+    Ok((cost.recipients, model))
 }
 
 /// Reading the head of a multipart body, within `max_head` and the size limit.
