@@ -58,7 +58,10 @@ pub(crate) fn router() -> Router<Control> {
         )
         .route(
             "/v3/grants/{grant}/drafts/{draft}",
-            get(get_draft).post(send_draft).delete(delete_draft),
+            get(get_draft)
+                .post(send_draft)
+                .put(update_draft)
+                .delete(delete_draft),
         )
         .route(
             "/v3/grants/{grant}/attachments/{attachment}/download",
@@ -212,6 +215,22 @@ async fn get_draft(
     let grant = control.authorize_grant(&headers, &grant)?;
     let data = find_draft(&control, &grant.id, &draft)?;
     Ok(Reply::for_grant(&grant.id, data))
+}
+
+/// `PUT` of a draft: the fields sent replace the stored ones, the rest stay.
+async fn update_draft(
+    State(control): State<Control>,
+    Params((grant, draft)): Params<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    let grant = control.authorize_grant(&headers, &grant)?;
+    let Value::Object(mut stored) = find_draft(&control, &grant.id, &draft)? else {
+        return Err(ApiError::bad_request("the stored draft is not an object"));
+    };
+    stored.extend(parse_message(&headers, body).await?);
+    let updated = control.add_draft(&grant.id, &draft, Value::Object(stored));
+    Ok(Reply::for_grant(&grant.id, updated))
 }
 
 fn find_draft(control: &Control, grant_id: &str, draft_id: &str) -> Result<Value, ApiError> {

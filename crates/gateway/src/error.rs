@@ -61,6 +61,9 @@ pub enum GatewayError {
     /// Nylas did not answer in time (the cause, for the log only).
     #[error("the upstream API did not answer in time")]
     UpstreamTimeout(String),
+    /// A send of a draft and a change of the same draft would overlap; one waits its turn.
+    #[error("this draft is being sent or changed by another request; try again shortly")]
+    DraftBusy,
     /// An admin request without the right token.
     #[error("a valid admin token is required")]
     Unauthorized,
@@ -85,6 +88,7 @@ impl GatewayError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             GatewayError::InvalidSendRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::DraftBusy => StatusCode::CONFLICT,
             GatewayError::QuotaUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -104,6 +108,7 @@ impl GatewayError {
             GatewayError::QuotaExceeded(_) => "quota_exceeded",
             GatewayError::ProviderThrottled { .. } => "provider_throttled",
             GatewayError::InvalidSendRequest(_) => "invalid_send_request",
+            GatewayError::DraftBusy => "draft_busy",
             GatewayError::QuotaUnavailable(_) => "quota_unavailable",
             GatewayError::UpstreamUnavailable(_) => "upstream_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
@@ -140,6 +145,9 @@ impl GatewayError {
     pub fn into_response_with_id(self, request_id: &str) -> Response {
         let mut error = json!({ "type": self.error_type(), "message": self.to_string() });
         let mut extra_headers = Vec::new();
+        if let GatewayError::DraftBusy = &self {
+            extra_headers.push((header::RETRY_AFTER, HeaderValue::from(1)));
+        }
         if let GatewayError::ProviderThrottled { retry_after } = &self {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             extra_headers.push((header::RETRY_AFTER, HeaderValue::from(secs.max(1))));

@@ -18,6 +18,7 @@
 //! What the phases use:
 //! - [`send`]: which requests send mail, and what a send costs (pure logic and body streaming).
 //! - [`grants`]: canonical grant ids from any identifier form, cached.
+//! - [`drafts`]: the lock that keeps a draft's send and its changes from overlapping.
 //! - [`selection`]: which profile a grant is charged under (override, provider, default).
 //! - [`scope`]: the quota scope a send is charged to.
 //! - [`events`]: threshold events (80 % and 100 % of a window) and their webhook.
@@ -29,6 +30,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod drafts;
 pub mod error;
 pub mod events;
 pub mod grants;

@@ -1,16 +1,20 @@
 //! The proxy's one handler: it only routes. A request that sends mail goes through the
-//! [`pipeline`](crate::pipeline); everything else is relayed untouched.
+//! [`pipeline`](crate::pipeline); a change of a saved draft is relayed under the draft's
+//! lock; everything else is relayed untouched.
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header;
 
+use crate::config::OnUnavailable;
+use crate::drafts::{DraftLock, LOCK_WAIT, LockError};
 use crate::error::GatewayError;
+use crate::grants::Resolution;
 use crate::pipeline;
-use crate::send::{SendRoute, classify};
+use crate::scope::Scope;
+use crate::send::{SendRoute, classify, classify_draft_change};
 use crate::state::AppState;
 use crate::upstream::strip_hop_by_hop;
 
@@ -31,6 +35,9 @@ pub async fn handle(State(state): State<Arc<AppState>>, mut req: Request) -> Res
         Some(pq) => *req.uri_mut() = pq.into(),
         None => return GatewayError::BadTarget.into_response(),
     }
+    if let Some(route) = classify_draft_change(req.method(), req.uri()) {
+        return draft_change(&state, route, req).await;
+    }
     match classify(req.method(), req.uri()) {
         Some(route) if counted(&state, &route) => pipeline::send(&state, route, req).await,
         _ => relay(&state, req).await,
@@ -44,30 +51,43 @@ fn counted(state: &AppState, route: &SendRoute) -> bool {
 
 /// Relays a request that is not a counted send, byte for byte, and its answer likewise.
 async fn relay(state: &AppState, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    let length = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok());
-    // A request without a body goes on without one: a streamed body would add
-    // `Transfer-Encoding: chunked` to a bodiless DELETE, PUT or POST.
-    let body = if http_body::Body::is_end_stream(&body) {
-        Body::empty()
-    } else {
-        body
-    };
-    let target = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    match state
-        .upstream
-        .send(parts.method, &target, parts.headers, body, length)
-        .await
-    {
+    match state.upstream.relay(req).await {
         Ok(resp) => resp,
         Err(e) => GatewayError::upstream("upstream request", &e).into_response(),
+    }
+}
+
+/// Relays a change of a saved draft under the draft's lock, so that it never overlaps a
+/// send of the same draft (see [`crate::drafts`]).
+async fn draft_change(state: &AppState, route: SendRoute, req: Request) -> Response {
+    let SendRoute::Draft {
+        grant, draft_id, ..
+    } = &route
+    else {
+        return relay(state, req).await;
+    };
+    let auth = req.headers().get(header::AUTHORIZATION).cloned();
+    // An identifier Nylas will not resolve for this caller: Nylas refuses the change too.
+    let Ok(Resolution::Grant(id)) = state
+        .grants
+        .resolve(&state.upstream, grant, auth.as_ref())
+        .await
+    else {
+        return relay(state, req).await;
+    };
+    let config = state.config();
+    let store = Arc::clone(&state.store);
+    let timeout = state.upstream.timeout();
+    match DraftLock::acquire(store, &Scope::grant(&id), draft_id, timeout, LOCK_WAIT).await {
+        Ok(lock) => {
+            let resp = relay(state, req).await;
+            lock.release().await;
+            resp
+        }
+        Err(LockError::Busy) => GatewayError::DraftBusy.into_response(),
+        Err(LockError::Store(_)) if config.store.on_unavailable == OnUnavailable::Allow => {
+            relay(state, req).await
+        }
+        Err(LockError::Store(e)) => GatewayError::QuotaUnavailable(e.to_string()).into_response(),
     }
 }

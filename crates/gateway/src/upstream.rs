@@ -164,6 +164,33 @@ impl Upstream {
         Ok(Response::from_parts(parts, body))
     }
 
+    /// Relays a request byte for byte (its target already normalised) and returns the
+    /// answer as it comes. A request without a body goes on without one: a streamed body
+    /// would add `Transfer-Encoding: chunked` to a bodiless `DELETE`, `PUT` or `POST`.
+    ///
+    /// # Errors
+    /// As [`Upstream::send`].
+    pub async fn relay(&self, req: axum::extract::Request) -> Result<Response, UpstreamError> {
+        let (parts, body) = req.into_parts();
+        let length = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        let body = if http_body::Body::is_end_stream(&body) {
+            Body::empty()
+        } else {
+            body
+        };
+        let target = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        self.send(parts.method, &target, parts.headers, body, length)
+            .await
+    }
+
     /// `GET` with only `authorization`, reading the whole (small) answer.
     ///
     /// # Errors

@@ -601,4 +601,19 @@ impl QuotaStore for MemoryStore {
         self.meta.remove(&(scope.to_owned(), name.to_owned()));
         Ok(())
     }
+
+    async fn meta_delete_if(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+    ) -> Result<bool, StoreError> {
+        let now = self.clock.now_ms();
+        let removed = self
+            .meta
+            .remove_if(&(scope.to_owned(), name.to_owned()), |_, (v, exp)| {
+                v == value && exp.is_none_or(|e| e > now)
+            });
+        Ok(removed.is_some())
+    }
 }

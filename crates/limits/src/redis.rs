@@ -103,6 +103,7 @@ pub struct RedisStore {
     timeout: Duration,
     reserve: Script,
     release: Script,
+    delete_if: Script,
     cool_down: Script,
     /// Set only by tests: pass this clock's time to the script instead of Redis `TIME`.
     clock_override: Option<Arc<dyn Clock>>,
@@ -167,6 +168,7 @@ impl RedisStore {
             timeout,
             reserve: Script::new(include_str!("reserve.lua")),
             release: Script::new(include_str!("release.lua")),
+            delete_if: Script::new(DELETE_IF),
             cool_down: Script::new(COOL_DOWN),
             clock_override: None,
         })
@@ -318,6 +320,10 @@ enum Raw {
     CoolingDown(u64),
     OverrideChanged(String),
 }
+
+/// Deletes KEYS[1] only while it holds ARGV[1]; 1 when deleted.
+const DELETE_IF: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
 /// `reserve.lua` modes: reserve within the limits, read usage, charge regardless.
 const MODE_RESERVE: &str = "r";
@@ -614,6 +620,19 @@ impl QuotaStore for RedisStore {
         let mut conn = self.conn().await?;
         let reply: Value = within(self.timeout, cmd.query_async(&mut conn)).await?;
         Ok(!matches!(reply, Value::Nil))
+    }
+
+    async fn meta_delete_if(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let mut inv = self.delete_if.prepare_invoke();
+        inv.key(self.meta_key(scope, name)).arg(value);
+        let removed: i64 = within(self.timeout, inv.invoke_async(&mut conn)).await?;
+        Ok(removed == 1)
     }
 
     async fn meta_delete(&self, scope: &str, name: &str) -> Result<(), StoreError> {

@@ -126,6 +126,18 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
     /// Only infrastructure failures.
     async fn meta_delete(&self, scope: &str, name: &str) -> Result<(), StoreError>;
 
+    /// Removes a per-scope setting only if it still holds `value` (a lock released by its
+    /// holder, never by someone who took it over after it expired); true when removed.
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn meta_delete_if(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+    ) -> Result<bool, StoreError>;
+
     /// Checks that the store answers.
     ///
     /// # Errors

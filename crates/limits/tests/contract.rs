@@ -697,6 +697,46 @@ fn after_without_clock_drift(after: &Usage, later: &Usage) -> Usage {
     u
 }
 
+async fn a_setting_is_deleted_only_by_its_holder(h: Harness) {
+    assert!(
+        h.store
+            .meta_set_new("g", "lock", "holder-a", HOUR)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !h.store
+            .meta_delete_if("g", "lock", "holder-b")
+            .await
+            .unwrap(),
+        "another value leaves it"
+    );
+    assert_eq!(
+        h.store.meta_get("g", "lock").await.unwrap().as_deref(),
+        Some("holder-a")
+    );
+    assert!(
+        h.store
+            .meta_delete_if("g", "lock", "holder-a")
+            .await
+            .unwrap()
+    );
+    assert_eq!(h.store.meta_get("g", "lock").await.unwrap(), None);
+    assert!(
+        !h.store
+            .meta_delete_if("g", "lock", "holder-a")
+            .await
+            .unwrap(),
+        "nothing left to delete"
+    );
+    assert!(
+        h.store
+            .meta_set_new("g", "lock", "holder-b", HOUR)
+            .await
+            .unwrap()
+    );
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod memory_backend {
@@ -742,6 +782,7 @@ contract!(
     guarded_reservations_respect_cool_downs_and_overrides,
     settings_are_shared_and_set_once,
     forced_charges_count_past_the_limit_and_deny_what_follows,
+    a_setting_is_deleted_only_by_its_holder,
 );
 
 #[test]

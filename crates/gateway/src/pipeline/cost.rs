@@ -1,12 +1,18 @@
 //! Phase 2, what it costs: the body read just far enough to count the send (see
-//! [`crate::send`]), or, for a draft, the draft as Nylas holds it.
+//! [`crate::send`]), or, for a draft, the draft as Nylas holds it, read under the draft's
+//! lock.
 
 use axum::body::Body;
 use http::HeaderMap;
 
+use std::sync::Arc;
+
 use super::charged::Charged;
 use super::ctx::{SendCtx, Stop};
+use crate::config::OnUnavailable;
+use crate::drafts::{DraftLock, LOCK_WAIT, LockError};
 use crate::error::GatewayError;
+use crate::metrics::Outcome;
 use crate::send::{
     InspectError, InspectOptions, SendCost, SendRoute, UpstreamBody, cost_from_message_json,
     inspect,
@@ -56,6 +62,32 @@ pub(super) async fn what(
         priced.size_known = true;
     }
     Ok(priced)
+}
+
+/// Takes the lock of the draft `draft_id` before it is read (see [`crate::drafts`]).
+/// `None` when the store failed and `on_unavailable = "allow"` goes on without it.
+pub(super) async fn lock_draft(
+    state: &AppState,
+    ctx: &mut SendCtx,
+    charged: &Charged,
+    draft_id: &str,
+) -> Result<Option<DraftLock>, Stop> {
+    let store = Arc::clone(&state.store);
+    let timeout = state.upstream.timeout();
+    match DraftLock::acquire(store, &charged.scope, draft_id, timeout, LOCK_WAIT).await {
+        Ok(lock) => Ok(Some(lock)),
+        Err(LockError::Busy) => {
+            ctx.decide(Outcome::Denied, "draft_busy");
+            Err(Stop::Fail(GatewayError::DraftBusy))
+        }
+        Err(LockError::Store(_)) if ctx.config.store.on_unavailable == OnUnavailable::Allow => {
+            Ok(None)
+        }
+        Err(LockError::Store(e)) => {
+            ctx.decide(Outcome::StoreError, "draft_lock");
+            Err(Stop::Fail(GatewayError::QuotaUnavailable(e.to_string())))
+        }
+    }
 }
 
 /// The cost of the draft at `path`, read from Nylas with the caller's credentials. A

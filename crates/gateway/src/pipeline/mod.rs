@@ -51,18 +51,30 @@ async fn phases(
 ) -> Result<Response, Stop> {
     let (parts, body) = req.into_parts();
     let mut charged = charged::who(state, ctx, route).await?;
-    let priced = cost::what(state, ctx, &charged, route, &parts.headers, body).await?;
-    let lease = admit::admit(state, ctx, &mut charged, priced.cost, priced.size_known).await?;
-    let sent = forward::forward(state, ctx, parts, priced.body).await;
-    let settled = settle::settle(state, ctx, &charged, lease, sent).await?;
-    let kept = settled.kept.as_ref();
-    report::events(
-        &state.events,
-        &ctx.config.events,
-        &ctx.record,
-        &charged.scope,
-        kept,
-    )
+    // A draft is read, charged and sent under its lock, so no change lands in between.
+    let lock = match route.draft_id() {
+        Some(id) => cost::lock_draft(state, ctx, &charged, id).await?,
+        None => None,
+    };
+    let outcome = async {
+        let priced = cost::what(state, ctx, &charged, route, &parts.headers, body).await?;
+        let lease = admit::admit(state, ctx, &mut charged, priced.cost, priced.size_known).await?;
+        let sent = forward::forward(state, ctx, parts, priced.body).await;
+        let settled = settle::settle(state, ctx, &charged, lease, sent).await?;
+        let kept = settled.kept.as_ref();
+        report::events(
+            &state.events,
+            &ctx.config.events,
+            &ctx.record,
+            &charged.scope,
+            kept,
+        )
+        .await;
+        Ok(settled.response)
+    }
     .await;
-    Ok(settled.response)
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
+    outcome
 }

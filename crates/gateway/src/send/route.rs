@@ -136,6 +136,16 @@ pub fn classify(method: &Method, uri: &Uri) -> Option<SendRoute> {
     })
 }
 
+/// A change of a saved draft (`PUT`, `PATCH` or `DELETE /v3/grants/{g}/drafts/{id}`): not a
+/// send, but it must not overlap a send of the same draft. Paths are matched as
+/// generously as [`classify`] matches them.
+pub fn classify_draft_change(method: &Method, uri: &Uri) -> Option<SendRoute> {
+    if ![Method::PUT, Method::PATCH, Method::DELETE].contains(method) {
+        return None;
+    }
+    classify(&Method::POST, uri).filter(|r| matches!(r, SendRoute::Draft { .. }))
+}
+
 fn match_segments(segments: &[String], uri: &Uri, raw_path: &str) -> Option<SendRoute> {
     let lit = |i: usize, want: &str| {
         segments
