@@ -129,7 +129,7 @@ fn check_unambiguous(section: &[u8]) -> Result<(), InspectError> {
             return invalid("has a line that is neither a field nor a continuation");
         };
         if colon == 0 || !line[..colon].iter().all(|b| (33..=126).contains(b)) {
-            return invalid("has a field name with spaces or control characters");
+            return invalid("has a field name that is not printable ASCII without spaces");
         }
     }
     Ok(())
