@@ -173,7 +173,11 @@ impl Grants {
     /// The grant a decoded identifier names, without checking authorization.
     pub(crate) fn lookup(&self, segment: &str, bearer: Option<&str>) -> Option<&Grant> {
         match Identifier::parse(segment) {
-            Identifier::Id(id) => self.by_id.get(id),
+            // Nylas reads a UUID in any case, in braces or without dashes.
+            Identifier::Id(id) => self.by_id.get(id).or_else(|| {
+                let uuid = uuid::Uuid::try_parse(id).ok()?;
+                self.by_id.get(&uuid.hyphenated().to_string())
+            }),
             Identifier::Email(email) => self
                 .by_id
                 .values()
@@ -231,6 +235,8 @@ mod tests {
             &format!("email:{DEMO_GRANT_EMAIL}"),
             "external:demo",
             "me",
+            "{6F1B0F3E-2A4C-4D8E-9B7A-3C5D2E1F0A9B}",
+            "grant:6f1b0f3e2a4c4d8e9b7a3c5d2e1f0a9b",
         ] {
             let grant = grants.resolve(segment, "tok-demo").unwrap();
             assert_eq!(grant.id, DEMO_GRANT_ID, "{segment}");

@@ -70,13 +70,14 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// The canonical id for the quota API: a grant id, with or without `grant:`. Emails and
-/// other forms need Nylas credentials, which the admin API does not hold.
+/// The canonical id for the quota API: a grant id (a UUID in any spelling
+/// [`grant_ref`] reads), with or without `grant:`. Emails and other forms need Nylas
+/// credentials, which the admin API does not hold; anything else names no grant.
 fn canonical(grant: &str) -> Result<String, GatewayError> {
     match grant_ref(grant) {
         GrantRef::Id(id) => Ok(id),
-        GrantRef::NeedsResolution(_) => Err(GatewayError::NotFound(
-            "the quota API takes a grant id (or grant:<id>), not an email or other identifier"
+        GrantRef::NeedsResolution(_) | GrantRef::Invalid => Err(GatewayError::NotFound(
+            "the quota API takes a grant id (a UUID, or grant:<id>), not an email or other identifier"
                 .into(),
         )),
     }

@@ -1,9 +1,12 @@
 //! Canonical grant ids: every identifier form of one grant shares one quota.
 //!
-//! `grant:<id>` and plain ids need no look-up. An email, `email:...`, `external:...` or
+//! A grant id (a UUID, with or without `grant:`, in any of the spellings
+//! [`grant_ref`] reads) needs no look-up: it is canonicalised to the lowercase
+//! hyphenated UUID. An email, `email:...`, `external:...` or
 //! `me` is resolved once through `GET /v3/grants/{identifier}` with the caller's
 //! credentials and cached for `[grants] cache_ttl`. `me` depends on the caller's token, so
-//! its cache entry is keyed by a hash of the token (never the token itself).
+//! its cache entry is keyed by a hash of the token (never the token itself). Anything
+//! else is refused before any look-up, so it creates no store key and no upstream call.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -47,6 +50,29 @@ pub enum Resolution {
     Refused(Response),
 }
 
+/// The refusal of a path identifier that names no grant.
+fn invalid_identifier() -> GatewayError {
+    GatewayError::InvalidSendRequest(
+        "the grant in the path must be a grant id (a UUID, optionally as grant:<id>), \
+         an email address, email:<address>, external:<id> or me"
+            .into(),
+    )
+}
+
+/// The `data.id` of a grant look-up answer; a UUID in its canonical form.
+fn answered_id(body: &[u8]) -> Option<String> {
+    let value = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let id = value
+        .pointer("/data/id")?
+        .as_str()
+        .filter(|id| !id.is_empty())?;
+    match grant_ref(id) {
+        // The same UUID spelled in another case is the same grant.
+        GrantRef::Id(canonical) => Some(canonical),
+        _ => Some(id.to_owned()),
+    }
+}
+
 /// Resolves and caches grant identifiers.
 #[derive(Debug)]
 pub struct GrantResolver {
@@ -65,22 +91,31 @@ impl GrantResolver {
         }
     }
 
+    /// The cache entry of an identifier that needs resolving: `me` by a hash of the
+    /// caller's token, an email (with or without `email:`) ASCII-lowercased, an
+    /// `external:` id as it is (external ids are the application's, case included).
     fn cache_key(&self, identifier: &str, authorization: Option<&HeaderValue>) -> String {
         if identifier.eq_ignore_ascii_case("me") {
             let mut h = self.hasher.build_hasher();
             h.write(authorization.map_or(&b""[..], |a| a.as_bytes()));
-            format!("me#{:016x}", h.finish())
-        } else if identifier.contains('@') {
-            identifier.to_ascii_lowercase()
+            return format!("me#{:016x}", h.finish());
+        }
+        let (prefix, rest) = identifier.split_at(identifier.find(':').map_or(0, |i| i + 1));
+        if prefix.eq_ignore_ascii_case("external:") {
+            format!("external:{rest}")
+        } else if prefix.eq_ignore_ascii_case("email:") {
+            format!("email:{}", rest.to_ascii_lowercase())
         } else {
-            identifier.to_owned()
+            format!("email:{}", identifier.to_ascii_lowercase())
         }
     }
 
     /// The canonical id of `identifier`.
     ///
     /// # Errors
-    /// Nylas unreachable or too slow, or an answer without `data.id`.
+    /// [`GatewayError::InvalidSendRequest`] for an identifier that is neither a grant id
+    /// nor a form Nylas resolves (nothing is looked up); Nylas unreachable or too slow,
+    /// or an answer without `data.id`.
     pub async fn resolve(
         &self,
         upstream: &Upstream,
@@ -90,6 +125,7 @@ impl GrantResolver {
         let ident = match grant_ref(identifier) {
             GrantRef::Id(id) => return Ok(Resolution::Grant(id)),
             GrantRef::NeedsResolution(ident) => ident,
+            GrantRef::Invalid => return Err(invalid_identifier()),
         };
         let key = self.cache_key(&ident, authorization);
         let now = Instant::now();
@@ -106,17 +142,9 @@ impl GrantResolver {
         if !status.is_success() {
             return Ok(Resolution::Refused(relay_buffered(status, &headers, body)));
         }
-        let id = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| {
-                v.pointer("/data/id")
-                    .and_then(|id| id.as_str())
-                    .map(str::to_owned)
-            })
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| {
-                GatewayError::UpstreamUnavailable("grant look-up answer has no data.id".into())
-            })?;
+        let id = answered_id(&body).ok_or_else(|| {
+            GatewayError::UpstreamUnavailable("grant look-up answer has no data.id".into())
+        })?;
         let mut cache = self.lock();
         if cache.len() >= MAX_ENTRIES {
             let ttl = self.ttl;

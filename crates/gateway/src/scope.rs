@@ -14,15 +14,25 @@ impl Scope {
         Scope(format!("grant:{id}").into())
     }
 
-    /// The scope of a sending domain (compared ASCII case-insensitively).
+    /// The scope of a sending domain, by its [`canonical_domain`] form, so that
+    /// `Example.com.` and ` example.com` share the quota of `example.com`.
     pub fn domain(domain: &str) -> Self {
-        Scope(format!("domain:{}", domain.to_ascii_lowercase()).into())
+        Scope(format!("domain:{}", canonical_domain(domain)).into())
     }
 
     /// The store's name for it.
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// A sending domain as one quota counts it: surrounding whitespace and trailing dots
+/// (the DNS root) dropped, ASCII letters lowercased. Empty when nothing is left.
+pub fn canonical_domain(domain: &str) -> String {
+    domain
+        .trim()
+        .trim_end_matches(|c: char| c == '.' || c.is_whitespace())
+        .to_ascii_lowercase()
 }
 
 impl fmt::Display for Scope {
@@ -43,5 +53,26 @@ mod tests {
             "domain:mail.example"
         );
         assert_ne!(Scope::grant("x"), Scope::domain("x"));
+    }
+
+    #[test]
+    fn spellings_of_one_domain_share_a_scope() {
+        for spelling in [
+            "example.com",
+            "Example.com.",
+            " example.com",
+            "EXAMPLE.COM \t",
+            "\texample.com. ",
+            "example.com..",
+            "example.com .",
+        ] {
+            assert_eq!(
+                Scope::domain(spelling).as_str(),
+                "domain:example.com",
+                "{spelling:?}"
+            );
+        }
+        assert_ne!(Scope::domain("example.com"), Scope::domain("example.co"));
+        assert_eq!(canonical_domain(" . "), "");
     }
 }

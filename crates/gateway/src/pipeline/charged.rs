@@ -7,7 +7,7 @@ use limits::Profile;
 use super::ctx::{SendCtx, Stop};
 use crate::error::GatewayError;
 use crate::grants::Resolution;
-use crate::scope::Scope;
+use crate::scope::{Scope, canonical_domain};
 use crate::send::SendRoute;
 use crate::state::AppState;
 
@@ -34,6 +34,12 @@ pub(super) async fn who(
             let profile = ctx.config.domain_profile().cloned().ok_or_else(|| {
                 GatewayError::InvalidSendRequest("domain sends are not counted".into())
             })?;
+            if canonical_domain(domain).is_empty() {
+                return Err(GatewayError::InvalidSendRequest(
+                    "the domain in the path is empty".into(),
+                )
+                .into());
+            }
             ctx.record.subject = Some(domain.clone());
             Charged {
                 scope: Scope::domain(domain),

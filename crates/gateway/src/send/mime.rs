@@ -1,7 +1,7 @@
 //! The header section of a raw RFC 5322 message (E2): where it ends, and its
 //! recipients.
 
-use mail_parser::{Address, MessageParser};
+use mail_parser::{Address, HeaderName, MessageParser};
 
 use super::InspectError;
 use super::cost::Recipients;
@@ -41,22 +41,36 @@ pub(crate) fn header_end(buf: &[u8], from: usize) -> HeaderEnd {
     HeaderEnd::NeedMore
 }
 
-/// Unique recipients in the To, Cc and Bcc headers (every occurrence of each),
-/// groups included, encoded words decoded, compared case-insensitively.
+/// The headers whose addresses receive the message: every instance of each counts.
+const RECIPIENT_HEADERS: [HeaderName<'static>; 6] = [
+    HeaderName::To,
+    HeaderName::Cc,
+    HeaderName::Bcc,
+    HeaderName::ResentTo,
+    HeaderName::ResentCc,
+    HeaderName::ResentBcc,
+];
+
+/// Unique recipients in the To, Cc, Bcc, Resent-To, Resent-Cc and Resent-Bcc headers
+/// (every occurrence of each), groups included, encoded words decoded, compared
+/// case-insensitively.
 ///
 /// # Errors
 ///
-/// [`InspectError::Invalid`] when there is no header section or no recipient at all.
+/// [`InspectError::Invalid`] when there is no header section, no recipient at all, or
+/// a header section parsers could read differently (see [`check_unambiguous`]).
 pub(crate) fn recipients(header_section: &[u8]) -> Result<u64, InspectError> {
+    check_unambiguous(header_section)?;
     let message = MessageParser::new()
         .with_address_headers()
         .parse_headers(header_section)
         .ok_or_else(|| InspectError::Invalid("the mime message has no header section".into()))?;
     let mut set = Recipients::default();
     let lists = message
-        .all_to()
-        .chain(message.all_cc())
-        .chain(message.all_bcc());
+        .headers()
+        .iter()
+        .filter(|header| RECIPIENT_HEADERS.contains(&header.name))
+        .filter_map(|header| header.value.as_address());
     for address in lists.flat_map(Address::iter) {
         // A mailbox without a parsable address still reaches someone (or fails at
         // the provider): count it by whatever it carries.
@@ -72,6 +86,53 @@ pub(crate) fn recipients(header_section: &[u8]) -> Result<u64, InspectError> {
         ));
     }
     Ok(set.count())
+}
+
+/// Refuses a header section that another parser could split into other fields than
+/// mail-parser does, so that its recipients could be counted short:
+/// - a NUL byte, or a CR not followed by LF (a bare CR ends a line for some parsers,
+///   Python's `email` among them, and is ordinary text for others, Go's `net/mail` and
+///   mail-parser among them);
+/// - a first line that starts with whitespace (a continuation of nothing: Go refuses
+///   it, mail-parser reads it as a field);
+/// - a line that is neither a continuation (starts with space or tab) nor
+///   `name: value` with a name of printable ASCII without spaces: a line without a
+///   colon makes mail-parser skip it, and a whitespace-only line right after one ends
+///   mail-parser's header section early, while Go refuses the message; RFC 5322's
+///   obsolete `To : ...` (space before the colon) is `To` to mail-parser but the
+///   field `To ` to Go.
+fn check_unambiguous(section: &[u8]) -> Result<(), InspectError> {
+    let invalid = |what: &str| {
+        Err(InspectError::Invalid(format!(
+            "the mime header section {what}"
+        )))
+    };
+    if section.contains(&0) {
+        return invalid("contains a NUL byte");
+    }
+    let bare_cr = section
+        .iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\r' && section.get(i + 1) != Some(&b'\n'));
+    if bare_cr {
+        return invalid("contains a CR that does not end a line");
+    }
+    for (i, line) in section.split(|b| *b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match line.first() {
+            None => break,
+            Some(b' ' | b'\t') if i == 0 => return invalid("starts with a continuation line"),
+            Some(b' ' | b'\t') => continue,
+            Some(_) => {}
+        }
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            return invalid("has a line that is neither a field nor a continuation");
+        };
+        if colon == 0 || !line[..colon].iter().all(|b| (33..=126).contains(b)) {
+            return invalid("has a field name that is not printable ASCII without spaces");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -122,5 +183,102 @@ Subject: =?UTF-8?Q?caf=C3=A9?=\r\n\r\n";
             recipients(b"To: undisclosed-recipients:;\r\n\r\n"),
             Err(InspectError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn counts_resent_headers_every_instance_groups_and_encoded_words() {
+        let headers = b"From: me@x.com\r\n\
+To: ann@x.com\r\n\
+Resent-To: bea@x.com, \"Carl\" <carl@x.com>\r\n\
+Resent-Cc: Crew: dan@x.com, ANN@x.com;\r\n\
+Resent-Bcc: =?UTF-8?B?RXZl?= <eve@x.com>\r\n\
+resent-to: fay@x.com\r\n\
+RESENT-BCC: gus@x.com\r\n\r\n";
+        assert_eq!(recipients(headers).expect("recipients"), 7);
+        // Resent headers alone are recipients too.
+        assert_eq!(
+            recipients(b"Resent-Bcc: hidden@x.com\r\n\r\n").expect("recipients"),
+            1
+        );
+    }
+
+    /// What mail-parser itself reads, without [`check_unambiguous`]: the cases below
+    /// are refused because of these readings.
+    #[test]
+    fn mail_parser_readings_that_other_parsers_do_not_share() {
+        let bcc = |section: &[u8]| {
+            let message = MessageParser::new()
+                .with_address_headers()
+                .parse_headers(section)
+                .expect("headers");
+            message.header_values(HeaderName::Bcc).count()
+        };
+        // A line without a colon and a whitespace-only line end its header section:
+        // the Bcc is not read (Go's net/mail refuses the line without a colon).
+        assert_eq!(
+            bcc(b"To: a@x.com\r\nX-Junk\r\n \r\nBcc: b@x.com\r\n\r\n"),
+            0
+        );
+        // A form feed line ends it too, although it is no blank line.
+        assert_eq!(bcc(b"To: a@x.com\r\n\x0c\r\nBcc: b@x.com\r\n\r\n"), 0);
+        // So does CR CR LF, which `header_end` (like Go) does not take for a blank line.
+        assert_eq!(bcc(b"To: a@x.com\r\n\r\r\nBcc: b@x.com\r\n\r\n"), 0);
+        assert_eq!(
+            header_end(b"To: a@x.com\r\n\r\r\nBcc: b@x.com\r\n\r\n", 0),
+            HeaderEnd::At(32)
+        );
+        // A bare CR is text inside the Subject to mail-parser; Python's `email` splits
+        // the line there and reads a Bcc field.
+        assert_eq!(bcc(b"To: a@x.com\r\nSubject: hi\rBcc: b@x.com\r\n\r\n"), 0);
+        // Whitespace before the colon (RFC 5322 obsolete syntax) and a leading space
+        // are ignored by mail-parser; Go keys the first as `Bcc ` and refuses the second.
+        assert_eq!(bcc(b"To: a@x.com\r\nBcc : b@x.com\r\n\r\n"), 1);
+        assert_eq!(bcc(b" Bcc: b@x.com\r\nTo: a@x.com\r\n\r\n"), 1);
+    }
+
+    #[test]
+    fn ambiguous_header_sections_are_refused() {
+        let cases: [&[u8]; 10] = [
+            b"To: a@x.com\r\nX-Junk\r\n \r\nBcc: b@x.com\r\n\r\n",
+            b"To: a@x.com\r\n\x0c\r\nBcc: b@x.com\r\n\r\n",
+            b"To: a@x.com\r\n\r\r\nBcc: b@x.com\r\n\r\n",
+            b"To: a@x.com\r\nSubject: hi\rBcc: b@x.com\r\n\r\n",
+            b"To: a@x.com\r",
+            b"To: a@x.com\r\nBcc : b@x.com\r\n\r\n",
+            b"To: a@x.com\r\nBcc\r\n : b@x.com\r\n\r\n",
+            b" Bcc: b@x.com\r\nTo: a@x.com\r\n\r\n",
+            b"To: a@x.com\0, b@x.com\r\n\r\n",
+            b"To: a@x.com\r\n: b@x.com\r\n\r\n",
+        ];
+        for section in cases {
+            let got = recipients(section);
+            assert!(
+                matches!(got, Err(InspectError::Invalid(_))),
+                "{:?}: {got:?}",
+                String::from_utf8_lossy(section)
+            );
+        }
+    }
+
+    #[test]
+    fn ordinary_header_sections_pass() {
+        let cases: [(&[u8], u64); 5] = [
+            (b"To: a@x.com\r\n\r\n", 1),
+            (b"To: a@x.com\n\n", 1),
+            (b"To: a@x.com\r\n", 1),
+            (
+                b"To:\r\n a@x.com,\r\n\tb@x.com,\r\n \r\n c@x.com\r\n\r\n",
+                3,
+            ),
+            (
+                "Subject: café\r\nX-Unicode: ö\r\nTo: a@x.com\r\n\r\n".as_bytes(),
+                1,
+            ),
+        ];
+        for (section, want) in cases {
+            let got = recipients(section)
+                .unwrap_or_else(|e| panic!("{:?}: {e:?}", String::from_utf8_lossy(section)));
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(section));
+        }
     }
 }

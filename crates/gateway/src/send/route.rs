@@ -214,37 +214,53 @@ fn form_decode(s: &str) -> String {
 /// How a grant identifier from a path maps to a quota key; see [`grant_ref`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrantRef {
-    /// Already the canonical grant id (UUIDs are lowercased).
+    /// A grant id, in its canonical form: the lowercase hyphenated UUID.
     Id(String),
-    /// An email address, `email:`, `external:`, `me` or any other prefixed form: ask
-    /// Nylas (`GET /v3/grants/{identifier}`) for the canonical id, and cache it.
+    /// An email address, `email:...`, `external:...` or `me`: ask Nylas
+    /// (`GET /v3/grants/{identifier}`) for the canonical id, and cache it.
     NeedsResolution(String),
+    /// Neither a grant id nor a form Nylas resolves (`plainid`, `grant:abc`,
+    /// `other:thing`, an empty segment): refused before anything is counted or sent.
+    Invalid,
 }
 
-/// Sorts a decoded grant identifier into a canonical id or one that needs resolving.
+/// Sorts a decoded grant identifier into a canonical id, one that needs resolving, or
+/// one that is refused.
 ///
-/// `grant:<id>` and a plain id (no `@`, no `:`, not `me`) are ids; everything else
-/// needs resolution, so that the same grant reached through two spellings shares one
-/// quota. A UUID is lowercased, as hex case carries no meaning.
+/// A grant id is a UUID, with or without `grant:` (any case), in braces or not, with
+/// or without its dashes, in any hex case; every spelling gives the same lowercase
+/// hyphenated id, so that one grant shares one quota. An email (anything with an `@`),
+/// `email:...`, `external:...` (prefixes in any case) and `me` need resolving; anything
+/// else is [`GrantRef::Invalid`].
 ///
 /// # Examples
 ///
 /// ```
 /// use gateway::send::{grant_ref, GrantRef};
 ///
-/// assert_eq!(grant_ref("grant:abc"), GrantRef::Id("abc".into()));
+/// let id = GrantRef::Id("6f1b0f3e-2a4c-4d8e-9b7a-3c5d2e1f0a9b".into());
+/// assert_eq!(grant_ref("6f1b0f3e-2a4c-4d8e-9b7a-3c5d2e1f0a9b"), id);
+/// assert_eq!(grant_ref("GRANT:{6F1B0F3E-2A4C-4D8E-9B7A-3C5D2E1F0A9B}"), id);
+/// assert_eq!(grant_ref("grant:6f1b0f3e2a4c4d8e9b7a3c5d2e1f0a9b"), id);
 /// assert_eq!(grant_ref("me"), GrantRef::NeedsResolution("me".into()));
 /// assert_eq!(grant_ref("a@b.c"), GrantRef::NeedsResolution("a@b.c".into()));
+/// assert_eq!(grant_ref("grant:abc"), GrantRef::Invalid);
 /// ```
 pub fn grant_ref(identifier: &str) -> GrantRef {
     let unprefixed = strip_prefix_ignore_case(identifier, "grant:").unwrap_or(identifier);
-    let plain = !unprefixed.is_empty()
-        && !unprefixed.contains(['@', ':'])
-        && !unprefixed.eq_ignore_ascii_case("me");
-    if plain {
-        GrantRef::Id(canonical_id(unprefixed))
-    } else {
+    if let Some(id) = canonical_uuid(unprefixed) {
+        return GrantRef::Id(id);
+    }
+    let resolvable = unprefixed.len() == identifier.len()
+        && (identifier.contains('@')
+            || identifier.eq_ignore_ascii_case("me")
+            || ["email:", "external:"].iter().any(|prefix| {
+                strip_prefix_ignore_case(identifier, prefix).is_some_and(|rest| !rest.is_empty())
+            }));
+    if resolvable {
         GrantRef::NeedsResolution(identifier.to_owned())
+    } else {
+        GrantRef::Invalid
     }
 }
 
@@ -254,17 +270,40 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
         .then(|| &s[prefix.len()..])
 }
 
-fn canonical_id(id: &str) -> String {
-    let is_uuid = id.len() == 36
-        && id.char_indices().all(|(i, c)| match i {
+/// The lowercase hyphenated form of a UUID written hyphenated (`8-4-4-4-12`), in braces
+/// (`{8-4-4-4-12}`) or as 32 hex digits, in any case; `None` for anything else.
+///
+/// These are the spellings Go's `github.com/google/uuid` `Parse` reads besides
+/// `urn:uuid:`, which is refused rather than guessed at.
+fn canonical_uuid(id: &str) -> Option<String> {
+    let inner = id
+        .strip_prefix('{')
+        .and_then(|rest| rest.strip_suffix('}'))
+        .unwrap_or(id);
+    let hyphenated = inner.len() == 36
+        && inner.char_indices().all(|(i, c)| match i {
             8 | 13 | 18 | 23 => c == '-',
             _ => c.is_ascii_hexdigit(),
         });
-    if is_uuid {
-        id.to_ascii_lowercase()
-    } else {
-        id.to_owned()
+    let simple = inner.len() == 32
+        && inner.len() == id.len()
+        && inner.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hyphenated && !simple {
+        return None;
     }
+    let hex: String = inner
+        .chars()
+        .filter(|c| *c != '-')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
 }
 
 #[cfg(test)]
@@ -373,33 +412,50 @@ mod tests {
 
     #[test]
     fn grant_refs() {
-        let id = |s: &str| GrantRef::Id(s.into());
+        let canonical = "3f1e2d3c-0000-4000-8000-abcdefabcdef";
+        let id = || GrantRef::Id(canonical.into());
         let resolve = |s: &str| GrantRef::NeedsResolution(s.into());
-        let uuid = "3F1E2D3C-0000-4000-8000-ABCDEFabcdef";
         let cases = [
-            (
-                "3f1e2d3c-0000-4000-8000-abcdefabcdef",
-                id("3f1e2d3c-0000-4000-8000-abcdefabcdef"),
-            ),
-            (uuid, id("3f1e2d3c-0000-4000-8000-abcdefabcdef")),
-            ("grant:abc", id("abc")),
-            (
-                "grant:3F1E2D3C-0000-4000-8000-ABCDEFABCDEF",
-                id("3f1e2d3c-0000-4000-8000-abcdefabcdef"),
-            ),
-            ("plainid", id("plainid")),
+            (canonical, id()),
+            ("3F1E2D3C-0000-4000-8000-ABCDEFabcdef", id()),
+            ("{3f1e2d3c-0000-4000-8000-abcdefabcdef}", id()),
+            ("3F1E2D3C000040008000ABCDEFABCDEF", id()),
+            ("grant:3F1E2D3C-0000-4000-8000-ABCDEFABCDEF", id()),
+            ("GRANT:{3F1E2D3C-0000-4000-8000-ABCDEFABCDEF}", id()),
+            ("Grant:3f1e2d3c000040008000abcdefabcdef", id()),
             ("a@b.com", resolve("a@b.com")),
             ("email:a@b.com", resolve("email:a@b.com")),
+            ("EMAIL:a@b.com", resolve("EMAIL:a@b.com")),
             ("external:crm-42", resolve("external:crm-42")),
+            ("External:crm-42", resolve("External:crm-42")),
             ("me", resolve("me")),
             ("ME", resolve("ME")),
-            ("grant:me", resolve("grant:me")),
-            ("grant:", resolve("grant:")),
-            ("", resolve("")),
-            ("other:thing", resolve("other:thing")),
         ];
         for (input, want) in cases {
             assert_eq!(grant_ref(input), want, "{input}");
+        }
+        let invalid = [
+            "grant:abc",
+            "plainid",
+            "g1",
+            "grant:me",
+            "grant:",
+            "grant:a@b.com",
+            "",
+            "other:thing",
+            "email:",
+            "external:",
+            "{3f1e2d3c000040008000abcdefabcdef}",
+            "{3f1e2d3c-0000-4000-8000-abcdefabcdef",
+            "urn:uuid:3f1e2d3c-0000-4000-8000-abcdefabcdef",
+            " 3f1e2d3c-0000-4000-8000-abcdefabcdef",
+            "3f1e2d3c-0000-4000-8000-abcdefabcdeg",
+            "3f1e2d3c0000-4000-8000-abcdefabcdef-",
+            "3f1e2d3c000040008000abcdefabcde",
+            "3f1e2d3c-0000-4000-8000-abcdefabcdéf",
+        ];
+        for input in invalid {
+            assert_eq!(grant_ref(input), GrantRef::Invalid, "{input:?}");
         }
     }
 }
