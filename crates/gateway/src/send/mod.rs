@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - `route`: [`classify`] a request into a [`SendRoute`]; [`grant_ref`] sorts grant
-//!   identifiers into ids and ones that need resolving.
+//!   identifiers into canonical ids, ones that need resolving, and ones refused.
 //! - `cost`: [`SendCost`] and the size model; [`cost_from_message_json`] for a
 //!   message object (also a draft fetched from Nylas).
 //! - `inspect`: [`inspect()`] reads a send body just far enough to
