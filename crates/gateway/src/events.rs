@@ -181,13 +181,7 @@ fn describe(e: &reqwest::Error) -> String {
     } else {
         "request"
     };
-    let mut source = std::error::Error::source(e);
-    let mut cause = String::new();
-    while let Some(s) = source {
-        cause = s.to_string();
-        source = s.source();
-    }
-    format!("{kind}: {cause}")
+    format!("{kind}: {}", crate::upstream::innermost_cause(e))
 }
 
 #[cfg(test)]

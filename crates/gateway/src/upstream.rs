@@ -314,13 +314,19 @@ impl UpstreamError {
 /// identifier or a query).
 fn describe(e: &hyper_util::client::legacy::Error) -> String {
     let kind = if e.is_connect() { "connect" } else { "request" };
-    let mut source = std::error::Error::source(e);
+    format!("{kind}: {}", innermost_cause(e))
+}
+
+/// The innermost cause of an error chain: what went wrong, without the outer layers'
+/// messages (a client's carry the URL, which could hold an identifier or a query).
+pub fn innermost_cause(e: &dyn std::error::Error) -> String {
+    let mut source = e.source();
     let mut cause = String::new();
     while let Some(s) = source {
         cause = s.to_string();
         source = s.source();
     }
-    format!("{kind}: {cause}")
+    cause
 }
 
 /// Removes hop-by-hop headers, including any named by `Connection`.

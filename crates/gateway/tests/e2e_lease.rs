@@ -9,7 +9,7 @@ use fake_nylas::{DEMO_GRANT_ID, Rule};
 use serde_json::json;
 use testkit::multipart::Multipart;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 const BOUNDARY: &str = "lease-test-boundary";
@@ -51,6 +51,21 @@ async fn capturing_upstream() -> (String, oneshot::Receiver<()>) {
     (url, rx)
 }
 
+/// Opens a connection to the gateway and writes a send's request head (`framing`: the
+/// `Content-Length` or `Transfer-Encoding` line, with anything that follows the blank
+/// line), then `body`.
+async fn raw_send(gw: &Gateway, content_type: &str, framing: &str, body: &[u8]) -> TcpStream {
+    let head = format!(
+        "POST /v3/grants/{DEMO_GRANT_ID}/messages/send HTTP/1.1\r\nHost: gw\r\n\
+         Authorization: Bearer {TOKEN}\r\nContent-Type: {content_type}\r\n{framing}"
+    );
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    s.flush().await.unwrap();
+    s
+}
+
 /// Reservations settled so far, however (kept, released or dropped).
 async fn settled(gw: &Gateway) -> f64 {
     let m = gw.metrics().await;
@@ -73,16 +88,8 @@ async fn a_client_abort_after_the_closing_boundary_keeps_the_charge() {
     let (content_type, body) = multipart_send();
     // The client declares an epilogue it never sends: the whole message (through the
     // closing boundary) reaches the gateway and goes upstream, then the client goes away.
-    let head = format!(
-        "POST /v3/grants/{DEMO_GRANT_ID}/messages/send HTTP/1.1\r\nHost: gw\r\n\
-         Authorization: Bearer {TOKEN}\r\nContent-Type: {content_type}\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len() + 64
-    );
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(&body).await.unwrap();
-    s.flush().await.unwrap();
+    let length = format!("Content-Length: {}\r\n\r\n", body.len() + 64);
+    let s = raw_send(&gw, &content_type, &length, &body).await;
     tokio::time::timeout(common::WAIT, arrived)
         .await
         .expect("the whole message reached the upstream")
@@ -117,15 +124,8 @@ async fn a_body_error_after_the_closing_boundary_keeps_the_charge() {
     // Chunked, as the Node SDK streams it: the whole message in one chunk and, once it has
     // reached the upstream, a chunk header no parser accepts: the client's body fails
     // after the closing boundary.
-    let head = format!(
-        "POST /v3/grants/{DEMO_GRANT_ID}/messages/send HTTP/1.1\r\nHost: gw\r\n\
-         Authorization: Bearer {TOKEN}\r\nContent-Type: {content_type}\r\n\
-         Transfer-Encoding: chunked\r\n\r\n{:x}\r\n",
-        body.len()
-    );
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(&body).await.unwrap();
+    let chunked = format!("Transfer-Encoding: chunked\r\n\r\n{:x}\r\n", body.len());
+    let mut s = raw_send(&gw, &content_type, &chunked, &body).await;
     s.write_all(b"\r\n").await.unwrap();
     s.flush().await.unwrap();
     tokio::time::timeout(common::WAIT, arrived)
@@ -152,14 +152,8 @@ async fn a_body_error_before_the_closing_boundary_releases_the_charge() {
     let (content_type, body) = multipart_send();
     // The body breaks off inside the attachment, before the closing boundary.
     let cut = body.len() - 40;
-    let head = format!(
-        "POST /v3/grants/{DEMO_GRANT_ID}/messages/send HTTP/1.1\r\nHost: gw\r\n\
-         Authorization: Bearer {TOKEN}\r\nContent-Type: {content_type}\r\n\
-         Transfer-Encoding: chunked\r\n\r\n{cut:x}\r\n"
-    );
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(&body[..cut]).await.unwrap();
+    let chunked = format!("Transfer-Encoding: chunked\r\n\r\n{cut:x}\r\n");
+    let mut s = raw_send(&gw, &content_type, &chunked, &body[..cut]).await;
     s.write_all(b"\r\nnot-a-chunk-size\r\n").await.unwrap();
     s.flush().await.unwrap();
     eventually("the reservation settled", || async {

@@ -106,17 +106,7 @@ async fn reserve(
 async fn reselect(state: &AppState, ctx: &SendCtx, charged: &mut Charged, name: Option<String>) {
     let grant = charged.grant.clone().unwrap_or_default();
     state.selector.learn_override(&grant, name.clone());
-    let selection = state
-        .selector
-        .select(
-            state.store.as_ref(),
-            &state.upstream,
-            &ctx.config,
-            &grant,
-            name,
-            ctx.authorization.as_ref(),
-        )
-        .await;
+    let selection = super::charged::select(state, ctx, &grant, name).await;
     charged.profile = selection.profile;
     charged.override_name = selection.override_name;
 }

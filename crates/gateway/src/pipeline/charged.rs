@@ -4,6 +4,8 @@
 
 use limits::Profile;
 
+use crate::selection::Selection;
+
 use super::ctx::{SendCtx, Stop};
 use crate::error::GatewayError;
 use crate::grants::Resolution;
@@ -70,21 +72,31 @@ async fn grant_charged(
     };
     ctx.record.subject = Some(id.clone());
     let cached = state.selector.cached_override(&id);
-    let selection = state
-        .selector
-        .select(
-            state.store.as_ref(),
-            &state.upstream,
-            &ctx.config,
-            &id,
-            cached,
-            ctx.authorization.as_ref(),
-        )
-        .await;
+    let selection = select(state, ctx, &id, cached).await;
     Ok(Charged {
         scope: Scope::grant(&id),
         profile: selection.profile,
         grant: Some(id),
         override_name: selection.override_name,
     })
+}
+
+/// The profile `grant` is charged under, given the override the store is believed to hold.
+pub(super) async fn select(
+    state: &AppState,
+    ctx: &SendCtx,
+    grant: &str,
+    override_name: Option<String>,
+) -> Selection {
+    state
+        .selector
+        .select(
+            state.store.as_ref(),
+            &state.upstream,
+            &ctx.config,
+            grant,
+            override_name,
+            ctx.authorization.as_ref(),
+        )
+        .await
 }
