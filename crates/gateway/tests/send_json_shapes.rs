@@ -81,7 +81,7 @@ async fn duplicate_keys_are_refused_json_and_multipart() {
         format!(r#"{{{TO},"to":[{{"email":"b@x.com"}},{{"email":"c@x.com"}}]}}"#),
         format!(r#"{{"bcc":[{{"email":"b@x.com"}}],{TO},"bcc":[]}}"#),
         r#"{"to":[{"email":"a@x.com","email":"b@x.com"}]}"#.to_owned(),
-        format!(r#"{{{TO},"attachments":[{{"size":1,"size":16000000}}]}}"#),
+        format!(r#"{{{TO},"attachments":[{{"size":16000000,"size":1}}]}}"#),
         format!(r#"{{{TO},"custom_headers":[{{"name":"X-A","name":"Bcc","value":"b@y.com"}}]}}"#),
         // An escaped key is the same key.
         format!(r#"{{{TO},"\u0074o":[{{"email":"b@x.com"}}]}}"#),
