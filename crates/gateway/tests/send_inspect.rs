@@ -114,7 +114,7 @@ fn node_multipart(message: &str, attachment: &[u8]) -> Bytes {
         .1
 }
 
-const MESSAGE: &str = r#"{"subject":"Report","body":"<p>see attached</p>","to":[{"name":"Ann","email":"ann@example.com"}],"cc":[{"email":"ANN@example.com "},{"email":"bob@example.com"}],"bcc":[{"email":"carl@example.com"}]}"#;
+const MESSAGE: &str = r#"{"subject":"Report","body":"<p>see attached</p>","to":[{"name":"Ann","email":"ann@example.com"}],"cc":[{"email":"ANN@example.com"},{"email":"bob@example.com"}],"bcc":[{"email":"carl@example.com"}]}"#;
 
 // ---------------------------------------------------------------- JSON
 

@@ -3,9 +3,10 @@
 
 use std::collections::HashSet;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::InspectError;
+use super::json::{check_keys, fold};
 
 /// Fixed allowance for the header section a provider writes (Date, Message-ID, MIME
 /// headers, Received lines added on the way...), before subject and addresses.
@@ -21,8 +22,8 @@ const MIME_LINE: u64 = 76;
 /// What one send costs against a quota.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SendCost {
-    /// Unique recipients across `to`, `cc` and `bcc`, compared case-insensitively after
-    /// trimming.
+    /// Unique recipients across `to`, `cc` and `bcc`; addresses are the same recipient
+    /// only when equal after ASCII lowercasing.
     pub recipients: u64,
     /// Bytes of the message as the provider will see it (an upper estimate).
     pub size: u64,
@@ -69,16 +70,53 @@ fn header_text_len(s: &str) -> u64 {
     }
 }
 
-/// Unique recipient addresses, trimmed and compared case-insensitively.
+/// Keys of a message object that must be spelled exactly (see [`check_keys`]): what the
+/// cost reads, and the other fields that change what Nylas sends.
+const MESSAGE_FIELDS: &[&str] = &[
+    "to",
+    "cc",
+    "bcc",
+    "from",
+    "reply_to",
+    "subject",
+    "body",
+    "attachments",
+    "custom_headers",
+    "send_at",
+    "use_draft",
+    "template",
+    "tracking_options",
+    "metadata",
+    "reply_to_message_id",
+    "is_plaintext",
+];
+/// Keys of a recipient object in `to`, `cc`, `bcc`, `from` and `reply_to`.
+const ADDRESS_FIELDS: &[&str] = &["email", "name"];
+/// Keys of an attachment object.
+const ATTACHMENT_FIELDS: &[&str] = &[
+    "filename",
+    "content_type",
+    "content",
+    "size",
+    "content_id",
+    "is_inline",
+];
+/// Keys of a `custom_headers` entry.
+const HEADER_FIELDS: &[&str] = &["name", "value"];
+/// Characters of address lists and display-name forms, never of one bare address.
+const NOT_IN_ADDRESS: [char; 11] = ['"', '<', '>', ',', ';', ':', '(', ')', '[', ']', '\\'];
+
+/// Unique recipient addresses. Two addresses are one recipient only when they are equal
+/// after ASCII lowercasing: any other difference (Unicode case such as the Kelvin sign
+/// against `k`, whitespace) counts them twice, which errs on the safe side.
 #[derive(Debug, Default)]
 pub(crate) struct Recipients(HashSet<String>);
 
 impl Recipients {
-    /// Adds one address; empty ones are ignored.
+    /// Adds one address, as given; an empty one is ignored.
     pub(crate) fn add(&mut self, address: &str) {
-        let address = address.trim();
         if !address.is_empty() {
-            self.0.insert(address.to_lowercase());
+            self.0.insert(address.to_ascii_lowercase());
         }
     }
 
@@ -98,7 +136,10 @@ impl Recipients {
 ///
 /// [`InspectError::Invalid`] when the value is not an object or a recipient list,
 /// recipient or attachment has the wrong shape: a recipient that cannot be counted must
-/// not be let through.
+/// not be let through. That includes a key that Go would read as a counted field but
+/// that is spelled otherwise (`"TO"`, `"Cc"`), a recipient given as a string, an
+/// `email` that is not exactly one bare address (no padding is trimmed), and a custom
+/// header that names recipients. See `docs/send-requests.md`.
 ///
 /// # Examples
 ///
@@ -107,19 +148,23 @@ impl Recipients {
 /// use serde_json::json;
 ///
 /// let draft = json!({"data": {
-///     "to": [{"email": "A@x.com"}], "cc": [{"email": " a@X.com "}], "bcc": null,
+///     "to": [{"email": "A@x.com"}], "cc": [{"email": "a@X.com"}], "bcc": null,
 ///     "attachments": [{"filename": "f", "size": 16_000_000}],
 /// }});
 /// let cost = cost_from_message_json(&draft).unwrap();
 /// assert_eq!(cost.recipients, 1);
 /// assert!(cost.size > 20_000_000);
+///
+/// // Nothing is trimmed: a padded address is refused, not counted as `a@x.com`.
+/// let padded = json!({"to": [{"email": "A@x.com"}], "cc": [{"email": " a@X.com "}]});
+/// assert!(cost_from_message_json(&padded).is_err());
 /// ```
 pub fn cost_from_message_json(v: &Value) -> Result<SendCost, InspectError> {
     let message = match v.get("data") {
         Some(data @ Value::Object(_)) if !is_message(v) => data,
         _ => v,
     };
-    let (cost, _) = message_cost(message)?;
+    let (cost, _) = measure(message)?;
     Ok(cost)
 }
 
@@ -129,13 +174,26 @@ fn is_message(v: &Value) -> bool {
         .any(|k| v.get(k).is_some())
 }
 
-/// Cost of a message object; also returns its recipient count apart, for reuse.
+/// Cost of a message object a client sends (E1, E7, the `message` part of E1m), which
+/// must name at least one recipient; also returns its recipients apart, for reuse.
 pub(crate) fn message_cost(message: &Value) -> Result<(SendCost, Recipients), InspectError> {
+    let (cost, recipients) = measure(message)?;
+    if recipients.count() == 0 {
+        return Err(InspectError::Invalid(
+            "the message has no recipients: `to`, `cc` and `bcc` are all empty or missing".into(),
+        ));
+    }
+    Ok((cost, recipients))
+}
+
+/// Cost of a message object, with no lower bound on recipients.
+fn measure(message: &Value) -> Result<(SendCost, Recipients), InspectError> {
     let Value::Object(fields) = message else {
         return Err(InspectError::Invalid(
             "the message must be a json object".into(),
         ));
     };
+    check_keys(fields, MESSAGE_FIELDS, "the message")?;
     let mut recipients = Recipients::default();
     let mut size = HEADER_ALLOWANCE;
     for key in ["to", "cc", "bcc", "from", "reply_to"] {
@@ -150,24 +208,12 @@ pub(crate) fn message_cost(message: &Value) -> Result<(SendCost, Recipients), In
                 .saturating_add(ADDRESS_OVERHEAD);
         }
     }
-    if let Some(Value::String(subject)) = fields.get("subject") {
+    if let Some(subject) = text(fields, "subject", "the message")? {
+        one_line(subject, "the message", "subject")?;
         size = size.saturating_add(header_text_len(subject));
     }
-    if let Some(Value::Array(headers)) = fields.get("custom_headers") {
-        for header in headers {
-            let len = |k: &str| {
-                header
-                    .get(k)
-                    .and_then(Value::as_str)
-                    .map_or(0, header_text_len)
-            };
-            size = size
-                .saturating_add(len("name"))
-                .saturating_add(len("value"))
-                .saturating_add(4);
-        }
-    }
-    if let Some(Value::String(body)) = fields.get("body") {
+    size = size.saturating_add(custom_headers_size(fields.get("custom_headers"))?);
+    if let Some(body) = text(fields, "body", "the message")? {
         // Providers may well send the body base64-encoded; assume they do.
         size = size.saturating_add(base64_mime_len(body.len() as u64));
     }
@@ -181,37 +227,168 @@ pub(crate) fn message_cost(message: &Value) -> Result<(SendCost, Recipients), In
     ))
 }
 
+/// The string at `key` of `object`, if there is one (null counts as none). Any other
+/// value is refused: Go would not read it as text either.
+fn text<'a>(
+    object: &'a Map<String, Value>,
+    key: &str,
+    what: &str,
+) -> Result<Option<&'a str>, InspectError> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(InspectError::Invalid(format!(
+            "{what}: `{key}` must be a string"
+        ))),
+    }
+}
+
+/// Refuses a line break in header text: it could start a header of its own.
+fn one_line(s: &str, what: &str, key: &str) -> Result<(), InspectError> {
+    if s.contains(['\r', '\n']) {
+        return Err(InspectError::Invalid(format!(
+            "{what}: `{key}` has a line break; header text must be one line"
+        )));
+    }
+    Ok(())
+}
+
 /// The `(email, name)` pairs of a recipient list. Lists outside `to`/`cc`/`bcc`
-/// (`from`, `reply_to`) only add to the size, so a wrong shape there is not an error.
+/// (`from`, `reply_to`) only add to the size, so a wrong shape there is not an error;
+/// their objects' keys are still checked, as the size reads them.
 fn addresses<'a>(
     list: Option<&'a Value>,
     key: &str,
     strict: bool,
 ) -> Result<Vec<(&'a str, &'a str)>, InspectError> {
-    let invalid = |what: &str| Err(InspectError::Invalid(format!("`{key}` {what}")));
+    let invalid = || {
+        Err(InspectError::Invalid(format!(
+            "`{key}` must be an array of {{name?, email}} objects (not strings)"
+        )))
+    };
     let items = match list {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
         Some(_) if !strict => return Ok(Vec::new()),
-        Some(_) => return invalid("must be an array of {name?, email} objects"),
+        Some(_) => return invalid(),
     };
+    let what = format!("a recipient in `{key}`");
     let mut out = Vec::with_capacity(items.len());
     for item in items {
-        match item {
-            Value::String(email) => out.push((email.as_str(), "")),
-            Value::Object(entry) => match entry.get("email") {
-                Some(Value::String(email)) => {
-                    let name = entry.get("name").and_then(Value::as_str).unwrap_or("");
-                    out.push((email.as_str(), name));
-                }
-                _ if !strict => {}
-                _ => return invalid("has a recipient without a string `email`"),
-            },
-            _ if !strict => {}
-            _ => return invalid("must be an array of {name?, email} objects"),
+        let Value::Object(entry) = item else {
+            if strict {
+                return invalid();
+            }
+            continue;
+        };
+        check_keys(entry, ADDRESS_FIELDS, &what)?;
+        if strict {
+            out.push(recipient(entry, &what)?);
+        } else if let Some(Value::String(email)) = entry.get("email") {
+            let name = entry.get("name").and_then(Value::as_str).unwrap_or("");
+            out.push((email.as_str(), name));
         }
     }
     Ok(out)
+}
+
+/// The `(email, name)` of one counted recipient: one bare address, an optional name.
+fn recipient<'a>(
+    entry: &'a Map<String, Value>,
+    what: &str,
+) -> Result<(&'a str, &'a str), InspectError> {
+    let Some(email) = text(entry, "email", what)? else {
+        return Err(InspectError::Invalid(format!(
+            "{what} has no string `email`"
+        )));
+    };
+    check_address(email, what)?;
+    let name = text(entry, "name", what)?.unwrap_or("");
+    one_line(name, what, "name")?;
+    Ok((email, name))
+}
+
+/// Refuses anything but one bare address, `local@domain`, in a recipient's `email`: no
+/// list, display-name form, whitespace, quotes, brackets or control characters. Nothing
+/// is trimmed. The message names the problem, never the address.
+fn check_address(email: &str, what: &str) -> Result<(), InspectError> {
+    let why = if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("whitespace or a control character")
+    } else if email.contains(NOT_IN_ADDRESS) {
+        Some("a character of an address list or display-name form (one of \" < > , ; : ( ) [ ] \\)")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(InspectError::Invalid(format!(
+            "{what} has {why} in `email`; give exactly one bare address (local@domain) per \
+             recipient, and a display name in `name`"
+        )));
+    }
+    match email.split_once('@') {
+        Some((local, domain))
+            if !local.is_empty() && !domain.is_empty() && !domain.contains('@') =>
+        {
+            Ok(())
+        }
+        _ => Err(InspectError::Invalid(format!(
+            "{what} has an `email` that is not local@domain with exactly one `@`"
+        ))),
+    }
+}
+
+/// Size of the `custom_headers` of a message: an array of `{name, value}` objects, none
+/// naming a recipient header.
+fn custom_headers_size(list: Option<&Value>) -> Result<u64, InspectError> {
+    let invalid = || {
+        InspectError::Invalid("`custom_headers` must be an array of {name, value} objects".into())
+    };
+    let items = match list {
+        None | Some(Value::Null) => return Ok(0),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(invalid()),
+    };
+    let what = "a `custom_headers` entry";
+    let mut total = 0u64;
+    for item in items {
+        let Value::Object(header) = item else {
+            return Err(invalid());
+        };
+        check_keys(header, HEADER_FIELDS, what)?;
+        let Some(name) = text(header, "name", what)? else {
+            return Err(invalid());
+        };
+        check_header_name(name)?;
+        let value = text(header, "value", what)?.unwrap_or("");
+        one_line(value, what, "value")?;
+        total = total
+            .saturating_add(header_text_len(name))
+            .saturating_add(header_text_len(value))
+            .saturating_add(4);
+    }
+    Ok(total)
+}
+
+/// Refuses a custom header that names recipients (`To`, `Cc`, `Bcc`, `Resent-*`, in any
+/// case or folding, with any padding), and any name that is not a plain RFC 5322 field
+/// name (printable ASCII without spaces or colons).
+fn check_header_name(name: &str) -> Result<(), InspectError> {
+    let folded = fold(name.trim_matches(|c: char| c.is_whitespace() || c.is_control()));
+    if matches!(folded.as_str(), "to" | "cc" | "bcc") || folded.starts_with("resent-") {
+        return Err(InspectError::Invalid(
+            "`custom_headers` names a recipient header (To, Cc, Bcc or Resent-*); put \
+             recipients in `to`, `cc` and `bcc`"
+                .into(),
+        ));
+    }
+    if name.is_empty() || !name.bytes().all(|b| (33..=126).contains(&b) && b != b':') {
+        return Err(InspectError::Invalid(
+            "`custom_headers` has a `name` that is not a header field name (printable \
+             ASCII, no spaces or colons)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Encoded size of the attachments of a message object.
@@ -222,27 +399,28 @@ fn attachments_size(list: Option<&Value>) -> Result<u64, InspectError> {
         Some(Value::Array(items)) => items,
         Some(_) => return Err(invalid()),
     };
+    let what = "an attachment";
     let mut total = 0u64;
     for item in items {
         let Value::Object(attachment) = item else {
             return Err(invalid());
         };
-        let from_content = match attachment.get("content") {
-            Some(Value::String(content)) => base64_decoded_len(content),
-            _ => 0,
+        check_keys(attachment, ATTACHMENT_FIELDS, what)?;
+        let from_content = text(attachment, "content", what)?.map_or(0, base64_decoded_len);
+        let declared = match attachment.get("size") {
+            None | Some(Value::Null) => 0,
+            Some(size @ Value::Number(_)) => json_size(size).unwrap_or(0),
+            Some(_) => {
+                return Err(InspectError::Invalid(
+                    "an attachment: `size` must be a number".into(),
+                ));
+            }
         };
-        let declared = attachment.get("size").and_then(json_size).unwrap_or(0);
-        let text = |k: &str| {
-            attachment
-                .get(k)
-                .and_then(Value::as_str)
-                .map_or(0, header_text_len)
-        };
-        total = total
-            .saturating_add(attachment_size(from_content.max(declared)))
-            .saturating_add(text("filename"))
-            .saturating_add(text("content_type"))
-            .saturating_add(text("content_id"));
+        total = total.saturating_add(attachment_size(from_content.max(declared)));
+        for key in ["filename", "content_type", "content_id"] {
+            let len = text(attachment, key, what)?.map_or(0, header_text_len);
+            total = total.saturating_add(len);
+        }
     }
     Ok(total)
 }
@@ -283,14 +461,184 @@ mod tests {
 
     #[test]
     fn recipients_are_unique_across_lists() {
+        // Only ASCII case is ignored: `Ü` and `ü` are two recipients.
         let v = json!({
             "to": [{"name": "A", "email": "a@x.com"}, {"email": "B@x.com"}],
-            "cc": [{"email": "  A@X.COM "}, {"email": "c@x.com"}],
+            "cc": [{"email": "A@X.COM"}, {"email": "c@x.com"}],
             "bcc": [{"email": "b@x.com"}, {"email": "Ü@x.com"}, {"email": "ü@X.com"}],
             "reply_to": [{"email": "r@x.com"}],
             "from": [{"email": "f@x.com"}],
         });
-        assert_eq!(cost_from_message_json(&v).expect("cost").recipients, 4);
+        assert_eq!(cost_from_message_json(&v).expect("cost").recipients, 5);
+    }
+
+    fn refusal(v: &Value) -> String {
+        match cost_from_message_json(v) {
+            Err(InspectError::Invalid(m)) => m,
+            other => panic!("{v}: expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_ascii_case_is_folded_when_deduplicating() {
+        let mut set = Recipients::default();
+        for address in [
+            "k@x.com",
+            "K@X.COM",
+            "\u{212a}@x.com",
+            "\u{17f}@x.com",
+            "s@x.com",
+        ] {
+            set.add(address);
+        }
+        // k, Kelvin-k, long-s, s: the Kelvin sign and long s are other mailboxes.
+        assert_eq!(set.count(), 4);
+        set.add("");
+        set.add(" k@x.com");
+        assert_eq!(set.count(), 5, "nothing is trimmed");
+        let v = json!({"to": [{"email": "k@x.com"}], "cc": [{"email": "\u{212a}@x.com"}]});
+        assert_eq!(cost_from_message_json(&v).expect("cost").recipients, 2);
+    }
+
+    #[test]
+    fn folded_keys_are_refused_at_every_level() {
+        let to = json!([{"email": "a@x.com"}]);
+        for v in [
+            json!({"to": to, "TO": [{"email": "b@x.com"}]}),
+            json!({"to": to, "Cc": [{"email": "b@x.com"}]}),
+            json!({"to": to, "bcC": [{"email": "b@x.com"}]}),
+            json!({"to": to, "attachment\u{17f}": [{"size": 9_000_000}]}),
+            json!({"to": to, "Subject": "s"}),
+            json!({"to": to, "Custom_Headers": []}),
+            json!({"to": to, "trac\u{212a}ing_options": {}}),
+            json!({"to": [{"email": "a@x.com", "EMAIL": "b@x.com"}]}),
+            json!({"to": [{"email": "a@x.com", "Name": "N"}]}),
+            json!({"to": to, "from": [{"Email": "f@x.com"}]}),
+            json!({"to": to, "reply_to": [{"email": "r@x.com", "nAme": "R"}]}),
+            json!({"to": to, "attachments": [{"size": 1, "\u{17f}ize": 9_000_000}]}),
+            json!({"to": to, "attachments": [{"Content": "QUJD"}]}),
+            json!({"to": to, "attachments": [{"fileName": "f"}]}),
+            json!({"to": to, "custom_headers": [{"name": "X-A", "Value": "v"}]}),
+            json!({"to": to, "custom_headers": [{"NAME": "Bcc", "name": "X-A"}]}),
+        ] {
+            let m = refusal(&v);
+            assert!(m.contains("has a key that Nylas reads as"), "{v}: {m}");
+        }
+        // Keys that fold onto no field are Nylas's business.
+        let v = json!({"to": to, "X-Extra": 1, "Metadata2": {}});
+        assert!(cost_from_message_json(&v).is_ok());
+    }
+
+    #[test]
+    fn a_recipient_is_one_bare_address() {
+        for email in [
+            " a@x.com",
+            "a@x.com ",
+            "a@x.com\t",
+            "a@x.com\u{a0}",
+            "a@x.com, b@y.com",
+            "a@x.com;b@y.com",
+            "Ann <a@x.com>",
+            "<a@x.com>",
+            "\"a\"@x.com",
+            "a@x.com\r\nb@y.com",
+            "a\u{0}@x.com",
+            "g:a@x.com;",
+            "a@x.com(c)",
+            "a\\@x.com",
+            "a@[1.2.3.4]",
+            "",
+            "ax.com",
+            "@x.com",
+            "a@",
+            "a@b@x.com",
+        ] {
+            let v = json!({"bcc": [{"email": email}]});
+            let m = refusal(&v);
+            assert!(email.is_empty() || !m.contains(email), "{m}");
+            assert!(m.contains("`bcc`"), "{m}");
+        }
+        for v in [
+            json!({"to": ["a@x.com"]}),
+            json!({"cc": [{"email": ["a@x.com"]}]}),
+            json!({"to": [{"email": "a@x.com", "name": 5}]}),
+            json!({"to": [{"email": "a@x.com", "name": "A\r\nBcc: b@y.com"}]}),
+        ] {
+            refusal(&v);
+        }
+        let ok = json!({"to": [{"email": "o'brien+tag@sub.x.com", "name": "Smith, Ann"}]});
+        assert_eq!(cost_from_message_json(&ok).expect("cost").recipients, 1);
+    }
+
+    #[test]
+    fn custom_headers_must_not_name_recipients() {
+        for name in [
+            "To",
+            "to",
+            "CC",
+            "bcc",
+            " Bcc",
+            "Bcc ",
+            "\tCc\r\n",
+            "Resent-To",
+            "RESENT-BCC",
+            "resent-cc",
+            "Resent-Sender",
+            "Re\u{17f}ent-To",
+            "B\u{200b}cc",
+            "X-A: b\r\nBcc",
+            "X A",
+            "",
+        ] {
+            let v = json!({"to": [{"email": "a@x.com"}],
+                "custom_headers": [{"name": name, "value": "b@y.com"}]});
+            let m = refusal(&v);
+            assert!(
+                m.contains("`custom_headers`") && !m.contains("b@y.com"),
+                "{name:?}: {m}"
+            );
+        }
+        for headers in [
+            json!({"X-A": "1"}),
+            json!(["X-A: 1"]),
+            json!([{"value": "1"}]),
+            json!([{"name": "X-A", "value": "1\r\nBcc: b@y.com"}]),
+        ] {
+            refusal(&json!({"to": [{"email": "a@x.com"}], "custom_headers": headers}));
+        }
+        let ok = json!({"to": [{"email": "a@x.com"}],
+            "custom_headers": [{"name": "X-Tosser", "value": "1"}, {"name": "Resent", "value": "2"}]});
+        assert!(cost_from_message_json(&ok).is_ok());
+    }
+
+    #[test]
+    fn text_fields_must_be_strings() {
+        for v in [
+            json!({"to": [{"email": "a@x.com"}], "subject": ["s"]}),
+            json!({"to": [{"email": "a@x.com"}], "subject": "a\r\nBcc: b@y.com"}),
+            json!({"to": [{"email": "a@x.com"}], "body": {"html": "x"}}),
+            json!({"to": [{"email": "a@x.com"}], "attachments": [{"content": 5}]}),
+            json!({"to": [{"email": "a@x.com"}], "attachments": [{"size": "9000000"}]}),
+            json!({"to": [{"email": "a@x.com"}], "attachments": [{"filename": 1}]}),
+        ] {
+            refusal(&v);
+        }
+    }
+
+    #[test]
+    fn a_send_needs_a_recipient() {
+        for v in [
+            json!({"subject": "s"}),
+            json!({"to": [], "cc": null, "bcc": []}),
+            json!({"reply_to": [{"email": "r@x.com"}], "from": [{"email": "f@x.com"}]}),
+        ] {
+            let Err(InspectError::Invalid(m)) = message_cost(&v) else {
+                panic!("{v}");
+            };
+            assert!(m.contains("no recipients"), "{m}");
+        }
+        let (cost, _) = message_cost(&json!({"bcc": [{"email": "a@x.com"}]})).expect("cost");
+        assert_eq!(cost.recipients, 1);
     }
 
     #[test]

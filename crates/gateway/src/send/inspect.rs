@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::body::{Parser, SharedSource, SizeModel, UpstreamBody, check_part_name};
 use super::cost::{SendCost, base64_mime_len, message_cost};
+use super::json;
 use super::mime::{self, HeaderEnd};
 use super::route::SendRoute;
 
@@ -154,8 +155,10 @@ fn is_json(media: &str) -> bool {
     media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
 }
 
+/// Parses a JSON body, refusing duplicate keys (Go would read the last, serde_json's
+/// `Value` hides the first); see [`super::json`].
 fn parse_json(bytes: &[u8]) -> Result<Value, InspectError> {
-    serde_json::from_slice(bytes).map_err(|e| InspectError::Invalid(format!("bad json: {e}")))
+    json::parse(bytes)
 }
 
 /// E1 / E7 as JSON: the whole message is in the body.
@@ -187,7 +190,12 @@ async fn draft(
         if !is_json {
             return Err(invalid("a draft send takes no body or a json object"));
         }
-        parse_json(&bytes)?;
+        // The draft holds the message: fields here could change what is sent unseen.
+        if !matches!(parse_json(&bytes)?, Value::Object(o) if o.is_empty()) {
+            return Err(invalid(
+                "a draft send takes no body or `{}`; change the draft itself to change what is sent",
+            ));
+        }
     }
     Ok(Inspected {
         cost: SendCost::default(),

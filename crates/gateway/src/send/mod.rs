@@ -13,6 +13,8 @@
 //!   count it; [`InspectOptions`], [`Inspected`], [`InspectError`].
 //! - `body`: [`UpstreamBody`] replays and streams the body upstream byte for byte,
 //!   cutting it short past the size limit; [`Overflow`] tells what happened.
+//! - `json`: parsing JSON as Nylas's Go service would read it, refusing duplicate keys
+//!   and keys that fold onto field names (see `docs/send-requests.md`).
 //! - `mime`: the header section of a raw RFC 5322 message and its recipients.
 //!
 //! # Size model
@@ -43,6 +45,7 @@
 mod body;
 mod cost;
 mod inspect;
+mod json;
 mod mime;
 mod route;
 
