@@ -18,6 +18,13 @@ use crate::send::{SendRoute, classify, classify_draft_change};
 use crate::state::AppState;
 use crate::upstream::strip_hop_by_hop;
 
+/// Headers some HTTP front ends read as the request's real method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// Handles every request on the proxy listener.
 pub async fn handle(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
     let _in_flight = state.metrics.in_flight();
@@ -26,6 +33,11 @@ pub async fn handle(State(state): State<Arc<AppState>>, mut req: Request) -> Res
     // vanish), and the target as it will be sent (`\` becomes `/`, dot segments go), so a
     // send cannot pass as something else.
     strip_hop_by_hop(req.headers_mut());
+    // A front end that honours a method override would read another request than the
+    // one classified here: these never go upstream.
+    for name in METHOD_OVERRIDES {
+        req.headers_mut().remove(name);
+    }
     let target = req
         .uri()
         .path_and_query()
@@ -67,13 +79,16 @@ async fn draft_change(state: &AppState, route: SendRoute, req: Request) -> Respo
         return relay(state, req).await;
     };
     let auth = req.headers().get(header::AUTHORIZATION).cloned();
-    // An identifier Nylas will not resolve for this caller: Nylas refuses the change too.
-    let Ok(Resolution::Grant(id)) = state
+    // Never relayed without the lock: an identifier the gateway refuses, a look-up that
+    // fails or that Nylas refuses ends the change here, as it would end a send.
+    let id = match state
         .grants
         .resolve(&state.upstream, grant, auth.as_ref())
         .await
-    else {
-        return relay(state, req).await;
+    {
+        Ok(Resolution::Grant(id)) => id,
+        Ok(Resolution::Refused(resp)) => return resp,
+        Err(e) => return e.into_response(),
     };
     let config = state.config();
     let store = Arc::clone(&state.store);

@@ -400,10 +400,12 @@ async fn held_a_small_draft_edited_around_the_gateway_is_corrected() {
 // `grant_ref`, and `draft_change` then relays it *without the lock*: it lands between the
 // gateway's read of the draft and Nylas's send. Correction charges the extra afterwards,
 // but the per-message cap and the window limit were not checked before Nylas sent.
+// Fixed by never relaying a draft change without the lock: an identifier the gateway
+// refuses for sends is refused for draft changes too (400), as is a failed look-up.
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn a_draft_change_spelled_urn_uuid_waits_for_the_send_of_that_draft() {
+async fn a_draft_change_spelled_urn_uuid_never_lands_during_the_send_of_that_draft() {
     let nylas = fake().await;
     let gw = Gateway::start(&config(&nylas.url(), "")).await;
     nylas.add_draft(
@@ -441,8 +443,12 @@ async fn a_draft_change_spelled_urn_uuid_waits_for_the_send_of_that_draft() {
     let change = tokio::time::timeout(WAIT, change).await.unwrap().unwrap();
     assert_eq!(
         change.status(),
-        200,
-        "Nylas reads urn:uuid: as the grant id"
+        400,
+        "a spelling the gateway refuses for sends is refused for changes, not relayed unlocked"
+    );
+    assert!(
+        !nylas.requests().iter().any(|r| r.method == "PUT"),
+        "the change never reached Nylas"
     );
     let (status, sent) = tokio::time::timeout(WAIT, send).await.unwrap().unwrap();
     assert_eq!(status, 200);

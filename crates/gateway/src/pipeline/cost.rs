@@ -14,7 +14,7 @@ use crate::drafts::{DraftLock, LOCK_WAIT, LockError};
 use crate::error::GatewayError;
 use crate::metrics::Outcome;
 use crate::send::{
-    InspectError, InspectOptions, SendCost, SendRoute, UpstreamBody, cost_from_message_json,
+    InspectError, InspectOptions, SendCost, SendRoute, UpstreamBody, cost_from_message_bytes,
     inspect,
 };
 use crate::state::AppState;
@@ -103,10 +103,11 @@ async fn draft_cost(state: &AppState, ctx: &mut SendCtx, path: &str) -> Result<S
             status, &headers, body,
         ))));
     }
-    let draft: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
-        GatewayError::UpstreamUnavailable("draft look-up answer is not JSON".into())
-    })?;
-    cost_from_message_json(&draft).map_err(|e| ctx.reject(inspect_error(e)))
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+        let cause = "draft look-up answer is not JSON";
+        return Err(Stop::Fail(GatewayError::UpstreamUnavailable(cause.into())));
+    }
+    cost_from_message_bytes(&body).map_err(|e| ctx.reject(inspect_error(e)))
 }
 
 /// The answer to a body that could not be counted.

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use http::request::Parts;
 use http::uri::PathAndQuery;
+use http::{HeaderValue, header};
 
 use super::ctx::SendCtx;
 use super::report::UpstreamSeen;
@@ -23,9 +24,15 @@ pub(super) struct Sent {
 pub(super) async fn forward(
     state: &AppState,
     ctx: &mut SendCtx,
-    parts: Parts,
+    mut parts: Parts,
     body: UpstreamBody,
 ) -> Sent {
+    // Nylas's answer settles the send (its recipients, a provider throttle): ask for it
+    // uncompressed, so the gateway reads what Nylas says rather than skipping a gzip body.
+    parts.headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     let overflow = body.overflow();
     let length = body.content_length();
     // The proxy normalised the target before classifying it; it goes out as it is.

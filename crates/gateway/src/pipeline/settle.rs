@@ -4,7 +4,8 @@
 //!   never reached its end): released.
 //! - Sent, or maybe sent (2xx, 402, 5xx, a timeout, a client or body failure after the
 //!   complete message was handed upstream): kept. Over-counting is the safe side.
-//! - A 2xx answer carries the message Nylas sent: when it lists more recipients (or, under
+//! - A 2xx answer carries the message Nylas sent (asked for uncompressed, read up to
+//!   `[server] max_json_body`): when it lists more recipients (or, under
 //!   a bytes window, more bytes) than were charged, the difference is charged at once, so the
 //!   count converges on what the provider saw even when a request shape fooled inspection.
 
@@ -33,8 +34,8 @@ use crate::upstream::UpstreamError;
 /// Nylas answers that mean nothing was sent: the reservation is given back.
 const NOT_SENT: [u16; 9] = [400, 401, 403, 404, 409, 413, 415, 422, 429];
 
-/// Most bytes of a send answer read to settle it; a larger answer streams through as is.
-const ANSWER_LIMIT: usize = 64 * 1024;
+/// Most bytes of a 429 answer read to tell a provider throttle from Nylas's own limit.
+const THROTTLE_ANSWER_LIMIT: usize = 64 * 1024;
 
 /// How long a provider throttle cools a grant down when Nylas gives no `Retry-After`.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(60);
@@ -108,24 +109,35 @@ async fn unsent(
     overflow: &Overflow,
     e: &UpstreamError,
 ) -> Stop {
+    // No connection was ever made: nothing was sent.
+    if e.is_connect() {
+        release(ctx, lease).await;
+        return Stop::Fail(GatewayError::upstream("upstream send", e));
+    }
+    // Once the complete message has been handed upstream, Nylas may have acted on it,
+    // whatever went wrong after (bytes past the closing boundary that outgrew the limit, a
+    // body or client failure): the charge stays.
+    if overflow.is_complete() {
+        kept_unknown(ctx, lease);
+        if overflow.is_over() {
+            let limit = overflow.limit().unwrap_or_default();
+            let size = overflow.size();
+            return ctx.reject(GatewayError::MessageTooLarge { size, limit });
+        }
+        return Stop::Fail(GatewayError::upstream("upstream send", e));
+    }
     if overflow.is_over() {
         release(ctx, lease).await;
         let limit = overflow.limit().unwrap_or_default();
         let size = overflow.size();
         return ctx.reject(GatewayError::MessageTooLarge { size, limit });
     }
-    if !overflow.is_complete()
-        && let Some(InspectError::Invalid(msg) | InspectError::Body(msg)) = overflow.failure()
-    {
+    if let Some(InspectError::Invalid(msg) | InspectError::Body(msg)) = overflow.failure() {
         release(ctx, lease).await;
         return ctx.reject(GatewayError::InvalidSendRequest(msg));
     }
-    let sent_maybe = !e.is_connect() && overflow.is_complete();
-    if sent_maybe {
-        kept_unknown(ctx, lease);
-    } else {
-        release(ctx, lease).await;
-    }
+    // The message never reached its end upstream: Nylas cannot have sent it.
+    release(ctx, lease).await;
     Stop::Fail(GatewayError::upstream("upstream send", e))
 }
 
@@ -149,9 +161,18 @@ async fn keep(
         return Ok((resp, Some(lease.keep())));
     }
     let (parts, body) = resp.into_parts();
-    match read_small(&parts.headers, body).await {
+    // Nylas's answer echoes the message it sent (attachments without their content), so
+    // it is at most about the size of a JSON send: read it up to `max_json_body`.
+    let limit = ctx.config.server.max_json_body;
+    match read_small(&parts.headers, body, limit).await {
         Ok(Read::Whole(bytes)) => {
-            let extra = correction(ctx, charged, lease.cost(), &bytes);
+            let extra = match decoded(&parts.headers, &bytes, limit) {
+                Some(text) => correction(ctx, charged, lease.cost(), &text),
+                None => {
+                    tracing::warn!(request_id = %ctx.record.request_id, "a send answer in an encoding the gateway cannot read; nothing to correct from");
+                    Cost::default()
+                }
+            };
             let kept = lease.keep_with(extra).await;
             Ok((Response::from_parts(parts, Body::from(bytes)), Some(kept)))
         }
@@ -179,22 +200,25 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// What Nylas's answer lists beyond what was charged (zero when it lists no more, or is
 /// not a message). Bytes only where a window limits them, and never for raw MIME, whose
 /// size was its own bytes rather than an estimate.
+///
+/// The answer is Nylas's, not a client's: it is read leniently (every string `email` of
+/// to, cc and bcc, compared after ASCII lowercasing), so that a shape the gateway would
+/// refuse in a request cannot switch the correction off.
 fn correction(ctx: &SendCtx, charged: &Charged, cost: Cost, answer: &Bytes) -> Cost {
     let Some(data) = serde_json::from_slice::<serde_json::Value>(answer)
         .ok()
         .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
         .filter(serde_json::Value::is_object)
     else {
+        tracing::warn!(request_id = %ctx.record.request_id, "a 2xx send answer without a message; nothing to correct from");
         return Cost::default();
     };
-    let Ok(sent) = cost_from_message_json(&data) else {
-        return Cost::default();
-    };
-    let recipients = sent.recipients.saturating_sub(cost.recipients);
-    let bytes = if limits_bytes(&charged.profile) && ctx.record.kind != SendKind::Mime {
-        sent.size.saturating_sub(cost.bytes)
-    } else {
-        0
+    let recipients = answer_recipients(&data).saturating_sub(cost.recipients);
+    let bytes = match cost_from_message_json(&data) {
+        Ok(sent) if limits_bytes(&charged.profile) && ctx.record.kind != SendKind::Mime => {
+            sent.size.saturating_sub(cost.bytes)
+        }
+        _ => 0,
     };
     if recipients > 0 || bytes > 0 {
         tracing::warn!(
@@ -208,19 +232,58 @@ fn correction(ctx: &SendCtx, charged: &Charged, cost: Cost, answer: &Bytes) -> C
     Cost::new(0, recipients, bytes)
 }
 
+/// Unique addresses in an answer's to, cc and bcc, compared after ASCII lowercasing.
+fn answer_recipients(data: &serde_json::Value) -> u64 {
+    let mut seen = std::collections::BTreeSet::new();
+    for list in ["to", "cc", "bcc"] {
+        let items = data.get(list).and_then(serde_json::Value::as_array);
+        for item in items.into_iter().flatten() {
+            let email = item.get("email").and_then(serde_json::Value::as_str);
+            if let Some(email) = email.or_else(|| item.as_str()) {
+                seen.insert(email.to_ascii_lowercase());
+            }
+        }
+    }
+    seen.len() as u64
+}
+
+/// An answer's bytes as text: as they are, or decoded when Nylas compressed them anyway
+/// (gzip, deflate), at most `limit` bytes of it; `None` for an encoding the gateway cannot
+/// read or a decoded text over `limit`. The client still gets the bytes as they came.
+fn decoded(headers: &HeaderMap, bytes: &Bytes, limit: usize) -> Option<Bytes> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let reader: Box<dyn std::io::Read + '_> = match encoding.as_deref() {
+        None | Some("" | "identity") => return Some(bytes.clone()),
+        Some("gzip" | "x-gzip") => Box::new(flate2::read::GzDecoder::new(&bytes[..])),
+        Some("deflate") => Box::new(flate2::read::ZlibDecoder::new(&bytes[..])),
+        Some(_) => return None,
+    };
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(reader, limit as u64 + 1), &mut out)
+        .ok()?;
+    (out.len() <= limit).then(|| Bytes::from(out))
+}
+
 enum Read {
     Whole(Bytes),
-    /// Over [`ANSWER_LIMIT`]: what was read, followed by the rest, unchanged.
+    /// Over the limit: what was read, followed by the rest, unchanged.
     Large(Body),
 }
 
-/// Reads an answer whole when it is small; otherwise gives it back intact.
-async fn read_small(headers: &HeaderMap, mut body: Body) -> Result<Read, axum::Error> {
+/// Reads an answer whole when it is at most `limit` bytes; otherwise gives it back intact.
+async fn read_small(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+) -> Result<Read, axum::Error> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > ANSWER_LIMIT) {
+    if declared.is_some_and(|n| n > limit) {
         return Ok(Read::Large(body));
     }
     let mut buf = BytesMut::new();
@@ -229,7 +292,7 @@ async fn read_small(headers: &HeaderMap, mut body: Body) -> Result<Read, axum::E
             continue;
         };
         buf.extend_from_slice(&data);
-        if buf.len() > ANSWER_LIMIT {
+        if buf.len() > limit {
             let head = futures_util::stream::once(async move { Ok(buf.freeze()) });
             return Ok(Read::Large(Body::from_stream(
                 head.chain(body.into_data_stream()),
@@ -250,9 +313,10 @@ async fn throttled(state: &AppState, ctx: &SendCtx, charged: &Charged, resp: Res
         .filter(|s| *s > 0)
         .map(Duration::from_secs);
     let (mut parts, body) = resp.into_parts();
-    let (body, provider) = match read_small(&parts.headers, body).await {
+    let (body, provider) = match read_small(&parts.headers, body, THROTTLE_ANSWER_LIMIT).await {
         Ok(Read::Whole(bytes)) => {
-            let provider = is_provider_throttle(&bytes);
+            let text = decoded(&parts.headers, &bytes, THROTTLE_ANSWER_LIMIT);
+            let provider = text.is_some_and(|t| is_provider_throttle(&t));
             (Body::from(bytes), provider)
         }
         Ok(Read::Large(body)) => (body, false),

@@ -125,6 +125,17 @@ impl Recipients {
     }
 }
 
+/// [`cost_from_message_json`] of raw JSON bytes, read as strictly as a send body: an
+/// object with a key twice (which Go's `encoding/json` would read as its last value) is
+/// refused. For a draft read from Nylas.
+///
+/// # Errors
+/// As [`cost_from_message_json`], and [`InspectError::Invalid`] for bytes that are not
+/// JSON or hold a duplicate key.
+pub fn cost_from_message_bytes(bytes: &[u8]) -> Result<SendCost, InspectError> {
+    cost_from_message_json(&super::json::parse(bytes)?)
+}
+
 /// Cost of a message object (the JSON body of E1/E7, the `message` part of E1m, or a
 /// draft fetched from Nylas), or of a response envelope `{"data": {...}}` holding one.
 ///

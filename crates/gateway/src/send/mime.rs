@@ -53,7 +53,7 @@ const RECIPIENT_HEADERS: [HeaderName<'static>; 6] = [
 
 /// Unique recipients in the To, Cc, Bcc, Resent-To, Resent-Cc and Resent-Bcc headers
 /// (every occurrence of each), groups included, encoded words decoded, compared
-/// case-insensitively.
+/// after ASCII-only lowercasing.
 ///
 /// # Errors
 ///

@@ -52,7 +52,7 @@ mod route;
 pub use body::{Overflow, UpstreamBody};
 pub use cost::{
     ADDRESS_OVERHEAD, HEADER_ALLOWANCE, PART_HEADER_ALLOWANCE, SendCost, base64_decoded_len,
-    base64_mime_len, cost_from_message_json,
+    base64_mime_len, cost_from_message_bytes, cost_from_message_json,
 };
 pub use inspect::{
     DEFAULT_JSON_LIMIT, DEFAULT_MAX_HEAD, InspectError, InspectOptions, Inspected, inspect,
