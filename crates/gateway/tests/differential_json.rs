@@ -221,12 +221,19 @@ proptest! {
 #[test]
 fn the_reference_reads_the_way_go_does() {
     assert!(go_fold_eq("TO", "to") && go_fold_eq("Bcc", "bcc"));
-    assert!(go_fold_eq("attachment\u{17f}", "attachments"), "long s folds onto s");
+    assert!(
+        go_fold_eq("attachment\u{17f}", "attachments"),
+        "long s folds onto s"
+    );
     assert!(go_fold_eq("\u{212a}", "k"), "Kelvin sign folds onto k");
     assert!(!go_fold_eq("tos", "to") && !go_fold_eq("t", "to"));
     let raw: Raw =
         serde_json::from_str(r#"{"to":[{"email":"a@x"}],"TO":[{"EMAIL":"b@x"},{"email":"c@x"}]}"#)
             .unwrap();
     let got: Vec<_> = go_recipients(&raw).into_iter().collect();
-    assert_eq!(got, ["b@x", "c@x"], "the last key that folds onto a field wins");
+    assert_eq!(
+        got,
+        ["b@x", "c@x"],
+        "the last key that folds onto a field wins"
+    );
 }

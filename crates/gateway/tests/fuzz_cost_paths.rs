@@ -26,13 +26,18 @@ const GRANT: &str = "6f1b0f3e-2a4c-4d8e-9b7a-3c5d2e1f0a9b";
 const MIME_BOUNDARY: &str = "fuzz-mime-boundary-7c1f";
 
 fn corpus(kind: &str) -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(kind);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/corpus")
+        .join(kind);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.expect("corpus entry").path())
         .collect();
     files.sort();
-    let seeds: Vec<_> = files.iter().map(|p| std::fs::read(p).expect("seed")).collect();
+    let seeds: Vec<_> = files
+        .iter()
+        .map(|p| std::fs::read(p).expect("seed"))
+        .collect();
     assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
     seeds
 }
@@ -50,7 +55,11 @@ type Edit = (u8, usize, u8);
 fn mutate(seed: &[u8], edits: &[Edit]) -> Vec<u8> {
     let mut out = seed.to_vec();
     for &(op, at, byte) in edits {
-        let at = if out.is_empty() { 0 } else { at % (out.len() + 1) };
+        let at = if out.is_empty() {
+            0
+        } else {
+            at % (out.len() + 1)
+        };
         match op % 3 {
             0 if at < out.len() => out[at] = byte,
             1 => out.insert(at, byte),
@@ -135,7 +144,11 @@ fn every_seed_is_costed_unmutated() {
     for seed in corpus("multipart") {
         let ct = format!("multipart/form-data; boundary={}", boundary_of(&seed));
         let forwarded = run(&send_target(), &ct, seed.clone(), true);
-        assert_eq!(forwarded.as_deref(), Some(&seed[..]), "forwarded byte for byte");
+        assert_eq!(
+            forwarded.as_deref(),
+            Some(&seed[..]),
+            "forwarded byte for byte"
+        );
     }
     for seed in corpus("mime") {
         let ct = format!("multipart/form-data; boundary={MIME_BOUNDARY}");
