@@ -13,6 +13,8 @@
 //!   count it; [`InspectOptions`], [`Inspected`], [`InspectError`].
 //! - `body`: [`UpstreamBody`] replays and streams the body upstream byte for byte,
 //!   cutting it short past the size limit; [`Overflow`] tells what happened.
+//! - `framing`: the multipart framings refused because Nylas's parser could read them
+//!   differently from ours (docs/send-requests-multipart.md).
 //! - `mime`: the header section of a raw RFC 5322 message and its recipients.
 //!
 //! # Size model
@@ -42,6 +44,7 @@
 
 mod body;
 mod cost;
+mod framing;
 mod inspect;
 mod mime;
 mod route;
