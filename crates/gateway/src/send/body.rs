@@ -7,6 +7,11 @@
 //! (a second `message` or `mime` part is refused). It always holds back the newest raw
 //! chunk until the parser has moved past it: when the body turns out bad or too large,
 //! its last bytes are never sent, so Nylas never receives a complete message.
+//!
+//! The `Tee` also runs every raw chunk through the framing scan (`super::framing`)
+//! before it queues it: a chunk that makes the framing ambiguous is never queued, and the
+//! chunk before it is the newest one, held back, so the ambiguous delimiter or part
+//! header never reaches Nylas whole.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -22,6 +27,7 @@ use multer::{Field, Multipart};
 
 use super::InspectError;
 use super::cost::base64_mime_len;
+use super::framing::{COUNTED, Framing};
 
 /// How the size of a message grows with the bytes of its request body:
 /// `fixed + f(total - exempt)`, where `f` is base64 inflation for attachments or the
@@ -152,6 +158,10 @@ struct Source {
     /// Total raw bytes read from the client.
     read: u64,
     client_error: Option<String>,
+    /// Checks every raw chunk before it is queued.
+    framing: Framing,
+    /// Why the framing scan refused the body, if it did.
+    refused: Option<InspectError>,
     /// Set after handing out a chunk: the next poll yields first, so the parser sees
     /// one chunk at a time instead of draining everything that is ready.
     paced: bool,
@@ -162,12 +172,14 @@ struct Source {
 pub(crate) struct SharedSource(Arc<Mutex<Source>>);
 
 impl SharedSource {
-    pub(crate) fn new(body: BodyDataStream) -> Self {
+    pub(crate) fn new(body: BodyDataStream, framing: Framing) -> Self {
         SharedSource(Arc::new(Mutex::new(Source {
             inner: Some(body),
             queue: VecDeque::new(),
             read: 0,
             client_error: None,
+            framing,
+            refused: None,
             paced: false,
         })))
     }
@@ -187,9 +199,14 @@ impl SharedSource {
         Tee(self.clone())
     }
 
-    /// Maps a parser error to the client's I/O error when that is what it was.
+    /// Maps a parser error to the framing refusal or the client's I/O error when that is
+    /// what it was.
     pub(crate) fn parse_error(&self, error: &multer::Error) -> InspectError {
-        match &self.lock().client_error {
+        let source = self.lock();
+        if let Some(refused) = &source.refused {
+            return refused.clone();
+        }
+        match &source.client_error {
             Some(cause) => InspectError::Body(cause.clone()),
             None => InspectError::Invalid(format!("malformed multipart body: {}", describe(error))),
         }
@@ -244,6 +261,12 @@ impl Stream for Tee {
         };
         match inner.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
+                // Checked before it is queued: a refused chunk is never forwarded.
+                if let Err(error) = source.framing.scan(&chunk) {
+                    source.refused = Some(error.clone());
+                    source.inner = None;
+                    return Poll::Ready(Some(Err(error)));
+                }
                 if !chunk.is_empty() {
                     source.read = source.read.saturating_add(chunk.len() as u64);
                     source.queue.push_back(chunk.clone());
@@ -271,7 +294,7 @@ pub(crate) struct Parser {
 
 impl Parser {
     /// Advances the parser by one chunk or one part; false once it reached the end.
-    async fn step(&mut self) -> Result<bool, Step> {
+    async fn step(&mut self, source: &SharedSource) -> Result<bool, Step> {
         if let Some(field) = self.field.as_mut() {
             // The data itself is not needed: its raw copy is already queued.
             if field.chunk().await.map_err(Step::Parse)?.is_none() {
@@ -284,7 +307,7 @@ impl Parser {
                 // After the counted part, no other part may carry counting information a
                 // parser other than ours could read instead (a second `message` or `mime`
                 // part, in any case, or a name we cannot read unambiguously).
-                if let Err(e) = check_part_name(&field, None) {
+                if let Err(e) = check_part_name(&field, None, source) {
                     return Err(Step::Refused(e));
                 }
                 self.field = Some(field);
@@ -295,31 +318,29 @@ impl Parser {
     }
 }
 
-/// The part names that carry what a send is counted from.
-const COUNTED: [&str; 2] = ["message", "mime"];
-
-/// Refuses a part whose name another multipart parser could read differently from multer
-/// (which matches parameter names case-sensitively and ignores RFC 2231 `name*=`), and a
-/// part named like a counted one other than `counted` (the part being counted now).
+/// Refuses a part whose name Go's `mime/multipart` would read differently from multer
+/// (the framing scan read its headers as Go does: see `super::framing`), and a part
+/// named like a counted one other than `counted` (the part being counted now).
 ///
 /// Nylas's own parser is not ours: a body where the two could disagree on which part is
 /// the message would be counted from one part and sent from another.
 pub(crate) fn check_part_name(
     field: &Field<'_>,
     counted: Option<&str>,
+    source: &SharedSource,
 ) -> Result<(), InspectError> {
-    let raw = field
-        .headers()
-        .get(http::header::CONTENT_DISPOSITION)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
-        .unwrap_or_default();
-    let ambiguous =
-        || InspectError::Invalid("a multipart part name that cannot be read unambiguously".into());
-    if raw.contains("name*") {
-        return Err(ambiguous());
+    let head = source.lock().framing.part(field.index());
+    let Some(head) = head else {
+        return Err(InspectError::Invalid(
+            "multipart framing that could not be checked".into(),
+        ));
+    };
+    if head.name.as_deref() != field.name() {
+        return Err(InspectError::Invalid(
+            "ambiguous multipart framing: a part name that parsers read differently".into(),
+        ));
     }
     match field.name() {
-        None if raw.contains("name=") => Err(ambiguous()),
         Some(name)
             if COUNTED.iter().any(|c| name.eq_ignore_ascii_case(c)) && Some(name) != counted =>
         {
@@ -387,7 +408,7 @@ impl Driver {
                 return Some(self.meter.forward(chunk).map_err(|e| self.fail(e)));
             }
             if let Some(parser) = self.parser.as_mut() {
-                match parser.step().await {
+                match parser.step(&self.source).await {
                     Ok(true) => {}
                     Ok(false) => {
                         self.parser = None;

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::body::{Parser, SharedSource, SizeModel, UpstreamBody, check_part_name};
 use super::cost::{SendCost, base64_mime_len, message_cost};
+use super::framing::{self, Framing};
 use super::json;
 use super::mime::{self, HeaderEnd};
 use super::route::SendRoute;
@@ -276,9 +277,8 @@ async fn multipart(
     content_length: Option<u64>,
     opts: &InspectOptions,
 ) -> Result<Inspected, InspectError> {
-    let boundary = multer::parse_boundary(content_type.unwrap_or_default())
-        .map_err(|_| invalid("multipart/form-data without a boundary"))?;
-    let source = SharedSource::new(body.into_data_stream());
+    let boundary = framing::boundary(content_type.unwrap_or_default())?;
+    let source = SharedSource::new(body.into_data_stream(), Framing::new(&boundary));
     let mut multipart = Multipart::new(source.tee(), boundary);
     let head = Head {
         source: &source,
@@ -341,10 +341,10 @@ async fn target_part(
             )));
         };
         if field.name() == Some(target.name()) {
-            check_part_name(&field, Some(target.name()))?;
+            check_part_name(&field, Some(target.name()), head.source)?;
             return Ok(field);
         }
-        check_part_name(&field, None)?;
+        check_part_name(&field, None, head.source)?;
         // An attachment before the counting information: its raw bytes stay queued.
         while head.chunk(&mut field).await?.is_some() {
             head.check()?;

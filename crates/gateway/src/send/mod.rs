@@ -15,6 +15,8 @@
 //!   cutting it short past the size limit; [`Overflow`] tells what happened.
 //! - `json`: parsing JSON as Nylas's Go service would read it, refusing duplicate keys
 //!   and keys that fold onto field names (see `docs/send-requests.md`).
+//! - `framing`: the multipart framings refused because Nylas's parser could read them
+//!   differently from ours (see `docs/send-requests.md`).
 //! - `mime`: the header section of a raw RFC 5322 message and its recipients.
 //!
 //! # Size model
@@ -44,6 +46,7 @@
 
 mod body;
 mod cost;
+mod framing;
 mod inspect;
 mod json;
 mod mime;
