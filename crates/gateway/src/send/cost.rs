@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use serde_json::{Map, Value};
 
 use super::InspectError;
-use super::json::{check_keys, fold};
+use super::json::{
+    ADDRESS_FIELDS, ATTACHMENT_FIELDS, HEADER_FIELDS, MESSAGE_FIELDS, check_keys, fold,
+};
 
 /// Fixed allowance for the header section a provider writes (Date, Message-ID, MIME
 /// headers, Received lines added on the way...), before subject and addresses.
@@ -70,39 +72,6 @@ fn header_text_len(s: &str) -> u64 {
     }
 }
 
-/// Keys of a message object that must be spelled exactly (see [`check_keys`]): what the
-/// cost reads, and the other fields that change what Nylas sends.
-const MESSAGE_FIELDS: &[&str] = &[
-    "to",
-    "cc",
-    "bcc",
-    "from",
-    "reply_to",
-    "subject",
-    "body",
-    "attachments",
-    "custom_headers",
-    "send_at",
-    "use_draft",
-    "template",
-    "tracking_options",
-    "metadata",
-    "reply_to_message_id",
-    "is_plaintext",
-];
-/// Keys of a recipient object in `to`, `cc`, `bcc`, `from` and `reply_to`.
-const ADDRESS_FIELDS: &[&str] = &["email", "name"];
-/// Keys of an attachment object.
-const ATTACHMENT_FIELDS: &[&str] = &[
-    "filename",
-    "content_type",
-    "content",
-    "size",
-    "content_id",
-    "is_inline",
-];
-/// Keys of a `custom_headers` entry.
-const HEADER_FIELDS: &[&str] = &["name", "value"];
 /// Characters of address lists and display-name forms, never of one bare address.
 const NOT_IN_ADDRESS: [char; 11] = ['"', '<', '>', ',', ';', ':', '(', ')', '[', ']', '\\'];
 

@@ -21,26 +21,17 @@ use serde_json::{Map, Value};
 
 use super::InspectError;
 
-/// Keys that may be named in an error message: field names of the Nylas message object
-/// and its parts. Any other key is user data (metadata, template variables...).
-const NAMEABLE: &[&str] = &[
+/// Keys of a message object that must be spelled exactly (see [`check_keys`]): what the
+/// cost reads, and the other fields that change what Nylas sends.
+pub(crate) const MESSAGE_FIELDS: &[&str] = &[
     "to",
     "cc",
     "bcc",
     "from",
     "reply_to",
-    "email",
-    "name",
-    "value",
     "subject",
     "body",
     "attachments",
-    "content",
-    "size",
-    "filename",
-    "content_type",
-    "content_id",
-    "is_inline",
     "custom_headers",
     "send_at",
     "use_draft",
@@ -50,6 +41,32 @@ const NAMEABLE: &[&str] = &[
     "reply_to_message_id",
     "is_plaintext",
 ];
+/// Keys of a recipient object in `to`, `cc`, `bcc`, `from` and `reply_to`.
+pub(crate) const ADDRESS_FIELDS: &[&str] = &["email", "name"];
+/// Keys of an attachment object.
+pub(crate) const ATTACHMENT_FIELDS: &[&str] = &[
+    "filename",
+    "content_type",
+    "content",
+    "size",
+    "content_id",
+    "is_inline",
+];
+/// Keys of a `custom_headers` entry.
+pub(crate) const HEADER_FIELDS: &[&str] = &["name", "value"];
+
+/// Whether `key` may be named in an error message: a field name of the Nylas message
+/// object or one of its parts. Any other key is user data (metadata, template variables).
+fn nameable(key: &str) -> bool {
+    [
+        MESSAGE_FIELDS,
+        ADDRESS_FIELDS,
+        ATTACHMENT_FIELDS,
+        HEADER_FIELDS,
+    ]
+    .iter()
+    .any(|fields| fields.contains(&key))
+}
 
 /// Parses JSON into a [`Value`], refusing a duplicate key in any object.
 ///
@@ -72,7 +89,7 @@ fn invalid_json(e: serde_json::Error) -> InspectError {
 }
 
 fn duplicate(key: &str) -> String {
-    let key = if NAMEABLE.contains(&key) {
+    let key = if nameable(key) {
         format!("`{key}`")
     } else {
         "an object key".to_owned()
