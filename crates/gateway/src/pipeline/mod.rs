@@ -27,7 +27,8 @@ mod settle;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 
-use crate::send::SendRoute;
+use crate::error::GatewayError;
+use crate::send::{SendRoute, query_names_a_counted_field};
 use crate::state::AppState;
 use ctx::{SendCtx, Stop};
 
@@ -50,6 +51,12 @@ async fn phases(
     req: Request,
 ) -> Result<Response, Stop> {
     let (parts, body) = req.into_parts();
+    // Go's `FormValue` prefers a query value to the body's field of the same name.
+    if query_names_a_counted_field(parts.uri.query()) {
+        let what = "a `message` or `mime` field in the query string (Nylas could send it \
+                    instead of the body's)";
+        return Err(ctx.reject(GatewayError::InvalidSendRequest(what.into())));
+    }
     let mut charged = charged::who(state, ctx, route).await?;
     // A draft is read, charged and sent under its lock, so no change lands in between.
     let lock = match route.draft_id() {

@@ -2,6 +2,7 @@
 //! recipients.
 
 use mail_parser::{Address, HeaderName, MessageParser};
+use memchr::memmem;
 
 use super::InspectError;
 use super::cost::Recipients;
@@ -66,11 +67,19 @@ pub(crate) fn recipients(header_section: &[u8]) -> Result<u64, InspectError> {
         .parse_headers(header_section)
         .ok_or_else(|| InspectError::Invalid("the mime message has no header section".into()))?;
     let mut set = Recipients::default();
-    let lists = message
-        .headers()
-        .iter()
-        .filter(|header| RECIPIENT_HEADERS.contains(&header.name))
-        .filter_map(|header| header.value.as_address());
+    let headers = || {
+        message
+            .headers()
+            .iter()
+            .filter(|header| RECIPIENT_HEADERS.contains(&header.name))
+    };
+    for header in headers() {
+        let raw = header_section
+            .get(header.offset_start as usize..header.offset_end as usize)
+            .unwrap_or_default();
+        check_encoded_words(raw)?;
+    }
+    let lists = headers().filter_map(|header| header.value.as_address());
     for address in lists.flat_map(Address::iter) {
         // A mailbox without a parsable address still reaches someone (or fails at
         // the provider): count it by whatever it carries.
@@ -86,6 +95,25 @@ pub(crate) fn recipients(header_section: &[u8]) -> Result<u64, InspectError> {
         ));
     }
     Ok(set.count())
+}
+
+/// Refuses a recipient field with an encoded word (`=?charset?q?...?=`) that holds an
+/// address separator or an `@`. mail-parser decodes the word first and reads one name;
+/// Go's `net/mail` reads an address list before decoding anything, and `=?utf-8?q?a@x.com,
+/// b@y.com?=` is two addresses to it. A display name in an encoded word holds neither.
+fn check_encoded_words(raw: &[u8]) -> Result<(), InspectError> {
+    let mut rest = raw;
+    while let Some(start) = memmem::find(rest, b"=?") {
+        let word = &rest[start + 2..];
+        let end = memmem::find(word, b"?=").unwrap_or(word.len());
+        if word[..end].iter().any(|b| b"@,;:<>".contains(b)) {
+            return Err(InspectError::Invalid(
+                "a recipient field has an encoded word holding an address or a separator".into(),
+            ));
+        }
+        rest = &word[(end + 2).min(word.len())..];
+    }
+    Ok(())
 }
 
 /// Refuses a header section that another parser could split into other fields than

@@ -60,4 +60,7 @@ pub use cost::{
 pub use inspect::{
     DEFAULT_JSON_LIMIT, DEFAULT_MAX_HEAD, InspectError, InspectOptions, Inspected, inspect,
 };
-pub use route::{GrantRef, SendKind, SendRoute, classify, classify_draft_change, grant_ref};
+pub use route::{
+    GrantRef, SendKind, SendRoute, classify, classify_draft_change, grant_ref,
+    query_names_a_counted_field,
+};

@@ -207,6 +207,29 @@ fn wants_mime(query: Option<&str>) -> bool {
     })
 }
 
+/// True when the query names a field a send is counted from (`message`, `mime`, any case).
+///
+/// Go's `Request.FormValue` prefers a query value to the body's multipart field of the
+/// same name: a `?message=...` would be what Nylas sends while the gateway counts the
+/// body's part. Such a send is refused.
+///
+/// # Examples
+///
+/// ```
+/// use gateway::send::query_names_a_counted_field;
+///
+/// assert!(query_names_a_counted_field(Some("type=mime&mime=x")));
+/// assert!(query_names_a_counted_field(Some("MESS%41GE=x")));
+/// assert!(!query_names_a_counted_field(Some("type=mime")));
+/// ```
+pub fn query_names_a_counted_field(query: Option<&str>) -> bool {
+    let Some(query) = query else { return false };
+    query.split(['&', ';']).any(|pair| {
+        let key = form_decode(pair.split_once('=').map_or(pair, |(k, _)| k));
+        key.eq_ignore_ascii_case("message") || key.eq_ignore_ascii_case("mime")
+    })
+}
+
 fn form_decode(s: &str) -> String {
     decode(&s.replace('+', " "))
 }
