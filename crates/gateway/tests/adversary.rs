@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Gateway, TOKEN, WAIT, chunked, client, config, eventually, fake, simple};
+use common::{
+    Gateway, TOKEN, WAIT, chunked, client, config, draft_send_in_flight, eventually, fake, simple,
+};
 use fake_nylas::{DEMO_GRANT_ID, Rule};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -413,27 +415,7 @@ async fn a_draft_change_spelled_urn_uuid_never_lands_during_the_send_of_that_dra
         "d1",
         json!({"to": recipients(&["a"]), "subject": "saved"}),
     );
-    nylas
-        .add_rule(
-            Rule::delay(Duration::from_millis(800))
-                .method("POST")
-                .path("/drafts/d1")
-                .times(1),
-        )
-        .unwrap();
-    let url = format!("{}/v3/grants/{DEMO_GRANT_ID}/drafts/d1", gw.url);
-    let send = tokio::spawn(async move {
-        let resp = client().post(&url).bearer_auth(TOKEN).send().await.unwrap();
-        let status = resp.status();
-        (status, resp.json::<Value>().await.unwrap())
-    });
-    eventually("the send reached Nylas", || async {
-        nylas
-            .requests()
-            .iter()
-            .any(|r| r.method == "POST" && r.path.ends_with("/drafts/d1"))
-    })
-    .await;
+    let send = draft_send_in_flight(&gw, &nylas, "d1").await;
     let change_url = format!("{}/v3/grants/urn:uuid:{DEMO_GRANT_ID}/drafts/d1", gw.url);
     let change = client()
         .put(&change_url)

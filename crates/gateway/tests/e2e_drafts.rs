@@ -3,10 +3,8 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{Gateway, TOKEN, WAIT, client, config, eventually, fake};
-use fake_nylas::{DEMO_GRANT_ID, Rule};
+use common::{Gateway, TOKEN, WAIT, client, config, draft_send_in_flight, fake};
+use fake_nylas::DEMO_GRANT_ID;
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -19,30 +17,8 @@ async fn a_draft_change_waits_for_the_send_of_that_draft_to_settle() {
         json!({"to": [{"email": "a@example.org"}], "subject": "saved"}),
     );
     // Nylas takes a while to send: the send is in flight when the change comes.
-    nylas
-        .add_rule(
-            Rule::delay(Duration::from_millis(800))
-                .method("POST")
-                .path("/drafts/d1")
-                .times(1),
-        )
-        .unwrap();
+    let send = draft_send_in_flight(&gw, &nylas, "d1").await;
     let url = format!("{}/v3/grants/{DEMO_GRANT_ID}/drafts/d1", gw.url);
-    let send = tokio::spawn({
-        let url = url.clone();
-        async move {
-            let resp = client().post(&url).bearer_auth(TOKEN).send().await.unwrap();
-            let status = resp.status();
-            (status, resp.json::<Value>().await.unwrap())
-        }
-    });
-    eventually("the send reached Nylas", || async {
-        nylas
-            .requests()
-            .iter()
-            .any(|r| r.method == "POST" && r.path.ends_with("/drafts/d1"))
-    })
-    .await;
     let five: Vec<Value> = ["a", "b", "c", "d", "e"]
         .iter()
         .map(|n| json!({"email": format!("{n}@example.org")}))

@@ -367,3 +367,45 @@ impl Process {
         resp.json().await.expect("quota json")
     }
 }
+
+/// Sends the saved draft `draft_id` of the demo grant through `gw` while the fake Nylas
+/// holds that send for 800 ms, and returns once Nylas has the request in hand: the send's
+/// task, which ends with its status and body. For tests of what may land meanwhile.
+pub async fn draft_send_in_flight(
+    gw: &Gateway,
+    nylas: &FakeNylas,
+    draft_id: &str,
+) -> JoinHandle<(u16, Value)> {
+    nylas
+        .add_rule(
+            fake_nylas::Rule::delay(Duration::from_millis(800))
+                .method("POST")
+                .path(format!("/drafts/{draft_id}"))
+                .times(1),
+        )
+        .expect("delay rule");
+    let url = format!(
+        "{}/v3/grants/{}/drafts/{draft_id}",
+        gw.url,
+        fake_nylas::DEMO_GRANT_ID
+    );
+    let send = tokio::spawn(async move {
+        let resp = client()
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("send");
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.expect("a JSON answer"))
+    });
+    let suffix = format!("/drafts/{draft_id}");
+    eventually("the send reached Nylas", || async {
+        nylas
+            .requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.path.ends_with(&suffix))
+    })
+    .await;
+    send
+}
