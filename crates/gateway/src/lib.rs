@@ -40,6 +40,7 @@ pub mod pipeline;
 pub mod proxy;
 pub mod ratelimit;
 pub mod request_id;
+pub mod schedules;
 pub mod scope;
 pub mod selection;
 pub mod send;
