@@ -124,7 +124,12 @@ async fn quota(
                     "resets_in_seconds": w.next_free.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
                 });
                 for m in &w.metrics {
-                    o[m.metric.as_str()] = json!({ "limit": m.limit, "used": m.used, "remaining": m.remaining });
+                    o[m.metric.as_str()] = json!({
+                        "limit": m.limit,
+                        "used": m.used,
+                        "scheduled": m.scheduled,
+                        "remaining": m.remaining,
+                    });
                 }
                 o
             })

@@ -162,6 +162,12 @@ impl GatewayError {
                 "requested": d.requested,
                 "retry_after_seconds": retry,
             });
+            // A scheduled send waits in vain: say which `send_at` would fit instead.
+            if d.retry_after.is_none()
+                && let Some(fits) = d.fits_at
+            {
+                error["quota"]["earliest_send_at"] = json!(fits.div_ceil(1000));
+            }
             if let Some(secs) = retry {
                 extra_headers.push((header::RETRY_AFTER, HeaderValue::from(secs)));
             }

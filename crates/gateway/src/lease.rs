@@ -69,6 +69,11 @@ impl Lease {
             .map_or_else(Cost::default, |a| a.reservation.cost())
     }
 
+    /// The reservation (none once settled).
+    pub fn reservation(&self) -> Option<&Reservation> {
+        self.armed.as_ref().map(|a| &a.reservation)
+    }
+
     /// The usage the reservation left.
     pub fn usage(&self) -> Option<&Usage> {
         self.armed.as_ref().map(|a| &a.usage)
@@ -87,8 +92,8 @@ impl Lease {
     }
 
     /// Keeps the charge and adds `extra` to it: the send went out costing more than was
-    /// reserved. The extra is charged whatever the limits say (the provider counted it), and
-    /// never given back. When the store fails, the extra is lost and logged; the reserved
+    /// reserved. The extra is charged at the reservation's instant (a scheduled send's
+    /// `send_at`), whatever the limits say (the provider counted it), and never given back. When the store fails, the extra is lost and logged; the reserved
     /// charge stays.
     pub async fn keep_with(mut self, extra: Cost) -> Kept {
         if extra == Cost::default() {
@@ -97,7 +102,8 @@ impl Lease {
         let armed = self.disarm();
         let scope = armed.reservation.scope();
         let started = Instant::now();
-        let result = armed.store.charge(scope, &armed.profile, extra).await;
+        let at = Some(armed.reservation.at());
+        let result = armed.store.charge(scope, &armed.profile, extra, at).await;
         armed.metrics.store_call("charge", started.elapsed());
         let usage = match result {
             Ok(usage) => {

@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Decision outcomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,12 +98,18 @@ pub struct Metrics {
     units: Family<MetricLabel, Counter>,
     settled: Family<OutcomeLabel, Counter>,
     corrections: Family<MetricLabel, Counter>,
+    scheduled: Family<EventLabel, Counter>,
     store_duration: Family<OpLabel, Histogram>,
     upstream_duration: Histogram,
     upstream_responses: Family<ClassLabel, Counter>,
     in_flight: Gauge,
     thresholds: Family<LevelLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -127,64 +133,44 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("sendgw");
-        let decisions = Family::<DecisionLabels, Counter>::default();
-        registry.register(
-            "decisions",
-            "Send decisions by outcome and reason",
-            decisions.clone(),
-        );
-        let units = Family::<MetricLabel, Counter>::default();
-        registry.register("units", "Units charged to quotas by metric", units.clone());
-        let settled = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
-            "reservations_settled",
-            "Reservations kept or released after the upstream answered, or dropped unsettled (kept)",
-            settled.clone(),
-        );
-        let corrections = Family::<MetricLabel, Counter>::default();
-        registry.register(
-            "charge_corrections",
-            "Sends charged more after Nylas's answer listed more than was counted, by metric",
-            corrections.clone(),
-        );
-        let store_duration =
-            Family::<OpLabel, Histogram>::new_with_constructor(
-                || Histogram::new(latency_buckets()),
-            );
-        registry.register(
+        let (decisions, units, settled, corrections, scheduled) = send_families(&mut registry);
+        let store_duration = registered(
+            &mut registry,
             "store_duration_seconds",
             "Quota store call latency",
-            store_duration.clone(),
+            Family::<OpLabel, Histogram>::new_with_constructor(
+                || Histogram::new(latency_buckets()),
+            ),
         );
-        let upstream_duration = Histogram::new(latency_buckets());
-        registry.register(
+        let upstream_duration = registered(
+            &mut registry,
             "upstream_duration_seconds",
             "Upstream send latency until response headers",
-            upstream_duration.clone(),
+            Histogram::new(latency_buckets()),
         );
-        let upstream_responses = Family::<ClassLabel, Counter>::default();
-        registry.register(
+        let upstream_responses = registered(
+            &mut registry,
             "upstream_responses",
             "Upstream responses to sends by status class",
-            upstream_responses.clone(),
+            Family::<ClassLabel, Counter>::default(),
         );
-        let in_flight = Gauge::default();
-        registry.register(
+        let in_flight = registered(
+            &mut registry,
             "requests_in_flight",
             "Requests being handled by the proxy",
-            in_flight.clone(),
+            Gauge::default(),
         );
-        let thresholds = Family::<LevelLabel, Counter>::default();
-        registry.register(
+        let thresholds = registered(
+            &mut registry,
             "threshold_crossings",
             "Grants crossing 80 % or 100 % of a window, once per window and level",
-            thresholds.clone(),
+            Family::<LevelLabel, Counter>::default(),
         );
-        let reloads = Family::<ResultLabel, Counter>::default();
-        registry.register(
+        let reloads = registered(
+            &mut registry,
             "config_reloads",
             "Configuration reloads by result",
-            reloads.clone(),
+            Family::<ResultLabel, Counter>::default(),
         );
         Metrics {
             thresholds,
@@ -194,12 +180,62 @@ impl Default for Metrics {
             units,
             settled,
             corrections,
+            scheduled,
             store_duration,
             upstream_duration,
             upstream_responses,
             in_flight,
         }
     }
+}
+
+/// The families that count sends: decisions, units, settlements, corrections, schedules.
+type SendFamilies = (
+    Family<DecisionLabels, Counter>,
+    Family<MetricLabel, Counter>,
+    Family<OutcomeLabel, Counter>,
+    Family<MetricLabel, Counter>,
+    Family<EventLabel, Counter>,
+);
+
+fn send_families(registry: &mut Registry) -> SendFamilies {
+    let decisions = registered(
+        registry,
+        "decisions",
+        "Send decisions by outcome and reason",
+        Family::<DecisionLabels, Counter>::default(),
+    );
+    let units = registered(
+        registry,
+        "units",
+        "Units charged to quotas by metric",
+        Family::<MetricLabel, Counter>::default(),
+    );
+    let settled = registered(
+        registry,
+        "reservations_settled",
+        "Reservations kept or released after the upstream answered, or dropped unsettled (kept)",
+        Family::<OutcomeLabel, Counter>::default(),
+    );
+    let corrections = registered(
+        registry,
+        "charge_corrections",
+        "Sends charged more after Nylas's answer listed more than was counted, by metric",
+        Family::<MetricLabel, Counter>::default(),
+    );
+    let scheduled = registered(
+        registry,
+        "scheduled",
+        "Scheduled sends by event: remembered, cancelled, failed, sent",
+        Family::<EventLabel, Counter>::default(),
+    );
+    (decisions, units, settled, corrections, scheduled)
+}
+
+/// Registers `metric` under `name` and hands it back, for the struct to keep.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {
@@ -235,6 +271,11 @@ impl Metrics {
                 metric: metric.as_str(),
             })
             .inc();
+    }
+
+    /// Counts a scheduled send's event: `remembered`, `cancelled`, `failed` or `sent`.
+    pub fn scheduled(&self, event: &'static str) {
+        self.scheduled.get_or_create(&EventLabel { event }).inc();
     }
 
     /// Records a store call's latency.
@@ -294,6 +335,7 @@ impl Metrics {
         m.units(limits::Cost::default());
         m.settled(Settlement::Kept);
         m.correction(limits::Metric::Recipients);
+        m.scheduled("remembered");
         m.store_call("reserve", Duration::ZERO);
         m.upstream(200, Duration::ZERO);
         m.threshold("80");

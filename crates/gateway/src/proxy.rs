@@ -1,6 +1,7 @@
 //! The proxy's one handler: it only routes. A request that sends mail goes through the
 //! [`pipeline`](crate::pipeline); a change of a saved draft is relayed under the draft's
-//! lock; everything else is relayed untouched.
+//! lock; a cancel of a scheduled send is relayed and then gives its charge back
+//! ([`schedules`](crate::schedules)); everything else is relayed untouched.
 
 use std::sync::Arc;
 
@@ -13,8 +14,9 @@ use crate::drafts::{DraftLock, LOCK_WAIT, LockError};
 use crate::error::GatewayError;
 use crate::grants::Resolution;
 use crate::pipeline;
+use crate::schedules;
 use crate::scope::Scope;
-use crate::send::{SendRoute, classify, classify_draft_change};
+use crate::send::{SendRoute, classify, classify_draft_change, classify_schedule_cancel};
 use crate::state::AppState;
 use crate::upstream::strip_hop_by_hop;
 
@@ -49,6 +51,9 @@ pub async fn handle(State(state): State<Arc<AppState>>, mut req: Request) -> Res
     }
     if let Some(route) = classify_draft_change(req.method(), req.uri()) {
         return draft_change(&state, route, req).await;
+    }
+    if let Some(cancel) = classify_schedule_cancel(req.method(), req.uri()) {
+        return schedules::cancel(&state, cancel, req).await;
     }
     match classify(req.method(), req.uri()) {
         Some(route) if counted(&state, &route) => pipeline::send(&state, route, req).await,

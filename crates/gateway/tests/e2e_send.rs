@@ -74,11 +74,11 @@ async fn json_send_is_relayed_with_ratelimit_headers_and_counted_by_unique_recip
     assert_eq!(w["period"], "24h");
     assert_eq!(
         w["messages"],
-        json!({"limit": 1000, "used": 1, "remaining": 999})
+        json!({"limit": 1000, "used": 1, "scheduled": 0, "remaining": 999})
     );
     assert_eq!(
         w["recipients"],
-        json!({"limit": 1000, "used": 4, "remaining": 996})
+        json!({"limit": 1000, "used": 4, "scheduled": 0, "remaining": 996})
     );
 }
 

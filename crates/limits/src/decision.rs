@@ -66,6 +66,8 @@ pub struct Reservation {
     pub(crate) id: u64,
     pub(crate) scope: Arc<str>,
     pub(crate) cost: Cost,
+    /// The instant it was charged at, in ms since the epoch (the store's now for a live send).
+    pub(crate) at: u64,
     pub(crate) charges: Vec<Charge>,
     /// The idempotency key it was admitted under; releasing it forgets the key, so a retry
     /// of a send that did not happen is counted again.
@@ -88,6 +90,11 @@ impl Reservation {
         self.cost
     }
 
+    /// The instant it was charged at, in ms since the epoch.
+    pub fn at(&self) -> u64 {
+        self.at
+    }
+
     /// The idempotency key it was admitted under.
     pub fn idempotency_key(&self) -> Option<&str> {
         self.idempotency_key.as_deref()
@@ -96,6 +103,93 @@ impl Reservation {
     /// The buckets that were charged, one per window.
     pub fn charges(&self) -> &[Charge] {
         &self.charges
+    }
+
+    /// When the last charged bucket stops counting, in ms since the epoch: releasing after
+    /// that gives nothing back.
+    pub fn expires_at_ms(&self) -> u64 {
+        self.charges
+            .iter()
+            .map(|c| c.expires_at_ms)
+            .max()
+            .unwrap_or(self.at)
+    }
+
+    /// The reservation as one line of text, to be kept in a store and given back later with
+    /// [`Reservation::from_record`] (a scheduled send's charge, released by its cancel).
+    ///
+    /// # Examples
+    /// ```
+    /// # tokio_test_block_on(async {
+    /// use limits::{Cost, MemoryStore, Profile, QuotaStore, Reservation};
+    /// let store = MemoryStore::new();
+    /// let p = Profile::builtin("icloud").unwrap();
+    /// let d = store.reserve("g", &p, Cost::new(1, 2, 0), None).await.unwrap();
+    /// let r = d.reservation().unwrap();
+    /// assert_eq!(Reservation::from_record("g", &r.to_record()).as_ref(), Some(r));
+    /// # });
+    /// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    /// # }
+    /// ```
+    pub fn to_record(&self) -> String {
+        let charges: Vec<String> = self
+            .charges
+            .iter()
+            .map(|c| format!("{},{},{}", c.slot, c.expires_at_ms, c.window_id))
+            .collect();
+        let c = self.cost;
+        format!(
+            "1;{};{};{},{},{};{};{}",
+            self.id,
+            self.at,
+            c.messages,
+            c.recipients,
+            c.bytes,
+            charges.join("|"),
+            self.idempotency_key.as_deref().unwrap_or("")
+        )
+    }
+
+    /// Reads a [`Reservation::to_record`] line back, for `scope`; `None` when it is not one.
+    pub fn from_record(scope: &str, record: &str) -> Option<Reservation> {
+        let mut parts = record.splitn(6, ';');
+        if parts.next()? != "1" {
+            return None;
+        }
+        let id = parts.next()?.parse().ok()?;
+        let at = parts.next()?.parse().ok()?;
+        let cost: Vec<u64> = parts
+            .next()?
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let [messages, recipients, bytes] = cost[..] else {
+            return None;
+        };
+        let charges = parts
+            .next()?
+            .split('|')
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                let mut f = c.splitn(3, ',');
+                Some(Charge {
+                    slot: f.next()?.parse().ok()?,
+                    expires_at_ms: f.next()?.parse().ok()?,
+                    window_id: Arc::from(f.next()?),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let key = parts.next()?;
+        Some(Reservation {
+            id,
+            scope: Arc::from(scope),
+            cost: Cost::new(messages, recipients, bytes),
+            at,
+            charges,
+            idempotency_key: (!key.is_empty()).then(|| Arc::from(key)),
+        })
     }
 }
 
@@ -106,9 +200,12 @@ pub struct MetricUsage {
     pub metric: Metric,
     /// Its limit in the window.
     pub limit: u64,
-    /// Amount counted in the window now.
+    /// Amount counted in the window now (sent, or due by now).
     pub used: u64,
-    /// `limit - used`, never negative.
+    /// Amount charged for later instants (scheduled sends), not yet counted in `used`.
+    pub scheduled: u64,
+    /// What a send going out now can still take: the limit less the fullest any window
+    /// holding now gets, scheduled sends included; never negative.
     pub remaining: u64,
 }
 
@@ -123,6 +220,8 @@ pub struct WindowUsage {
     pub seconds: u64,
     /// Everything counted in the window now, limited or not.
     pub used: Cost,
+    /// Everything charged for later instants (scheduled sends), limited or not.
+    pub scheduled: Cost,
     /// Time until the next unit frees up (the oldest live bucket expires, or the calendar
     /// period ends); `None` when nothing is counted.
     pub next_free: Option<Duration>,
@@ -161,12 +260,20 @@ pub struct Denial {
     pub metric: Metric,
     /// Its limit.
     pub limit: u64,
-    /// Amount already counted.
+    /// Amount already counted in the fullest window that would hold the charge (for a
+    /// scheduled send, sends scheduled around its instant included).
     pub used: u64,
     /// Amount this request asked for.
     pub requested: u64,
-    /// Whole seconds after which the same request would be admitted if nothing else
-    /// happened; `None` when the request is larger than the limit itself.
+    /// The instant the charge was asked for, in ms since the epoch (the store's now for a
+    /// send going out now).
+    pub at: u64,
+    /// The earliest instant at or after `at` at which the same charge would be admitted if
+    /// nothing else happened; `None` when the request is larger than the limit itself.
+    pub fits_at: Option<u64>,
+    /// For a send going out now: whole seconds until `fits_at`. `None` for a scheduled
+    /// send (waiting does not change what is scheduled around its instant) and when the
+    /// request is larger than the limit itself.
     pub retry_after: Option<Duration>,
     /// Usage at the time of the denial (unchanged by it).
     pub usage: Usage,

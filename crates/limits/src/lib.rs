@@ -31,6 +31,6 @@ pub use policy::{
 };
 pub use redis::{RedisConfig, RedisStore};
 pub use store::{
-    Guarded, IDEMPOTENCY_TTL, MAX_IDEMPOTENCY_KEY, META_COOLDOWN, META_PROFILE, QuotaStore,
-    StoreError,
+    Guarded, IDEMPOTENCY_TTL, MAX_AHEAD, MAX_IDEMPOTENCY_KEY, MAX_SCHEDULED_SLOTS, META_COOLDOWN,
+    META_PROFILE, QuotaStore, StoreError,
 };

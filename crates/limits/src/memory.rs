@@ -18,10 +18,13 @@ use crate::clock::{Clock, Millis, SystemClock};
 use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
 use crate::policy::{Metric, Period, Profile, Window};
 use crate::store::{
-    Guarded, IDEMPOTENCY_TTL, META_COOLDOWN, META_PROFILE, QuotaStore, StoreError,
-    check_idempotency_key,
+    Guarded, IDEMPOTENCY_TTL, MAX_SCHEDULED_SLOTS, META_COOLDOWN, META_PROFILE, QuotaStore,
+    StoreError, charge_instant, check_idempotency_key, too_many_scheduled,
 };
-use crate::window::{Over, Rolling, calendar_bounds, denial, pick_denial, usage_of};
+use crate::window::{
+    Over, Rolling, View, add, calendar_bounds, change_points, denial, earliest_for_all,
+    earliest_slot, peak, pick_denial, sub, usage_of,
+};
 
 const SWEEP_EVERY_MS: u64 = 60_000;
 
@@ -66,19 +69,22 @@ struct ScopeState {
     released: HashMap<u64, Millis>,
     /// Nothing in this scope counts after this instant.
     expires_at: Millis,
+    /// The latest instant a decision was made at: a clock that steps back keeps counting
+    /// from here (counted longer, never less).
+    latest: Millis,
 }
 
 #[derive(Debug)]
 enum WindowState {
     Rolling {
-        /// Non-empty buckets, oldest first.
+        /// Non-empty buckets, past and scheduled, oldest first.
         buckets: VecDeque<(u64, [u64; 3])>,
+        /// The sum of every bucket held.
         totals: [u64; 3],
     },
     Calendar {
-        start: Millis,
-        end: Millis,
-        counts: [u64; 3],
+        /// Periods with something counted, earliest first: `(start, end, counts)`.
+        periods: Vec<(Millis, Millis, [u64; 3])>,
     },
 }
 
@@ -132,18 +138,7 @@ impl MemoryStore {
         }
     }
 
-    fn decide(&self, scope: &str, profile: &Profile, cost: Cost, key: Option<&str>) -> Decision {
-        self.decide_with(scope, profile, cost, key, Admit::WithinLimits)
-    }
-
-    fn decide_with(
-        &self,
-        scope: &str,
-        profile: &Profile,
-        cost: Cost,
-        key: Option<&str>,
-        admit: Admit,
-    ) -> Decision {
+    fn decide(&self, scope: &str, ask: Ask<'_>, key: Option<&str>) -> Result<Decision, StoreError> {
         let now = self.clock.now_ms();
         self.maybe_sweep(now);
         let mut entry = match self.scopes.get_mut(scope) {
@@ -152,6 +147,8 @@ impl MemoryStore {
         };
         let scope_arc = Arc::clone(entry.key());
         let state = entry.value_mut();
+        let now = now.max(state.latest);
+        state.latest = now;
         if let Some(key) = key {
             state.idempotent.retain(|_, (_, exp)| *exp > now);
             if let Some((decision, _)) = state.idempotent.get(key) {
@@ -159,12 +156,13 @@ impl MemoryStore {
                 if let Decision::Allowed(a) = &mut replay {
                     a.replay = true;
                 }
-                return replay;
+                return Ok(replay);
             }
         }
-        let mut decision = state.decide(scope_arc, profile, cost, now, admit, || {
+        let at = charge_instant(ask.at, now)?;
+        let mut decision = state.decide(scope_arc, &ask, at, now, || {
             self.next_id.fetch_add(1, Ordering::Relaxed)
-        });
+        })?;
         // Only admitted requests are remembered (as Nylas keeps only successful answers): a
         // denied request retried with its key after `retry_after` is judged afresh.
         if let (Some(key), Decision::Allowed(a)) = (key, &mut decision) {
@@ -175,8 +173,17 @@ impl MemoryStore {
                 .insert(key.to_owned(), (decision.clone(), exp));
             state.expires_at = state.expires_at.max(exp);
         }
-        decision
+        Ok(decision)
     }
+}
+
+/// What one decision asks for.
+#[derive(Debug, Clone, Copy)]
+struct Ask<'a> {
+    profile: &'a Profile,
+    cost: Cost,
+    at: Option<Millis>,
+    admit: Admit,
 }
 
 /// Whether a decision looks at the limits.
@@ -189,7 +196,9 @@ enum Admit {
 }
 
 impl ScopeState {
-    fn window_mut(&mut self, w: &Window, now: Millis) -> &mut WindowState {
+    /// The position of `w`'s state, created empty if missing, with what no longer counts
+    /// at `now` dropped.
+    fn window_at(&mut self, w: &Window, now: Millis) -> usize {
         let pos = match self.windows.iter().position(|(id, _)| **id == *w.id()) {
             Some(pos) => pos,
             None => {
@@ -198,82 +207,80 @@ impl ScopeState {
                         buckets: VecDeque::new(),
                         totals: [0; 3],
                     },
-                    Period::Calendar { unit, tz, .. } => {
-                        let (start, end) = calendar_bounds(*unit, tz, now);
-                        WindowState::Calendar {
-                            start,
-                            end,
-                            counts: [0; 3],
-                        }
-                    }
+                    Period::Calendar { .. } => WindowState::Calendar {
+                        periods: Vec::new(),
+                    },
                 };
                 self.windows.push((Arc::clone(w.id_arc()), state));
                 self.windows.len() - 1
             }
         };
-        let state = &mut self.windows[pos].1;
-        state.advance(w, now);
-        state
+        self.windows[pos].1.advance(w, now);
+        pos
     }
 
     fn decide(
         &mut self,
         scope: Arc<str>,
-        profile: &Profile,
-        cost: Cost,
+        ask: &Ask<'_>,
+        at: Millis,
         now: Millis,
-        admit: Admit,
         next_id: impl FnOnce() -> u64,
-    ) -> Decision {
-        let want = cost.to_array();
-        let mut raw = Vec::with_capacity(profile.windows().len());
-        let mut overs: Vec<Over> = Vec::new();
-        for (i, w) in profile.windows().iter().enumerate() {
-            let state = self.window_mut(w, now);
-            let used = state.used();
-            for m in Metric::ALL {
-                let Some(limit) = w.limit(m) else { continue };
-                let (limit, u, req) = (limit.get(), used[m.index()], want[m.index()]);
-                if u.saturating_add(req) > limit {
-                    let retry_ms = (req <= limit)
-                        .then(|| state.free_at(w, m, u + req - limit).saturating_sub(now));
-                    overs.push(Over {
-                        window: i,
-                        metric: m,
-                        used: u,
-                        limit,
-                        retry_ms,
-                    });
-                }
-            }
-            raw.push((Cost::from_array(used), state.next_free_at(w)));
-        }
-        if admit == Admit::WithinLimits
+    ) -> Result<Decision, StoreError> {
+        let windows = ask.profile.windows();
+        let slots: Vec<usize> = windows.iter().map(|w| self.window_at(w, now)).collect();
+        let state = |i: usize| &self.windows[slots[i]].1;
+        let want = ask.cost.to_array();
+        let overs: Vec<Over> = windows
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| state(i).overs(i, w, at, now, want))
+            .collect();
+        if ask.admit == Admit::WithinLimits
             && let Some(over) = pick_denial(&overs)
         {
-            return Decision::Denied(denial(profile, over, cost, usage_of(profile, &raw, now)));
+            let fits_at = overs.iter().all(|o| o.fits_at.is_some()).then(|| {
+                earliest_for_all(windows.len(), at, |i, t| {
+                    state(i).fits_from(&windows[i], t, now, want)
+                })
+            });
+            let usage = self.usage(ask.profile, &slots, now);
+            let d = denial(ask.profile, over, ask.cost, at, now, fits_at, usage);
+            return Ok(Decision::Denied(d));
         }
-        let mut charges = Vec::with_capacity(profile.windows().len());
-        raw.clear();
-        for w in profile.windows() {
-            let state = self.window_mut(w, now);
-            let charge = state.charge(w, now, want);
+        for (i, w) in windows.iter().enumerate() {
+            if state(i).opens_too_many(w, at, now) {
+                return Err(too_many_scheduled(w.label()));
+            }
+        }
+        let mut charges = Vec::with_capacity(windows.len());
+        for (i, w) in windows.iter().enumerate() {
+            let charge = self.windows[slots[i]].1.charge(w, at, want);
             self.expires_at = self.expires_at.max(charge.expires_at_ms);
-            let state = self.window_mut(w, now);
-            raw.push((Cost::from_array(state.used()), state.next_free_at(w)));
             charges.push(charge);
         }
-        Decision::Allowed(Allowance {
+        Ok(Decision::Allowed(Allowance {
             reservation: Reservation {
                 id: next_id(),
                 scope,
-                cost,
+                cost: ask.cost,
+                at,
                 charges,
                 idempotency_key: None,
             },
-            usage: usage_of(profile, &raw, now),
+            usage: self.usage(ask.profile, &slots, now),
             replay: false,
-        })
+        }))
+    }
+
+    fn usage(&self, profile: &Profile, slots: &[usize], now: Millis) -> Usage {
+        let views: Vec<View> = profile
+            .windows()
+            .iter()
+            .zip(slots)
+            .map(|(w, &pos)| self.windows[pos].1.view(w, now))
+            .collect();
+        usage_of(profile, &views, now)
     }
 
     fn release(&mut self, r: &Reservation, now: Millis) {
@@ -281,13 +288,7 @@ impl ScopeState {
         if self.released.contains_key(&r.id) {
             return;
         }
-        let until = r
-            .charges
-            .iter()
-            .map(|c| c.expires_at_ms)
-            .max()
-            .unwrap_or(now)
-            .max(now + 1);
+        let until = r.expires_at_ms().max(now + 1);
         self.released.insert(r.id, until);
         if let Some(key) = r.idempotency_key.as_deref() {
             let same = |d: &Decision| d.reservation().is_some_and(|x| x.id == r.id);
@@ -308,9 +309,9 @@ impl ScopeState {
 impl WindowState {
     /// Forgets what no longer counts at `now`.
     fn advance(&mut self, w: &Window, now: Millis) {
-        match (self, w.period()) {
-            (WindowState::Rolling { buckets, totals }, period) => {
-                let Some(geo) = Rolling::of(period) else {
+        match self {
+            WindowState::Rolling { buckets, totals } => {
+                let Some(geo) = Rolling::of(w.period()) else {
                     return;
                 };
                 let oldest = geo.oldest_live(now);
@@ -322,85 +323,192 @@ impl WindowState {
                     buckets.pop_front();
                 }
             }
-            (WindowState::Calendar { start, end, counts }, Period::Calendar { unit, tz, .. }) => {
-                // Only move forward: a clock that steps back keeps the current period, which
-                // over-counts rather than forgets.
-                if now >= *end {
-                    let (s, e) = calendar_bounds(*unit, tz, now);
-                    (*start, *end, *counts) = (s, e, [0; 3]);
+            WindowState::Calendar { periods } => periods.retain(|p| p.1 > now),
+        }
+    }
+
+    /// The buckets of a rolling window, in one slice.
+    fn stored(buckets: &VecDeque<(u64, [u64; 3])>) -> Vec<(u64, [u64; 3])> {
+        buckets.iter().copied().collect()
+    }
+
+    /// What a charge at `at` must fit under, metric by metric.
+    fn load_at(&self, w: &Window, at: Millis, now: Millis) -> [u64; 3] {
+        match (self, Rolling::of(w.period())) {
+            (WindowState::Rolling { buckets, totals }, Some(geo)) => {
+                let newest = buckets.back().map_or(0, |b| b.0);
+                if newest <= geo.slot(now) && geo.slot(at) == geo.slot(now) {
+                    return *totals;
                 }
+                peak(
+                    geo,
+                    &change_points(geo, &Self::stored(buckets)),
+                    geo.slot(at),
+                )
             }
-            (WindowState::Calendar { .. }, Period::Rolling { .. }) => {}
+            (WindowState::Calendar { periods }, _) => periods
+                .iter()
+                .find(|p| p.0 <= at && at < p.1)
+                .map_or([0; 3], |p| p.2),
+            (WindowState::Rolling { .. }, None) => [0; 3],
         }
     }
 
-    fn used(&self) -> [u64; 3] {
-        match self {
-            WindowState::Rolling { totals, .. } => *totals,
-            WindowState::Calendar { counts, .. } => *counts,
-        }
+    /// The metrics of window `i` that a charge of `want` at `at` would take over.
+    fn overs(&self, i: usize, w: &Window, at: Millis, now: Millis, want: [u64; 3]) -> Vec<Over> {
+        let load = self.load_at(w, at, now);
+        Metric::ALL
+            .into_iter()
+            .filter_map(|m| {
+                let limit = w.limit(m)?.get();
+                let (used, req) = (load[m.index()], want[m.index()]);
+                (used.saturating_add(req) > limit).then(|| Over {
+                    window: i,
+                    metric: m,
+                    used,
+                    limit,
+                    fits_at: (req <= limit).then(|| self.fits_from(w, at, now, want)),
+                })
+            })
+            .collect()
     }
 
-    /// When the oldest counted unit stops counting.
-    fn next_free_at(&self, w: &Window) -> Option<Millis> {
-        match self {
-            WindowState::Rolling { buckets, .. } => {
-                let geo = Rolling::of(w.period())?;
-                buckets
-                    .iter()
-                    .find(|(_, c)| c.iter().any(|&v| v > 0))
-                    .map(|&(slot, _)| geo.expiry(slot))
-            }
-            WindowState::Calendar { end, counts, .. } => {
-                counts.iter().any(|&v| v > 0).then_some(*end)
-            }
-        }
-    }
-
-    /// The instant at which at least `need` units of `m` will have expired.
-    fn free_at(&self, w: &Window, m: Metric, need: u64) -> Millis {
-        match self {
-            WindowState::Rolling { buckets, .. } => {
-                let Some(geo) = Rolling::of(w.period()) else {
-                    return 0;
+    /// The earliest instant at or after `t` at which this window takes `want` (which is
+    /// within each of its limits).
+    fn fits_from(&self, w: &Window, t: Millis, now: Millis, want: [u64; 3]) -> Millis {
+        let room = |m: Metric| w.limit(m).map(|l| l.get().saturating_sub(want[m.index()]));
+        match (self, w.period()) {
+            (WindowState::Rolling { buckets, .. }, period) => {
+                let Some(geo) = Rolling::of(period) else {
+                    return t;
                 };
-                let mut freed = 0u64;
-                for &(slot, counts) in buckets {
-                    freed = freed.saturating_add(counts[m.index()]);
-                    if freed >= need {
-                        return geo.expiry(slot);
+                let points = change_points(geo, &Self::stored(buckets));
+                let first = geo.slot(t.max(now));
+                let mut s = first;
+                loop {
+                    let before = s;
+                    for m in Metric::ALL {
+                        if let Some(room) = room(m) {
+                            s = earliest_slot(geo, &points, s, m.index(), room);
+                        }
+                    }
+                    if s == before {
+                        break;
                     }
                 }
-                // Unreachable when `need <= used`; the newest bucket's expiry is the safe answer.
-                buckets.back().map_or(0, |&(slot, _)| geo.expiry(slot))
+                if s == first { t } else { s * geo.bucket_ms }
             }
-            WindowState::Calendar { end, .. } => *end,
+            (WindowState::Calendar { periods }, Period::Calendar { .. }) => {
+                let mut t = t;
+                // Each turn moves past one held period; past the last, nothing is held.
+                for _ in 0..=periods.len() {
+                    let Some(p) = periods.iter().find(|p| p.0 <= t && t < p.1) else {
+                        return t;
+                    };
+                    if Metric::ALL
+                        .into_iter()
+                        .all(|m| room(m).is_none_or(|r| p.2[m.index()] <= r))
+                    {
+                        return t;
+                    }
+                    t = p.1;
+                }
+                t
+            }
+            (WindowState::Calendar { .. }, Period::Rolling { .. }) => t,
         }
     }
 
-    fn charge(&mut self, w: &Window, now: Millis, want: [u64; 3]) -> Charge {
-        let (slot, expires_at_ms) = match self {
-            WindowState::Rolling { buckets, totals } => {
-                let geo = Rolling::of(w.period()).unwrap_or(Rolling {
+    /// Whether a charge at `at` would hold one scheduled bucket or period too many.
+    fn opens_too_many(&self, w: &Window, at: Millis, now: Millis) -> bool {
+        match (self, Rolling::of(w.period())) {
+            (WindowState::Rolling { buckets, .. }, Some(geo)) => {
+                let (cur, slot) = (geo.slot(now), geo.slot(at));
+                slot > cur
+                    && !buckets.iter().any(|b| b.0 == slot)
+                    && buckets.iter().filter(|b| b.0 > cur).count() >= MAX_SCHEDULED_SLOTS
+            }
+            (WindowState::Calendar { periods }, _) => {
+                !periods.iter().any(|p| p.0 <= at && at < p.1)
+                    && periods.iter().filter(|p| p.0 > now).count() >= MAX_SCHEDULED_SLOTS
+            }
+            (WindowState::Rolling { .. }, None) => false,
+        }
+    }
+
+    /// The window as a decision at `now` reports it.
+    fn view(&self, w: &Window, now: Millis) -> View {
+        match (self, Rolling::of(w.period())) {
+            (WindowState::Rolling { buckets, totals }, Some(geo)) => {
+                let cur = geo.slot(now);
+                let mut used = [0; 3];
+                for (_, c) in buckets.iter().take_while(|b| b.0 <= cur) {
+                    add(&mut used, *c);
+                }
+                let mut scheduled = *totals;
+                sub(&mut scheduled, used);
+                let peak_now = if scheduled == [0; 3] {
+                    used
+                } else {
+                    peak(geo, &change_points(geo, &Self::stored(buckets)), cur)
+                };
+                let next_free_at = buckets
+                    .front()
+                    .filter(|b| b.0 <= cur)
+                    .map(|b| geo.expiry(b.0));
+                View {
+                    used,
+                    scheduled,
+                    peak_now,
+                    next_free_at,
+                }
+            }
+            (WindowState::Calendar { periods }, _) => {
+                let current = periods.iter().find(|p| p.0 <= now && now < p.1);
+                let used = current.map_or([0; 3], |p| p.2);
+                let mut scheduled = [0; 3];
+                for p in periods.iter().filter(|p| p.0 > now) {
+                    add(&mut scheduled, p.2);
+                }
+                let next_free_at = current.filter(|p| p.2 != [0; 3]).map(|p| p.1);
+                View {
+                    used,
+                    scheduled,
+                    peak_now: used,
+                    next_free_at,
+                }
+            }
+            (WindowState::Rolling { .. }, None) => View::default(),
+        }
+    }
+
+    fn charge(&mut self, w: &Window, at: Millis, want: [u64; 3]) -> Charge {
+        let (slot, expires_at_ms) = match (self, w.period()) {
+            (WindowState::Rolling { buckets, totals }, period) => {
+                let geo = Rolling::of(period).unwrap_or(Rolling {
                     bucket_ms: 1,
                     buckets: 0,
                 });
-                let mut slot = geo.slot(now);
-                match buckets.back_mut() {
-                    // A clock that stepped back charges the newest bucket: counted longer, never less.
-                    Some((last, counts)) if *last >= slot => {
-                        slot = *last;
-                        add(counts, want);
-                    }
-                    _ => buckets.push_back((slot, want)),
+                let slot = geo.slot(at);
+                match buckets.binary_search_by_key(&slot, |b| b.0) {
+                    Ok(pos) => add(&mut buckets[pos].1, want),
+                    Err(pos) => buckets.insert(pos, (slot, want)),
                 }
                 add(totals, want);
                 (slot, geo.expiry(slot))
             }
-            WindowState::Calendar { start, end, counts } => {
-                add(counts, want);
-                (*start, *end)
+            (WindowState::Calendar { periods }, Period::Calendar { unit, tz, .. }) => {
+                let (start, end) = match periods.iter().find(|p| p.0 <= at && at < p.1) {
+                    Some(p) => (p.0, p.1),
+                    None => calendar_bounds(*unit, tz, at),
+                };
+                match periods.binary_search_by_key(&start, |p| p.0) {
+                    Ok(pos) => add(&mut periods[pos].2, want),
+                    Err(pos) => periods.insert(pos, (start, end, want)),
+                }
+                (start, end)
             }
+            (WindowState::Calendar { .. }, Period::Rolling { .. }) => (0, 0),
         };
         Charge {
             window_id: Arc::clone(w.id_arc()),
@@ -416,26 +524,17 @@ impl WindowState {
                     let counts = &mut buckets[pos].1;
                     let taken = clamp_sub(counts, give);
                     sub(totals, taken);
+                    if buckets[pos].1 == [0; 3] {
+                        buckets.remove(pos);
+                    }
                 }
             }
-            WindowState::Calendar { start, counts, .. } => {
-                if *start == slot {
-                    clamp_sub(counts, give);
+            WindowState::Calendar { periods } => {
+                if let Ok(pos) = periods.binary_search_by_key(&slot, |p| p.0) {
+                    clamp_sub(&mut periods[pos].2, give);
                 }
             }
         }
-    }
-}
-
-fn add(a: &mut [u64; 3], b: [u64; 3]) {
-    for i in 0..3 {
-        a[i] = a[i].saturating_add(b[i]);
-    }
-}
-
-fn sub(a: &mut [u64; 3], b: [u64; 3]) {
-    for i in 0..3 {
-        a[i] = a[i].saturating_sub(b[i]);
     }
 }
 
@@ -451,15 +550,22 @@ fn clamp_sub(a: &mut [u64; 3], b: [u64; 3]) -> [u64; 3] {
 
 #[async_trait]
 impl QuotaStore for MemoryStore {
-    async fn reserve(
+    async fn reserve_at(
         &self,
         scope: &str,
         profile: &Profile,
         cost: Cost,
+        at: Option<Millis>,
         idempotency_key: Option<&str>,
     ) -> Result<Decision, StoreError> {
         check_idempotency_key(idempotency_key)?;
-        Ok(self.decide(scope, profile, cost, idempotency_key))
+        let ask = Ask {
+            profile,
+            cost,
+            at,
+            admit: Admit::WithinLimits,
+        };
+        self.decide(scope, ask, idempotency_key)
     }
 
     async fn charge(
@@ -467,8 +573,15 @@ impl QuotaStore for MemoryStore {
         scope: &str,
         profile: &Profile,
         cost: Cost,
+        at: Option<Millis>,
     ) -> Result<Usage, StoreError> {
-        match self.decide_with(scope, profile, cost, None, Admit::Regardless) {
+        let ask = Ask {
+            profile,
+            cost,
+            at,
+            admit: Admit::Regardless,
+        };
+        match self.decide(scope, ask, None)? {
             Decision::Allowed(a) => Ok(a.usage),
             Decision::Denied(_) => Err(StoreError::Protocol("a forced charge was denied".into())),
         }
@@ -485,21 +598,16 @@ impl QuotaStore for MemoryStore {
     async fn usage(&self, scope: &str, profile: &Profile) -> Result<Usage, StoreError> {
         let now = self.clock.now_ms();
         let Some(mut state) = self.scopes.get_mut(scope) else {
-            return Ok(usage_of(
-                profile,
-                &vec![(Cost::default(), None); profile.windows().len()],
-                now,
-            ));
+            let empty = vec![View::default(); profile.windows().len()];
+            return Ok(usage_of(profile, &empty, now));
         };
-        let raw: Vec<_> = profile
+        let now = now.max(state.latest);
+        let slots: Vec<usize> = profile
             .windows()
             .iter()
-            .map(|w| {
-                let s = state.window_mut(w, now);
-                (Cost::from_array(s.used()), s.next_free_at(w))
-            })
+            .map(|w| state.window_at(w, now))
             .collect();
-        Ok(usage_of(profile, &raw, now))
+        Ok(state.usage(profile, &slots, now))
     }
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {
@@ -512,6 +620,7 @@ impl QuotaStore for MemoryStore {
         scope: &str,
         profile: &Profile,
         cost: Cost,
+        at: Option<Millis>,
         idempotency_key: Option<&str>,
         expected_override: Option<&str>,
     ) -> Result<Guarded, StoreError> {
@@ -531,12 +640,17 @@ impl QuotaStore for MemoryStore {
         // Settings and counters live in different maps: a concurrent override change can
         // slip between the check and the charge here, which costs at most one send under
         // the previous profile. Redis does both in one script.
-        Ok(Guarded::Decided(self.decide(
-            scope,
+        let ask = Ask {
             profile,
             cost,
+            at,
+            admit: Admit::WithinLimits,
+        };
+        Ok(Guarded::Decided(self.decide(
+            scope,
+            ask,
             idempotency_key,
-        )))
+        )?))
     }
 
     async fn cool_down(&self, scope: &str, duration: Duration) -> Result<(), StoreError> {

@@ -19,6 +19,8 @@ pub const MAX_BUCKETS: u32 = 10_000;
 pub const MIN_ROLLING: Duration = Duration::from_secs(1);
 /// Longest rolling window (31 days).
 pub const MAX_ROLLING: Duration = Duration::from_secs(31 * 24 * 3600);
+/// Longest `defer_up_to` (30 days: the furthest ahead Nylas schedules a send).
+pub const MAX_DEFER: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What a window counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -154,6 +156,7 @@ pub struct Profile {
     name: String,
     max_recipients_per_message: Option<NonZeroU64>,
     max_message_size: Option<NonZeroU64>,
+    defer_up_to: Option<Duration>,
     windows: Vec<Window>,
 }
 
@@ -171,6 +174,12 @@ impl Profile {
     /// Largest message, in bytes as the provider sees it.
     pub fn max_message_size(&self) -> Option<NonZeroU64> {
         self.max_message_size
+    }
+
+    /// How far ahead a send refused only because a window is full may be put off instead
+    /// (scheduled for the first instant it fits); `None`: never, unless the client asks.
+    pub fn defer_up_to(&self) -> Option<Duration> {
+        self.defer_up_to
     }
 
     /// The counting windows; possibly none.
@@ -411,6 +420,8 @@ pub struct ProfileSpec {
     pub max_recipients_per_message: Option<u64>,
     /// Largest message in bytes.
     pub max_message_size: Option<u64>,
+    /// How far ahead a refused send may be put off instead (at most [`MAX_DEFER`]).
+    pub defer_up_to: Option<Duration>,
     /// Counting windows.
     pub windows: Vec<WindowSpec>,
 }
@@ -421,6 +432,7 @@ impl ProfileSpec {
         ProfileSpec {
             max_recipients_per_message,
             max_message_size,
+            defer_up_to: None,
             windows: Vec::new(),
         }
     }
@@ -431,11 +443,18 @@ impl ProfileSpec {
         self
     }
 
+    /// Puts refused sends off for up to `d` instead (see [`Profile::defer_up_to`]).
+    pub fn defer_up_to(mut self, d: Duration) -> Self {
+        self.defer_up_to = Some(d);
+        self
+    }
+
     /// Validates the spec. Errors name the field at fault as `profiles.<name>.<key>`.
     ///
     /// # Errors
     /// A zero limit, a window without limits, a rolling length outside 1 s to 31 days, zero
-    /// buckets, an unknown time zone, or two windows with the same period.
+    /// buckets, an unknown time zone, two windows with the same period, or a `defer_up_to`
+    /// of zero or over 30 days.
     ///
     /// # Examples
     /// ```
@@ -456,6 +475,15 @@ impl ProfileSpec {
             "max_recipients_per_message",
         )?;
         let max_message_size = nonzero(self.max_message_size, "max_message_size")?;
+        if let Some(d) = self.defer_up_to
+            && (d.is_zero() || d > MAX_DEFER)
+        {
+            return Err(PolicyError::new(
+                format!("{base}.defer_up_to"),
+                "must be more than zero and at most 30d (Nylas schedules sends up to 30 days ahead)"
+                    .into(),
+            ));
+        }
         let mut windows: Vec<Window> = Vec::with_capacity(self.windows.len());
         for (i, spec) in self.windows.iter().enumerate() {
             let field = format!("{base}.windows[{i}]");
@@ -478,6 +506,7 @@ impl ProfileSpec {
             name: name.to_owned(),
             max_recipients_per_message,
             max_message_size,
+            defer_up_to: self.defer_up_to,
             windows,
         })
     }
@@ -580,6 +609,14 @@ mod tests {
             (
                 ProfileSpec::new(None, Some(0)),
                 "profiles.p.max_message_size",
+            ),
+            (
+                ProfileSpec::default().defer_up_to(Duration::ZERO),
+                "profiles.p.defer_up_to",
+            ),
+            (
+                ProfileSpec::default().defer_up_to(Duration::from_secs(31 * 86_400)),
+                "profiles.p.defer_up_to",
             ),
             (
                 ProfileSpec::default()

@@ -21,10 +21,10 @@ use crate::clock::{Clock, Millis, SystemClock};
 use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
 use crate::policy::{Metric, Period, Profile, Window};
 use crate::store::{
-    Guarded, IDEMPOTENCY_TTL, META_COOLDOWN, META_PROFILE, QuotaStore, StoreError,
-    check_idempotency_key,
+    Guarded, IDEMPOTENCY_TTL, MAX_AHEAD, MAX_SCHEDULED_SLOTS, META_COOLDOWN, META_PROFILE,
+    QuotaStore, StoreError, charge_instant, check_idempotency_key, too_many_scheduled,
 };
-use crate::window::{Over, calendar_bounds, denial, usage_of};
+use crate::window::{Over, View, calendar_bounds, denial, usage_of};
 
 /// Default per-call timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
@@ -226,15 +226,19 @@ impl RedisStore {
     async fn run_reserve(
         &self,
         scope: &str,
-        profile: &Profile,
-        cost: Cost,
+        ask: Ask<'_>,
         key: Option<&str>,
         mode: &str,
         guard: Option<Option<&str>>,
     ) -> Result<Raw, StoreError> {
-        let local_now = match &self.clock_override {
-            Some(c) => c.now_ms(),
-            None => SystemClock.now_ms(),
+        let (profile, cost) = (ask.profile, ask.cost);
+        let local_now = self.local_now();
+        // An instant already past here means now (on Redis's clock, not this host's). A later
+        // one is checked here as well as in the script, so the period holding it is computed
+        // only for instants the script may charge.
+        let at = match ask.at.filter(|&t| t > local_now) {
+            Some(t) => Some(charge_instant(Some(t), local_now)?),
+            None => None,
         };
         let mut inv = self.reserve.prepare_invoke();
         // reserve.lua reads its keys, then its arguments, then the windows', by position.
@@ -249,13 +253,38 @@ impl RedisStore {
             .arg(mode)
             .arg(profile.windows().len())
             .arg(if guard.is_some() { "1" } else { "0" })
-            .arg(guard.flatten().unwrap_or(""));
+            .arg(guard.flatten().unwrap_or(""))
+            .arg(at.map(|t| t.to_string()).unwrap_or_default())
+            .arg(MAX_SCHEDULED_SLOTS)
+            .arg(MAX_AHEAD.as_millis() as u64);
         for w in profile.windows() {
-            window_args(&mut inv, w, local_now);
+            window_args(&mut inv, w, local_now, at);
         }
         let mut conn = self.conn().await?;
         let reply: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
-        parse_reserve_reply(&reply, profile.windows().len())
+        parse_reserve_reply(&reply, profile)
+    }
+
+    fn local_now(&self) -> Millis {
+        match &self.clock_override {
+            Some(c) => c.now_ms(),
+            None => SystemClock.now_ms(),
+        }
+    }
+
+    /// One reserve-script call that must answer with fields (no guard).
+    async fn fields(
+        &self,
+        scope: &str,
+        ask: Ask<'_>,
+        mode: &str,
+    ) -> Result<(Vec<i64>, bool), StoreError> {
+        match self.run_reserve(scope, ask, None, mode, None).await? {
+            Raw::Fields(f, replay) => Ok((f, replay)),
+            Raw::CoolingDown(_) | Raw::OverrideChanged(_) => {
+                Err(protocol("guard reply to an unguarded call"))
+            }
+        }
     }
 
     /// Adds reserve.lua's KEYS: the windows', the key index, the idempotency record (a
@@ -313,6 +342,18 @@ if current and current >= untl then return 0 end
 redis.call('SET', KEYS[1], string.format('%d', untl), 'PX', ARGV[2])
 return 1
 ";
+
+/// What one reserve-script call asks for.
+#[derive(Debug, Clone, Copy)]
+struct Ask<'a> {
+    profile: &'a Profile,
+    cost: Cost,
+    at: Option<Millis>,
+}
+
+/// Fields of a reply before the per-window ones, and per window.
+const HEAD: usize = 9;
+const PER_WINDOW: usize = 12;
 
 /// A reply of the reserve script.
 enum Raw {
@@ -373,21 +414,25 @@ fn ints(items: &[Value]) -> Result<Vec<i64>, StoreError> {
         .collect()
 }
 
-/// Adds reserve.lua's 10 arguments for window `w`: kind, limits m r b (0: none), then the
-/// bucketing of a rolling window or three candidate periods of a calendar one around
-/// `local_now`.
-fn window_args(inv: &mut ScriptInvocation<'_>, w: &Window, local_now: Millis) {
+/// Adds reserve.lua's 12 arguments for window `w`: kind, limits m r b (0: none), then the
+/// bucketing of a rolling window, or three candidate periods of a calendar one around
+/// `local_now` and the period holding `at` (0 0 for a send going out now).
+fn window_args(inv: &mut ScriptInvocation<'_>, w: &Window, local_now: Millis, at: Option<Millis>) {
     let lim = |m: Metric| w.limit(m).map_or(0, |v| v.get());
     let (kind, p) = match w.period() {
         Period::Rolling {
             bucket_ms, buckets, ..
-        } => (0, [bucket_ms.get(), u64::from(buckets.get()), 0, 0, 0, 0]),
+        } => (
+            0,
+            [bucket_ms.get(), u64::from(buckets.get()), 0, 0, 0, 0, 0, 0],
+        ),
         Period::Calendar { unit, tz, .. } => {
             // The script picks whichever period holds the Redis time.
             let (s1, e1) = calendar_bounds(*unit, tz, local_now);
             let (s0, e0) = calendar_bounds(*unit, tz, s1.saturating_sub(1));
             let (s2, e2) = calendar_bounds(*unit, tz, e1);
-            (1, [s0, e0, s1, e1, s2, e2])
+            let (sa, ea) = at.map_or((0, 0), |t| calendar_bounds(*unit, tz, t));
+            (1, [s0, e0, s1, e1, s2, e2, sa, ea])
         }
     };
     inv.arg(kind)
@@ -399,8 +444,8 @@ fn window_args(inv: &mut ScriptInvocation<'_>, w: &Window, local_now: Millis) {
     }
 }
 
-/// reserve.lua's reply for a profile of `windows` windows.
-fn parse_reserve_reply(reply: &Value, windows: usize) -> Result<Raw, StoreError> {
+/// reserve.lua's reply for `profile`.
+fn parse_reserve_reply(reply: &Value, profile: &Profile) -> Result<Raw, StoreError> {
     let Value::Array(items) = reply else {
         return Err(protocol("reply"));
     };
@@ -410,6 +455,12 @@ fn parse_reserve_reply(reply: &Value, windows: usize) -> Result<Raw, StoreError>
         _ => Err(protocol("reply field")),
     };
     let (fields, replay) = match items.first() {
+        Some(Value::Int(7)) => return Err(charge_instant(Some(u64::MAX), 0).unwrap_err()),
+        Some(Value::Int(6)) => {
+            let i: usize = text(1)?.parse().map_err(|_| protocol("window"))?;
+            let w = profile.windows().get(i.wrapping_sub(1));
+            return Err(too_many_scheduled(w.map_or("", |w| w.label())));
+        }
         Some(Value::Int(5)) => {
             let ms = text(1)?.parse().map_err(|_| protocol("cool-down"))?;
             return Ok(Raw::CoolingDown(ms));
@@ -425,7 +476,7 @@ fn parse_reserve_reply(reply: &Value, windows: usize) -> Result<Raw, StoreError>
         }
         _ => (ints(items)?, false),
     };
-    if fields.len() != 8 + 6 * windows {
+    if fields.len() != HEAD + PER_WINDOW * profile.windows().len() {
         return Err(protocol("reply length does not match the profile"));
     }
     Ok(Raw::Fields(fields, replay))
@@ -436,21 +487,22 @@ fn decision_of(
     f: &[i64],
     replay: bool,
     scope: &str,
-    profile: &Profile,
-    cost: Cost,
+    ask: Ask<'_>,
     idempotency_key: Option<&str>,
 ) -> Result<Decision, StoreError> {
-    let now = u64::try_from(f[2]).unwrap_or(0);
-    let raw: Vec<(Cost, Option<Millis>)> =
-        windows_of(f).map(|(_, _, used, nf)| (used, nf)).collect();
-    let usage = usage_of(profile, &raw, now);
+    let (profile, cost) = (ask.profile, ask.cost);
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    let (now, at) = (u(f[2]), u(f[8]));
+    let windows: Vec<(u64, u64, View)> = windows_of(f).collect();
+    let views: Vec<View> = windows.iter().map(|w| w.2).collect();
+    let usage = usage_of(profile, &views, now);
     match f[0] {
         1 => {
             let charges = profile
                 .windows()
                 .iter()
-                .zip(windows_of(f))
-                .map(|(w, (slot, expires_at_ms, _, _))| Charge {
+                .zip(&windows)
+                .map(|(w, &(slot, expires_at_ms, _))| Charge {
                     window_id: Arc::from(w.id()),
                     slot,
                     expires_at_ms,
@@ -460,6 +512,7 @@ fn decision_of(
                 id: u64::try_from(f[1]).map_err(|_| protocol("reservation id"))?,
                 scope: Arc::from(scope),
                 cost,
+                at,
                 charges,
                 idempotency_key: idempotency_key.map(Arc::from),
             };
@@ -470,57 +523,65 @@ fn decision_of(
             }))
         }
         0 => {
-            let window = usize::try_from(f[3] - 1).map_err(|_| protocol("denial window"))?;
-            let metric = usize::try_from(f[4] - 1)
-                .ok()
-                .and_then(|m| Metric::ALL.get(m).copied())
-                .ok_or_else(|| protocol("denial metric"))?;
-            if window >= profile.windows().len() {
-                return Err(protocol("denial window"));
-            }
-            let over = Over {
-                window,
-                metric,
-                used: u64::try_from(f[5]).unwrap_or(0),
-                limit: u64::try_from(f[6]).unwrap_or(0),
-                retry_ms: u64::try_from(f[7]).ok(),
-            };
-            Ok(Decision::Denied(denial(profile, over, cost, usage)))
+            let over = over_of(f, profile)?;
+            let d = denial(profile, over, cost, at, now, over.fits_at, usage);
+            Ok(Decision::Denied(d))
         }
         _ => Err(protocol("decision status")),
     }
 }
 
-/// Reads the per-window part of a reply.
-fn windows_of(fields: &[i64]) -> impl Iterator<Item = (u64, u64, Cost, Option<Millis>)> + '_ {
-    fields[8..].chunks_exact(6).map(|c| {
+/// The denying window and metric of a reply; `fits_at` is the instant every window takes it.
+fn over_of(f: &[i64], profile: &Profile) -> Result<Over, StoreError> {
+    let window = usize::try_from(f[3] - 1).map_err(|_| protocol("denial window"))?;
+    let metric = usize::try_from(f[4] - 1)
+        .ok()
+        .and_then(|m| Metric::ALL.get(m).copied())
+        .ok_or_else(|| protocol("denial metric"))?;
+    if window >= profile.windows().len() {
+        return Err(protocol("denial window"));
+    }
+    Ok(Over {
+        window,
+        metric,
+        used: u64::try_from(f[5]).unwrap_or(0),
+        limit: u64::try_from(f[6]).unwrap_or(0),
+        fits_at: u64::try_from(f[7]).ok(),
+    })
+}
+
+/// Reads the per-window part of a reply: charged slot, its expiry, and the view.
+fn windows_of(fields: &[i64]) -> impl Iterator<Item = (u64, u64, View)> + '_ {
+    fields[HEAD..].chunks_exact(PER_WINDOW).map(|c| {
         let u = |v: i64| u64::try_from(v).unwrap_or(0);
-        (
-            u(c[0]),
-            u(c[1]),
-            Cost::new(u(c[2]), u(c[3]), u(c[4])),
-            u64::try_from(c[5]).ok(),
-        )
+        let three = |i: usize| [u(c[i]), u(c[i + 1]), u(c[i + 2])];
+        let view = View {
+            used: three(2),
+            scheduled: three(5),
+            peak_now: three(8),
+            next_free_at: u64::try_from(c[11]).ok(),
+        };
+        (u(c[0]), u(c[1]), view)
     })
 }
 
 #[async_trait]
 impl QuotaStore for RedisStore {
-    async fn reserve(
+    async fn reserve_at(
         &self,
         scope: &str,
         profile: &Profile,
         cost: Cost,
+        at: Option<Millis>,
         idempotency_key: Option<&str>,
     ) -> Result<Decision, StoreError> {
         check_idempotency_key(idempotency_key)?;
+        let ask = Ask { profile, cost, at };
         match self
-            .run_reserve(scope, profile, cost, idempotency_key, MODE_RESERVE, None)
+            .run_reserve(scope, ask, idempotency_key, MODE_RESERVE, None)
             .await?
         {
-            Raw::Fields(f, replay) => {
-                decision_of(&f, replay, scope, profile, cost, idempotency_key)
-            }
+            Raw::Fields(f, replay) => decision_of(&f, replay, scope, ask, idempotency_key),
             Raw::CoolingDown(_) | Raw::OverrideChanged(_) => {
                 Err(protocol("guard reply to an unguarded call"))
             }
@@ -532,29 +593,20 @@ impl QuotaStore for RedisStore {
         scope: &str,
         profile: &Profile,
         cost: Cost,
+        at: Option<Millis>,
         idempotency_key: Option<&str>,
         expected_override: Option<&str>,
     ) -> Result<Guarded, StoreError> {
         check_idempotency_key(idempotency_key)?;
+        let ask = Ask { profile, cost, at };
+        let guard = Some(expected_override);
         let raw = self
-            .run_reserve(
-                scope,
-                profile,
-                cost,
-                idempotency_key,
-                MODE_RESERVE,
-                Some(expected_override),
-            )
+            .run_reserve(scope, ask, idempotency_key, MODE_RESERVE, guard)
             .await?;
         Ok(match raw {
-            Raw::Fields(f, replay) => Guarded::Decided(decision_of(
-                &f,
-                replay,
-                scope,
-                profile,
-                cost,
-                idempotency_key,
-            )?),
+            Raw::Fields(f, replay) => {
+                Guarded::Decided(decision_of(&f, replay, scope, ask, idempotency_key)?)
+            }
             Raw::CoolingDown(ms) => Guarded::CoolingDown(Duration::from_millis(ms)),
             Raw::OverrideChanged(name) => {
                 Guarded::OverrideChanged(Some(name).filter(|n| !n.is_empty()))
@@ -652,18 +704,13 @@ impl QuotaStore for RedisStore {
         scope: &str,
         profile: &Profile,
         cost: Cost,
+        at: Option<Millis>,
     ) -> Result<Usage, StoreError> {
-        match self
-            .run_reserve(scope, profile, cost, None, MODE_FORCE, None)
-            .await?
-        {
-            Raw::Fields(f, _) => match decision_of(&f, false, scope, profile, cost, None)? {
-                Decision::Allowed(a) => Ok(a.usage),
-                Decision::Denied(_) => Err(protocol("a forced charge was denied")),
-            },
-            Raw::CoolingDown(_) | Raw::OverrideChanged(_) => {
-                Err(protocol("guard reply to an unguarded call"))
-            }
+        let ask = Ask { profile, cost, at };
+        let (f, _) = self.fields(scope, ask, MODE_FORCE).await?;
+        match decision_of(&f, false, scope, ask, None)? {
+            Decision::Allowed(a) => Ok(a.usage),
+            Decision::Denied(_) => Err(protocol("a forced charge was denied")),
         }
     }
 
@@ -711,15 +758,15 @@ impl QuotaStore for RedisStore {
     }
 
     async fn usage(&self, scope: &str, profile: &Profile) -> Result<Usage, StoreError> {
-        let Raw::Fields(f, _) = self
-            .run_reserve(scope, profile, Cost::default(), None, MODE_USAGE, None)
-            .await?
-        else {
-            return Err(protocol("usage reply"));
+        let ask = Ask {
+            profile,
+            cost: Cost::default(),
+            at: None,
         };
+        let (f, _) = self.fields(scope, ask, MODE_USAGE).await?;
         let now = u64::try_from(f[2]).unwrap_or(0);
-        let raw: Vec<_> = windows_of(&f).map(|(_, _, used, nf)| (used, nf)).collect();
-        Ok(usage_of(profile, &raw, now))
+        let views: Vec<View> = windows_of(&f).map(|w| w.2).collect();
+        Ok(usage_of(profile, &views, now))
     }
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {

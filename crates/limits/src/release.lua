@@ -24,7 +24,7 @@ end
 
 local function parse(s)
   if not s then return {0, 0, 0} end
-  local a, b, c = string.match(s, '^(%d+),(%d+),(%d+)$')
+  local a, b, c = string.match(s, '^(%d+),(%d+),(%d+)')
   return {tonumber(a) or 0, tonumber(b) or 0, tonumber(c) or 0}
 end
 
@@ -65,11 +65,17 @@ for i = 1, nwin do
       end
     end
   else
-    local h = redis.call('HMGET', key, 't', 'o')
+    -- The current period keeps its counts in t; a later one in its own field "p<start>".
+    local h = redis.call('HMGET', key, 't', 'o', 'p' .. slot)
     if h[1] and h[2] == slot then
       local totals = parse(h[1])
       for m = 1, 3 do totals[m] = math.max(0, totals[m] - cost[m]) end
       redis.call('HSET', key, 't', fmt(totals))
+    elseif h[3] then
+      local v = parse(h[3])
+      local finish = string.match(h[3], ',(%d+)$')
+      for m = 1, 3 do v[m] = math.max(0, v[m] - cost[m]) end
+      redis.call('HSET', key, 'p' .. slot, fmt(v) .. ',' .. finish)
     end
   end
 end

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::clock::Millis;
 use crate::decision::{Cost, Decision, Reservation, Usage};
 use crate::policy::Profile;
 
@@ -13,17 +14,23 @@ pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(3600);
 /// Longest idempotency key accepted (Nylas allows 256 characters).
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 
+/// Furthest ahead a charge may be made (a year and a day: Nylas schedules sends up to 30
+/// days ahead, and drafts of some providers further).
+pub const MAX_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Most scheduled buckets (rolling windows) or periods (calendar windows) one scope holds
+/// per window: with the past buckets, what bounds a scope's memory. A charge that would
+/// open one more is refused as [`StoreError::Invalid`].
+pub const MAX_SCHEDULED_SLOTS: usize = 4096;
+
 /// Per-scope quota counters.
 ///
 /// A *scope* is an opaque name for what is counted (the gateway uses one per grant). Every
 /// operation is atomic per scope: concurrent reservations never admit more than a limit.
 #[async_trait]
 pub trait QuotaStore: Send + Sync + std::fmt::Debug {
-    /// Charges `cost` against every window of `profile`, all or nothing.
-    ///
-    /// With an `idempotency_key`, a repeat within [`IDEMPOTENCY_TTL`] of an admitted request
-    /// returns that allowance (same reservation, `replay` set) and charges nothing new.
-    /// Denials are not remembered, and releasing a reservation forgets its key.
+    /// Charges `cost` against every window of `profile` for a send going out now; see
+    /// [`QuotaStore::reserve_at`].
     ///
     /// # Errors
     /// Only infrastructure failures; being over a limit is [`Decision::Denied`].
@@ -33,17 +40,55 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
         profile: &Profile,
         cost: Cost,
         idempotency_key: Option<&str>,
-    ) -> Result<Decision, StoreError>;
+    ) -> Result<Decision, StoreError> {
+        self.reserve_at(scope, profile, cost, None, idempotency_key)
+            .await
+    }
 
-    /// Charges `cost` against every window of `profile` whatever their limits say, and
-    /// returns the usage after it. For a send that has already gone out and turned out to
-    /// cost more than was reserved: the provider counted it, so the quota must too, even
-    /// past a limit. Never use it to admit a send.
+    /// Charges `cost` against every window of `profile`, all or nothing, for a send going
+    /// out at `at` (ms since the epoch; `None`, or an instant already past on the store's
+    /// clock, means now).
+    ///
+    /// A charge at `t` counts in every window that will hold `t`, and is admitted only if
+    /// each of them stays within its limits: for a rolling window, every stretch of its
+    /// length that holds `t` (sends scheduled later included, so a send now is refused when
+    /// it would overfill a stretch that also holds tomorrow morning's scheduled sends); for a
+    /// calendar window, the day or month holding `t`. Rolling windows count in buckets, so a
+    /// charge counts in every stretch holding its bucket: at least the window's length, at
+    /// most one bucket more.
+    ///
+    /// With an `idempotency_key`, a repeat within [`IDEMPOTENCY_TTL`] of an admitted request
+    /// returns that allowance (same reservation, `replay` set) and charges nothing new.
+    /// Denials are not remembered, and releasing a reservation forgets its key.
     ///
     /// # Errors
-    /// Only infrastructure failures.
-    async fn charge(&self, scope: &str, profile: &Profile, cost: Cost)
-    -> Result<Usage, StoreError>;
+    /// Infrastructure failures, and [`StoreError::Invalid`] for `at` more than
+    /// [`MAX_AHEAD`] away or a charge that would hold more than [`MAX_SCHEDULED_SLOTS`]
+    /// scheduled buckets in one window; being over a limit is [`Decision::Denied`].
+    async fn reserve_at(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        at: Option<Millis>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Decision, StoreError>;
+
+    /// Charges `cost` at `at` (as in [`QuotaStore::reserve_at`]) against every window of
+    /// `profile` whatever their limits say, and returns the usage after it. For a send that
+    /// has already gone out (or been scheduled) and turned out to cost more than was
+    /// reserved: the provider counted it, so the quota must too, even past a limit. Never
+    /// use it to admit a send.
+    ///
+    /// # Errors
+    /// Infrastructure failures, and [`StoreError::Invalid`] as for `reserve_at`.
+    async fn charge(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        at: Option<Millis>,
+    ) -> Result<Usage, StoreError>;
 
     /// Gives back exactly what `reservation` charged, in the buckets it charged. Releasing
     /// twice is a no-op; counters never go below zero; buckets that have expired are left
@@ -65,7 +110,7 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
     /// Only infrastructure failures.
     async fn reset(&self, scope: &str) -> Result<(), StoreError>;
 
-    /// Like [`QuotaStore::reserve`], with two checks made in the same atomic step: while the
+    /// Like [`QuotaStore::reserve_at`], with two checks made in the same atomic step: while the
     /// scope is cooling down (see [`QuotaStore::cool_down`]) nothing is charged and the time
     /// left is returned; and when the scope's profile override (the [`META_PROFILE`] value)
     /// is not `expected_override`, nothing is charged and the current one is returned, so
@@ -78,6 +123,7 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
         scope: &str,
         profile: &Profile,
         cost: Cost,
+        at: Option<Millis>,
         idempotency_key: Option<&str>,
         expected_override: Option<&str>,
     ) -> Result<Guarded, StoreError>;
@@ -179,6 +225,31 @@ pub enum StoreError {
     /// The request itself is unusable (for example an over-long idempotency key).
     #[error("invalid quota request: {0}")]
     Invalid(String),
+}
+
+/// The instant a charge asked for `at` is made at, given the store's `now`: now for `None`
+/// or a past instant.
+///
+/// # Errors
+/// [`StoreError::Invalid`] beyond [`MAX_AHEAD`].
+pub(crate) fn charge_instant(at: Option<Millis>, now: Millis) -> Result<Millis, StoreError> {
+    let at = at.unwrap_or(now).max(now);
+    if at - now > MAX_AHEAD.as_millis() as u64 {
+        return Err(StoreError::Invalid(format!(
+            "a send can be counted at most {} days ahead",
+            MAX_AHEAD.as_secs() / 86_400
+        )));
+    }
+    Ok(at)
+}
+
+/// The refusal of a charge that would hold more than [`MAX_SCHEDULED_SLOTS`] scheduled
+/// buckets in one window.
+pub(crate) fn too_many_scheduled(window: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "too many sends scheduled at different times for this account in the {window} window \
+         (at most {MAX_SCHEDULED_SLOTS}); schedule them closer together"
+    ))
 }
 
 pub(crate) fn check_idempotency_key(key: Option<&str>) -> Result<(), StoreError> {

@@ -83,44 +83,125 @@ impl Rolling {
     }
 }
 
-/// Turns per-window counters into a [`Usage`]; `raw[i]` is `(used, next_free_at_ms)` of
-/// window `i` of `profile`.
-pub(crate) fn usage_of(profile: &Profile, raw: &[(Cost, Option<Millis>)], now_ms: Millis) -> Usage {
+/// Where W(c), the sum a rolling window holds when its newest bucket is `c`, changes:
+/// `(position, W from there on)`, sorted. A bucket at `s` enters at `s` and leaves at
+/// `s + buckets + 1`; after the last point the window is empty. `stored` is every bucket
+/// held (past and scheduled), sorted by slot, none empty.
+pub(crate) fn change_points(geo: Rolling, stored: &[(u64, [u64; 3])]) -> Vec<(u64, [u64; 3])> {
+    let mut points: Vec<(u64, [u64; 3])> = Vec::with_capacity(stored.len() * 2);
+    let (mut enter, mut leave) = (0, 0);
+    let mut w = [0u64; 3];
+    while leave < stored.len() {
+        let enter_at = stored.get(enter).map(|b| b.0);
+        let leave_at = stored[leave].0 + geo.buckets + 1;
+        let pos = enter_at.map_or(leave_at, |e| e.min(leave_at));
+        // Leaves before enters at one position: W there is what stays plus what comes.
+        while leave < stored.len() && stored[leave].0 + geo.buckets + 1 == pos {
+            sub(&mut w, stored[leave].1);
+            leave += 1;
+        }
+        while enter < stored.len() && stored[enter].0 == pos {
+            add(&mut w, stored[enter].1);
+            enter += 1;
+        }
+        match points.last_mut() {
+            Some(last) if last.0 == pos => last.1 = w,
+            _ => points.push((pos, w)),
+        }
+    }
+    points
+}
+
+/// The fullest the window gets, metric by metric, over every position that holds slot `s`
+/// (`s` to `s + buckets`): what a charge at `s` must fit under.
+pub(crate) fn peak(geo: Rolling, points: &[(u64, [u64; 3])], s: u64) -> [u64; 3] {
+    let last = s.saturating_add(geo.buckets);
+    let mut peak = [0u64; 3];
+    for (j, &(pos, w)) in points.iter().enumerate() {
+        let end = points.get(j + 1).map_or(u64::MAX, |p| p.0);
+        if pos > last {
+            break;
+        }
+        if end > s {
+            for m in 0..3 {
+                peak[m] = peak[m].max(w[m]);
+            }
+        }
+    }
+    peak
+}
+
+/// The earliest slot `s >= from` at which `want` fits in every position holding `s`, for
+/// metric `m` limited to `limit` (`want[m] <= limit`).
+pub(crate) fn earliest_slot(
+    geo: Rolling,
+    points: &[(u64, [u64; 3])],
+    from: u64,
+    m: usize,
+    room: u64,
+) -> u64 {
+    let mut s = from;
+    for (j, &(pos, w)) in points.iter().enumerate() {
+        let end = points.get(j + 1).map_or(u64::MAX, |p| p.0);
+        if w[m] <= room || end <= s {
+            continue;
+        }
+        if pos > s.saturating_add(geo.buckets) {
+            break;
+        }
+        s = end;
+    }
+    s
+}
+
+/// A window as one decision sees it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct View {
+    /// Counted in the window now (sent, or due by now).
+    pub(crate) used: [u64; 3],
+    /// Charged for instants after the current bucket or period.
+    pub(crate) scheduled: [u64; 3],
+    /// The fullest any window holding now gets: what a live send must fit under.
+    pub(crate) peak_now: [u64; 3],
+    /// When the oldest unit counted now stops counting.
+    pub(crate) next_free_at: Option<Millis>,
+}
+
+/// Turns per-window views into a [`Usage`].
+pub(crate) fn usage_of(profile: &Profile, views: &[View], now_ms: Millis) -> Usage {
     let windows = profile
         .windows()
         .iter()
-        .zip(raw)
-        .map(|(w, (used, next_free_at))| window_usage(w, *used, *next_free_at, now_ms))
+        .zip(views)
+        .map(|(w, v)| window_usage(w, v, now_ms))
         .collect();
     Usage { windows }
 }
 
-pub(crate) fn window_usage(
-    w: &Window,
-    used: Cost,
-    next_free_at: Option<Millis>,
-    now_ms: Millis,
-) -> WindowUsage {
+pub(crate) fn window_usage(w: &Window, v: &View, now_ms: Millis) -> WindowUsage {
     let metrics = Metric::ALL
         .into_iter()
         .filter_map(|m| {
             let limit = w.limit(m)?.get();
-            let used = used.get(m);
+            let i = m.index();
             Some(MetricUsage {
                 metric: m,
                 limit,
-                used,
-                remaining: limit.saturating_sub(used),
+                used: v.used[i],
+                scheduled: v.scheduled[i],
+                remaining: limit.saturating_sub(v.peak_now[i].max(v.used[i])),
             })
         })
         .collect();
-    let any_used = used.to_array().iter().any(|&v| v > 0);
+    let any_used = v.used.iter().any(|&x| x > 0);
     WindowUsage {
         window_id: Arc::clone(w.id_arc()),
         label: Arc::clone(w.label_arc()),
         seconds: w.nominal_seconds(),
-        used,
-        next_free: next_free_at
+        used: Cost::from_array(v.used),
+        scheduled: Cost::from_array(v.scheduled),
+        next_free: v
+            .next_free_at
             .filter(|_| any_used)
             .map(|at| Duration::from_millis(at.saturating_sub(now_ms))),
         metrics,
@@ -134,19 +215,20 @@ pub(crate) struct Over {
     pub(crate) metric: Metric,
     pub(crate) used: u64,
     pub(crate) limit: u64,
-    /// Ms from now until enough frees up; `None` when the request exceeds the limit.
-    pub(crate) retry_ms: Option<u64>,
+    /// The earliest instant this window alone would take the charge; `None` when the
+    /// request exceeds the limit.
+    pub(crate) fits_at: Option<Millis>,
 }
 
 /// Picks the denial to report among the windows and metrics that would go over: one that
-/// can never pass if there is any, otherwise the one that frees up last (the request is
-/// admitted only when every window has room). Ties go to the first in profile order.
+/// can never pass if there is any, otherwise the one that frees up last. Ties go to the
+/// first in profile order.
 pub(crate) fn pick_denial(overs: &[Over]) -> Option<Over> {
     let mut best: Option<Over> = None;
     for o in overs {
         best = match best {
             None => Some(*o),
-            Some(b) => match (b.retry_ms, o.retry_ms) {
+            Some(b) => match (b.fits_at, o.fits_at) {
                 (None, _) => Some(b),
                 (Some(_), None) => Some(*o),
                 (Some(x), Some(y)) if y > x => Some(*o),
@@ -157,8 +239,38 @@ pub(crate) fn pick_denial(overs: &[Over]) -> Option<Over> {
     best
 }
 
-pub(crate) fn denial(profile: &Profile, over: Over, cost: Cost, usage: Usage) -> Denial {
+/// The earliest instant at or after `from` at which every window takes the charge, given
+/// each window's own answer (`fit(i, t)`: the earliest instant at or after `t` that window
+/// `i` takes it). Windows are asked in turn until all agree.
+pub(crate) fn earliest_for_all(
+    windows: usize,
+    from: Millis,
+    mut fit: impl FnMut(usize, Millis) -> Millis,
+) -> Millis {
+    let mut t = from;
+    // Each round moves past at least one full stretch of some window; the cap is a guard.
+    for _ in 0..100_000 {
+        let next = (0..windows).fold(t, |acc, i| acc.max(fit(i, acc)));
+        if next == t {
+            return t;
+        }
+        t = next;
+    }
+    t
+}
+
+/// The denial for `over`, charging `cost` at `at` (the store's `now` for a live send).
+pub(crate) fn denial(
+    profile: &Profile,
+    over: Over,
+    cost: Cost,
+    at: Millis,
+    now: Millis,
+    fits_at: Option<Millis>,
+    usage: Usage,
+) -> Denial {
     let w = &profile.windows()[over.window];
+    let fits_at = fits_at.filter(|_| over.fits_at.is_some());
     Denial {
         window_id: Arc::clone(w.id_arc()),
         window: Arc::clone(w.label_arc()),
@@ -166,8 +278,26 @@ pub(crate) fn denial(profile: &Profile, over: Over, cost: Cost, usage: Usage) ->
         limit: over.limit,
         used: over.used,
         requested: cost.get(over.metric),
-        retry_after: over.retry_ms.map(ceil_duration),
+        at,
+        fits_at,
+        // Waiting only helps a send that goes out now: the windows around a later instant
+        // hold what is scheduled there whenever it is asked again.
+        retry_after: fits_at
+            .filter(|_| at <= now)
+            .map(|t| ceil_duration(t.saturating_sub(now))),
         usage,
+    }
+}
+
+pub(crate) fn add(a: &mut [u64; 3], b: [u64; 3]) {
+    for i in 0..3 {
+        a[i] = a[i].saturating_add(b[i]);
+    }
+}
+
+pub(crate) fn sub(a: &mut [u64; 3], b: [u64; 3]) {
+    for i in 0..3 {
+        a[i] = a[i].saturating_sub(b[i]);
     }
 }
 
@@ -213,12 +343,12 @@ mod tests {
 
     #[test]
     fn pick_prefers_impossible_then_latest() {
-        let o = |window, retry_ms| Over {
+        let o = |window, fits_at| Over {
             window,
             metric: Metric::Messages,
             used: 0,
             limit: 1,
-            retry_ms,
+            fits_at,
         };
         assert_eq!(
             pick_denial(&[o(0, Some(5)), o(1, Some(9)), o(2, Some(9))])

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Harness, T0};
+use common::{Harness, T0, contract};
 use limits::{
     CalendarUnit, Cost, Decision, Guarded, META_PROFILE, Metric, Profile, ProfileSpec, Reservation,
     Usage, WindowSpec,
@@ -536,7 +536,7 @@ async fn guarded_reservations_respect_cool_downs_and_overrides(h: Harness) {
         let p = p.clone();
         async move {
             store
-                .reserve_guarded("g", &p, Cost::new(1, 1, 0), None, expected)
+                .reserve_guarded("g", &p, Cost::new(1, 1, 0), None, None, expected)
                 .await
                 .unwrap()
         }
@@ -602,7 +602,7 @@ async fn guarded_reservations_respect_cool_downs_and_overrides(h: Harness) {
     // Other scopes are not affected.
     assert!(matches!(
         h.store
-            .reserve_guarded("other", &p, Cost::new(1, 1, 0), None, None)
+            .reserve_guarded("other", &p, Cost::new(1, 1, 0), None, None, None)
             .await
             .unwrap(),
         Guarded::Decided(_)
@@ -661,7 +661,11 @@ async fn forced_charges_count_past_the_limit_and_deny_what_follows(h: Harness) {
         .unwrap();
     allowed(&h, "g", &p, Cost::new(1, 4, 0)).await;
     // The send turned out to have 3 more recipients than reserved: charged, past the limit.
-    let after = h.store.charge("g", &p, Cost::new(0, 3, 0)).await.unwrap();
+    let after = h
+        .store
+        .charge("g", &p, Cost::new(0, 3, 0), None)
+        .await
+        .unwrap();
     assert_eq!(used(&after, 0, Metric::Recipients), 7);
     assert_eq!(used(&after, 1, Metric::Recipients), 7);
     assert_eq!(used(&after, 0, Metric::Messages), 1);
@@ -735,27 +739,6 @@ async fn a_setting_is_deleted_only_by_its_holder(h: Harness) {
             .await
             .unwrap()
     );
-}
-
-macro_rules! contract {
-    ($($name:ident),* $(,)?) => {
-        mod memory_backend {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::common::memory()).await;
-                }
-            )*
-        }
-        mod redis_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::common::redis().await).await;
-                }
-            )*
-        }
-    };
 }
 
 contract!(

@@ -19,17 +19,24 @@ struct Op {
     advance_ms: u64,
     recipients: u64,
     release_previous: bool,
+    /// Scheduled this far ahead; `None`: a send going out now.
+    ahead_ms: Option<u64>,
 }
 
 fn ops() -> impl Strategy<Value = Vec<Op>> {
     prop::collection::vec(
-        (0u64..25_000, 1u64..6, prop::bool::weighted(0.15)).prop_map(
-            |(advance_ms, recipients, release_previous)| Op {
+        (
+            0u64..25_000,
+            1u64..6,
+            prop::bool::weighted(0.15),
+            prop::option::weighted(0.4, 0u64..3 * WINDOW_MS),
+        )
+            .prop_map(|(advance_ms, recipients, release_previous, ahead_ms)| Op {
                 advance_ms,
                 recipients,
                 release_previous,
-            },
-        ),
+                ahead_ms,
+            }),
         1..60,
     )
 }
@@ -65,7 +72,8 @@ async fn check(
         }
         let cost = Cost::new(1, op.recipients, 0);
         let before = store.usage(scope, &p).await.unwrap();
-        match store.reserve(scope, &p, cost, None).await.unwrap() {
+        let at = op.ahead_ms.map(|a| now + a);
+        match store.reserve_at(scope, &p, cost, at, None).await.unwrap() {
             Decision::Allowed(a) => {
                 // Reserve then release returns usage to where it was.
                 let probe = store
@@ -79,7 +87,8 @@ async fn check(
                     prop_assert_eq!(after.windows[0].used.bytes + 1, mid.windows[0].used.bytes);
                     prop_assert_eq!(&after, &a.usage);
                 }
-                kept.push((now, cost, a.reservation));
+                prop_assert_eq!(a.reservation.at(), at.unwrap_or(now));
+                kept.push((a.reservation.at(), cost, a.reservation));
             }
             Decision::Denied(d) => {
                 prop_assert_eq!(
@@ -87,7 +96,25 @@ async fn check(
                     &before,
                     "a denial changed usage"
                 );
-                if let Some(retry) = d.retry_after {
+                if let (Some(at), Some(fits)) = (at, d.fits_at) {
+                    // Exact for a scheduled send too: the instant before is refused, it is not.
+                    prop_assert!(d.retry_after.is_none() && fits > at);
+                    let before_fit = store.reserve_at(scope, &p, cost, Some(fits - 1), None);
+                    prop_assert!(
+                        !before_fit.await.unwrap().is_allowed(),
+                        "admitted before fits_at"
+                    );
+                    match store
+                        .reserve_at(scope, &p, cost, Some(fits), None)
+                        .await
+                        .unwrap()
+                    {
+                        Decision::Allowed(a) => kept.push((fits, cost, a.reservation)),
+                        Decision::Denied(d2) => {
+                            prop_assert!(false, "denied at fits_at: {d:?} then {d2:?}")
+                        }
+                    }
+                } else if let Some(retry) = d.retry_after {
                     // Exact: denied one second before retry_after, admitted at it.
                     let secs = retry.as_secs();
                     prop_assert!(secs >= 1);

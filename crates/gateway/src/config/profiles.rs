@@ -3,6 +3,7 @@
 //! configure it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use limits::{CalendarUnit, Metric, PeriodSpec, Profile, ProfileSpec, Window, WindowSpec};
 use serde::de::Deserializer;
@@ -18,8 +19,37 @@ pub(super) struct ProfileTable {
     max_recipients_per_message: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_message_size: Option<ByteSize>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_duration"
+    )]
+    defer_up_to: Option<Duration>,
     #[serde(default)]
     windows: Vec<WindowTable>,
+}
+
+/// `defer_up_to`: a duration, absent for none.
+mod optional_duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    use super::super::values::duration;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        duration::deserialize(d).map(Some)
+    }
+
+    #[allow(clippy::ref_option)] // serde's `with` passes the field by reference
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -44,6 +74,7 @@ impl ProfileTable {
         ProfileSpec {
             max_recipients_per_message: self.max_recipients_per_message,
             max_message_size: self.max_message_size.map(|b| b.0),
+            defer_up_to: self.defer_up_to,
             windows: self
                 .windows
                 .into_iter()
@@ -71,6 +102,7 @@ impl From<&Profile> for ProfileTable {
         ProfileTable {
             max_recipients_per_message: p.max_recipients_per_message().map(|n| n.get()),
             max_message_size: p.max_message_size().map(|n| ByteSize(n.get())),
+            defer_up_to: p.defer_up_to(),
             windows: p.windows().iter().map(WindowTable::from).collect(),
         }
     }

@@ -2,12 +2,13 @@
 //! no store call), then one reserve, which charges every window all or nothing and returns
 //! a [`Lease`].
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use limits::{Cost, Decision, Denial, Guarded, Metric, Profile, StoreError};
+use limits::{Allowance, Cost, Decision, Denial, Guarded, Metric, Millis, Profile, StoreError};
 
 use super::charged::Charged;
 use super::ctx::{SendCtx, Stop};
+use super::schedule;
 use crate::config::OnUnavailable;
 use crate::error::GatewayError;
 use crate::lease::Lease;
@@ -18,52 +19,98 @@ use crate::state::AppState;
 /// How many times a reserve is retried after another replica changed the override.
 const OVERRIDE_ATTEMPTS: usize = 3;
 
-/// Admits a send of `cost` (`size_known`: whether its size covers the whole message): `Some` lease when charged, `None` when the store failed and
-/// `on_unavailable = "allow"` forwards it uncounted.
+/// What a send asks to be admitted for.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Ask {
+    pub cost: SendCost,
+    /// Whether `cost.size` covers the whole message.
+    pub size_known: bool,
+    /// The instant it goes out (ms; `None`: now).
+    pub at: Option<Millis>,
+    /// How far ahead it may be put off when a full window refuses it now.
+    pub defer: Option<Duration>,
+}
+
+/// An admitted send.
+#[derive(Debug)]
+pub(super) struct Admitted {
+    /// The charge; `None` when the store failed and `on_unavailable = "allow"` forwards
+    /// the send uncounted.
+    pub lease: Option<Lease>,
+    /// The `send_at` (unix seconds) a deferred send was charged at and must be given.
+    pub deferred_to: Option<u64>,
+}
+
+/// Admits a send: per-message checks, then one reserve (and, for a send a full window
+/// refuses now, possibly a deferral to the first instant it fits).
 pub(super) async fn admit(
     state: &AppState,
     ctx: &mut SendCtx,
     charged: &mut Charged,
-    cost: SendCost,
-    size_known: bool,
-) -> Result<Option<Lease>, Stop> {
+    ask: Ask,
+) -> Result<Admitted, Stop> {
+    let cost = ask.cost;
     per_message(&charged.profile, cost).map_err(|e| ctx.reject(e))?;
     let charge = Cost::new(
         1,
         cost.recipients,
-        bytes_to_charge(&charged.profile, cost, size_known),
+        bytes_to_charge(&charged.profile, cost, ask.size_known),
     );
     // Every request is charged, idempotency key or not: a repeat whose key Nylas has
     // stored comes back with `Idempotent-Response: true` and is released then. Trusting the
     // key here would let a bigger message, or a retry after a failure Nylas did not store,
     // through uncounted.
-    match reserve(state, ctx, charged, cost, charge).await? {
+    match reserve(state, ctx, charged, cost, charge, ask.at).await? {
         Ok(Decision::Allowed(a)) => {
             ctx.decide(Outcome::Allowed, "within_quota");
-            let profile = charged.profile.clone();
-            let (store, metrics) = (state.store.clone(), state.metrics.clone());
-            Ok(Some(Lease::new(
-                store,
-                metrics,
-                a.reservation,
-                profile,
-                a.usage,
-            )))
+            ctx.record.scheduled_for = ask.at.map(|_| a.reservation.at() / 1000);
+            Ok(admitted(state, charged, a, None))
         }
-        Ok(Decision::Denied(d)) => Err(denied(ctx, d)),
+        Ok(Decision::Denied(d)) => {
+            let horizon = ask.defer.filter(|_| d.retry_after.is_some());
+            if let Some(horizon) = horizon
+                && let Some((a, secs)) =
+                    schedule::defer(state, ctx, charged, cost, charge, &d, horizon).await?
+            {
+                ctx.decide(Outcome::Allowed, "deferred");
+                ctx.record.deferred = true;
+                ctx.record.scheduled_for = Some(secs);
+                return Ok(admitted(state, charged, a, Some(secs)));
+            }
+            Err(denied(ctx, d))
+        }
         Err(StoreError::Invalid(msg)) => Err(ctx.reject(GatewayError::InvalidSendRequest(msg))),
-        Err(e) => unavailable(ctx, &e),
+        Err(e) => unavailable(ctx, &e).map(|lease| Admitted {
+            lease,
+            deferred_to: None,
+        }),
+    }
+}
+
+fn admitted(
+    state: &AppState,
+    charged: &Charged,
+    a: Allowance,
+    deferred_to: Option<u64>,
+) -> Admitted {
+    let (store, metrics) = (state.store.clone(), state.metrics.clone());
+    let profile = charged.profile.clone();
+    let lease = Lease::new(store, metrics, a.reservation, profile, a.usage);
+    Admitted {
+        lease: Some(lease),
+        deferred_to,
     }
 }
 
 /// One reserve (guarded for grants: cool-downs and overrides checked in the same step),
 /// retried under the new profile when another replica changed the grant's override.
-async fn reserve(
+pub(super) async fn reserve(
     state: &AppState,
     ctx: &mut SendCtx,
     charged: &mut Charged,
     cost: SendCost,
     charge: Cost,
+    at: Option<Millis>,
 ) -> Result<Result<Decision, StoreError>, Stop> {
     for _ in 0..OVERRIDE_ATTEMPTS {
         let started = Instant::now();
@@ -71,14 +118,14 @@ async fn reserve(
         let result = match &charged.grant {
             None => state
                 .store
-                .reserve(scope, &charged.profile, charge, None)
+                .reserve_at(scope, &charged.profile, charge, at, None)
                 .await
                 .map(Guarded::Decided),
             Some(_) => {
                 let expected = charged.override_name.as_deref();
                 state
                     .store
-                    .reserve_guarded(scope, &charged.profile, charge, None, expected)
+                    .reserve_guarded(scope, &charged.profile, charge, at, None, expected)
                     .await
             }
         };
@@ -115,7 +162,7 @@ async fn reselect(state: &AppState, ctx: &SendCtx, charged: &mut Charged, name: 
 fn denied(ctx: &mut SendCtx, d: Denial) -> Stop {
     // More than a window's whole limit: no retry can ever pass, so this is a per-message
     // rejection (422/413), not a 429 that has no `Retry-After` to give.
-    if d.retry_after.is_none() && d.metric != Metric::Messages {
+    if d.fits_at.is_none() && d.metric != Metric::Messages {
         let err = if d.metric == Metric::Bytes {
             GatewayError::MessageTooLarge {
                 size: d.requested,

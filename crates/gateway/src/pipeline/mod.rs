@@ -22,7 +22,10 @@ mod cost;
 mod ctx;
 mod forward;
 mod report;
+mod schedule;
 mod settle;
+
+pub use schedule::{DEFER_HEADER, DEFERRED_UNTIL};
 
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
@@ -50,7 +53,7 @@ async fn phases(
     route: &SendRoute,
     req: Request,
 ) -> Result<Response, Stop> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     // Go's `FormValue` prefers a query value to the body's field of the same name.
     if query_names_a_counted_field(parts.uri.query()) {
         let what = "a `message` or `mime` field in the query string (Nylas could send it \
@@ -64,10 +67,24 @@ async fn phases(
         None => None,
     };
     let outcome = async {
-        let priced = cost::what(state, ctx, &charged, route, &parts.headers, body).await?;
-        let lease = admit::admit(state, ctx, &mut charged, priced.cost, priced.size_known).await?;
+        let mut priced = cost::what(state, ctx, &charged, route, &parts.headers, body).await?;
+        let ask = admit::Ask {
+            cost: priced.cost,
+            size_known: priced.size_known,
+            at: schedule::charge_at(route, &priced.cost.schedule),
+            defer: schedule::horizon(ctx, route, &parts.headers, &priced, &charged.profile)?,
+        };
+        // The gateway's own header never goes upstream.
+        parts.headers.remove(DEFER_HEADER);
+        let admitted = admit::admit(state, ctx, &mut charged, ask).await?;
+        if let Some(secs) = admitted.deferred_to {
+            priced.body = schedule::deferred_body(priced.body, secs);
+        }
         let sent = forward::forward(state, ctx, parts, priced.body).await;
-        let settled = settle::settle(state, ctx, &charged, lease, sent).await?;
+        let mut settled = settle::settle(state, ctx, &charged, admitted.lease, sent).await?;
+        if let Some(secs) = admitted.deferred_to {
+            schedule::announce(&mut settled.response, secs);
+        }
         let kept = settled.kept.as_ref();
         report::events(
             &state.events,

@@ -40,6 +40,10 @@ pub(crate) struct Record {
     pub decision: Option<(Outcome, &'static str)>,
     pub upstream: Option<UpstreamSeen>,
     pub settlement: Option<Settlement>,
+    /// The `send_at` (unix seconds) the send was charged at, when scheduled.
+    pub scheduled_for: Option<u64>,
+    /// Whether the gateway put the send off to `scheduled_for` instead of refusing it.
+    pub deferred: bool,
     metrics: Arc<Metrics>,
     reported: bool,
 }
@@ -53,6 +57,8 @@ impl Record {
             decision: None,
             upstream: None,
             settlement: None,
+            scheduled_for: None,
+            deferred: false,
             metrics,
             reported: false,
         }
@@ -86,6 +92,8 @@ impl Record {
             decision = outcome.as_str(),
             reason,
             settled = self.settlement.map(|s| s.as_str()),
+            send_at = self.scheduled_for,
+            deferred = self.deferred,
             upstream_status = upstream.map(|u| u.status),
             upstream_ms = upstream.map(|u| u.took.as_secs_f64() * 1000.0),
             nylas_request_id = upstream.and_then(|u| u.request_id.as_ref()).and_then(|v| v.to_str().ok()),

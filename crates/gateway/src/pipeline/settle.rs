@@ -27,6 +27,7 @@ use crate::error::GatewayError;
 use crate::lease::{Kept, Lease};
 use crate::metrics::Settlement;
 use crate::ratelimit;
+use crate::schedules;
 use crate::send::{InspectError, Overflow, SendKind, cost_from_message_json};
 use crate::state::AppState;
 use crate::upstream::UpstreamError;
@@ -73,7 +74,7 @@ pub(super) async fn settle(
         (resp, None)
     } else {
         match lease {
-            Some(lease) => keep(ctx, charged, lease, resp).await?,
+            Some(lease) => keep(state, ctx, charged, lease, resp).await?,
             None => (resp, None),
         }
     };
@@ -149,8 +150,10 @@ fn kept_unknown(ctx: &mut SendCtx, lease: Option<Lease>) {
 }
 
 /// Keeps the charge of a send Nylas answered; a 2xx JSON answer small enough to read is
-/// checked for more than was charged.
+/// checked for more than was charged, and its `data.schedule_id` (a scheduled send)
+/// remembered with the reservation, for a cancel to give back.
 async fn keep(
+    state: &AppState,
     ctx: &mut SendCtx,
     charged: &Charged,
     lease: Lease,
@@ -166,14 +169,19 @@ async fn keep(
     let limit = ctx.config.server.max_json_body;
     match read_small(&parts.headers, body, limit).await {
         Ok(Read::Whole(bytes)) => {
-            let extra = match decoded(&parts.headers, &bytes, limit) {
-                Some(text) => correction(ctx, charged, lease.cost(), &text),
+            let data = match decoded(&parts.headers, &bytes, limit) {
+                Some(text) => answer_data(&text),
                 None => {
                     tracing::warn!(request_id = %ctx.record.request_id, "a send answer in an encoding the gateway cannot read; nothing to correct from");
-                    Cost::default()
+                    None
                 }
             };
+            let extra = correction(ctx, charged, lease.cost(), data.as_ref());
+            let reservation = lease.reservation().cloned();
             let kept = lease.keep_with(extra).await;
+            if let (Some(data), Some(r)) = (&data, reservation) {
+                remember_schedule(state, ctx, charged, data, &r).await;
+            }
             Ok((Response::from_parts(parts, Body::from(bytes)), Some(kept)))
         }
         Ok(Read::Large(body)) => Ok((Response::from_parts(parts, body), Some(lease.keep()))),
@@ -204,17 +212,18 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// The answer is Nylas's, not a client's: it is read leniently (every string `email` of
 /// to, cc and bcc, compared after ASCII lowercasing), so that a shape the gateway would
 /// refuse in a request cannot switch the correction off.
-fn correction(ctx: &SendCtx, charged: &Charged, cost: Cost, answer: &Bytes) -> Cost {
-    let Some(data) = serde_json::from_slice::<serde_json::Value>(answer)
-        .ok()
-        .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
-        .filter(serde_json::Value::is_object)
-    else {
+fn correction(
+    ctx: &SendCtx,
+    charged: &Charged,
+    cost: Cost,
+    data: Option<&serde_json::Value>,
+) -> Cost {
+    let Some(data) = data else {
         tracing::warn!(request_id = %ctx.record.request_id, "a 2xx send answer without a message; nothing to correct from");
         return Cost::default();
     };
-    let recipients = answer_recipients(&data).saturating_sub(cost.recipients);
-    let bytes = match cost_from_message_json(&data) {
+    let recipients = answer_recipients(data).saturating_sub(cost.recipients);
+    let bytes = match cost_from_message_json(data) {
         Ok(sent) if limits_bytes(&charged.profile) && ctx.record.kind != SendKind::Mime => {
             sent.size.saturating_sub(cost.bytes)
         }
@@ -230,6 +239,38 @@ fn correction(ctx: &SendCtx, charged: &Charged, cost: Cost, answer: &Bytes) -> C
         );
     }
     Cost::new(0, recipients, bytes)
+}
+
+/// The `data` object of a send answer.
+fn answer_data(answer: &Bytes) -> Option<serde_json::Value> {
+    serde_json::from_slice::<serde_json::Value>(answer)
+        .ok()
+        .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
+        .filter(serde_json::Value::is_object)
+}
+
+/// Remembers the reservation of a send Nylas scheduled (its answer names a
+/// `schedule_id`), so a cancel or a failure webhook can give it back. A store failure
+/// only keeps the charge for good.
+async fn remember_schedule(
+    state: &AppState,
+    ctx: &SendCtx,
+    charged: &Charged,
+    data: &serde_json::Value,
+    reservation: &limits::Reservation,
+) {
+    let Some(id) = data.get("schedule_id").and_then(serde_json::Value::as_str) else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let result = schedules::remember(state.store.as_ref(), &charged.scope, id, reservation).await;
+    state.metrics.store_call("remember", started.elapsed());
+    match result {
+        Ok(()) => state.metrics.scheduled("remembered"),
+        Err(e) => {
+            tracing::error!(request_id = %ctx.record.request_id, error = %e, "could not remember a scheduled send; a cancel will not give its charge back");
+        }
+    }
 }
 
 /// Unique addresses in an answer's to, cc and bcc, compared after ASCII lowercasing.

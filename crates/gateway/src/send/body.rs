@@ -527,6 +527,19 @@ impl UpstreamBody {
         }
     }
 
+    /// A buffered body with its bytes replaced by `body` (the gateway added a field): the
+    /// same size limit, the size grown by what was added. A streaming body stays as it is.
+    pub(crate) fn rewritten(self, body: Bytes) -> Self {
+        match self.inner {
+            Inner::Buffered(old) => {
+                let added = (body.len() as u64).saturating_sub(old.len() as u64);
+                let size = self.overflow.size().saturating_add(added);
+                UpstreamBody::buffered(body, size, self.overflow.limit())
+            }
+            Inner::Streaming(_) => self,
+        }
+    }
+
     /// The handle that tells, after forwarding, whether and why the body was cut.
     pub fn overflow(&self) -> Overflow {
         self.overflow.clone()

@@ -29,6 +29,44 @@ pub struct SendCost {
     pub recipients: u64,
     /// Bytes of the message as the provider will see it (an upper estimate).
     pub size: u64,
+    /// When the message asks to go out (`send_at`).
+    pub schedule: Schedule,
+}
+
+/// What a message object says of when it goes out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Schedule {
+    /// `send_at` in unix seconds, when it is a positive whole number; `None` when absent,
+    /// null, zero or negative (Nylas sends at once).
+    pub send_at: Option<u64>,
+    /// Whether the object has a `send_at` key at all (even null): the gateway must not add
+    /// one of its own, since Go keeps the last of duplicate keys.
+    pub names_send_at: bool,
+    /// Whether `use_draft` is `true` (the message is saved as a draft and sent from it).
+    pub use_draft: bool,
+}
+
+/// Reads `send_at` and `use_draft` of a message object.
+///
+/// # Errors
+/// [`InspectError::Invalid`] for a `send_at` that is not a whole number of seconds within
+/// Go's `int64` (a string, a fraction, an exponent): Nylas would refuse it or read it in a
+/// way the gateway cannot be sure of.
+fn schedule(fields: &Map<String, Value>) -> Result<Schedule, InspectError> {
+    let send_at = match fields.get("send_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.is_i64() => n.as_i64().and_then(|v| u64::try_from(v).ok()),
+        Some(_) => {
+            return Err(InspectError::Invalid(
+                "the message: `send_at` must be a whole number of unix seconds".into(),
+            ));
+        }
+    };
+    Ok(Schedule {
+        send_at: send_at.filter(|&v| v > 0),
+        names_send_at: fields.contains_key("send_at"),
+        use_draft: matches!(fields.get("use_draft"), Some(Value::Bool(true))),
+    })
 }
 
 /// Size of `n` bytes once base64-encoded for MIME: `ceil(n/3)*4`, plus CRLF per 76
@@ -202,6 +240,7 @@ fn measure(message: &Value) -> Result<(SendCost, Recipients), InspectError> {
         SendCost {
             recipients: recipients.count(),
             size,
+            schedule: schedule(fields)?,
         },
         recipients,
     ))

@@ -9,7 +9,7 @@ use multer::{Field, Multipart};
 use serde_json::Value;
 
 use super::body::{Parser, SharedSource, SizeModel, UpstreamBody, check_part_name};
-use super::cost::{SendCost, base64_mime_len, message_cost};
+use super::cost::{Schedule, SendCost, base64_mime_len, message_cost};
 use super::framing::{self, Framing};
 use super::json;
 use super::mime::{self, HeaderEnd};
@@ -287,16 +287,17 @@ async fn multipart(
     };
 
     let mut field = target_part(&mut multipart, &head).await?;
-    let (recipients, model, field) = match target {
+    let (recipients, schedule, model, field) = match target {
         Target::Message => {
-            let (recipients, model) = message_part(&head, &mut field).await?;
-            (recipients, model, None)
+            let (cost, model) = message_part(&head, &mut field).await?;
+            (cost.recipients, cost.schedule, model, None)
         }
         Target::Mime => {
             let (end, rest) = header_section(&head, field).await?;
             let recipients = mime::recipients(&end)?;
             (
                 recipients,
+                Schedule::default(),
                 SizeModel {
                     fixed: 0,
                     exempt: 0,
@@ -315,7 +316,11 @@ async fn multipart(
     check_size(size, opts)?;
     let parser = Parser { multipart, field };
     Ok(Inspected {
-        cost: SendCost { recipients, size },
+        cost: SendCost {
+            recipients,
+            size,
+            schedule,
+        },
         size_known,
         draft_needs_lookup: false,
         body: UpstreamBody::streaming(source, parser, model, opts.max_message_size, content_length),
@@ -357,7 +362,7 @@ async fn target_part(
 async fn message_part(
     head: &Head<'_>,
     field: &mut Field<'static>,
-) -> Result<(u64, SizeModel), InspectError> {
+) -> Result<(SendCost, SizeModel), InspectError> {
     let opts = head.opts;
     let mut json = BytesMut::new();
     while let Some(chunk) = head.chunk(field).await? {
@@ -377,7 +382,7 @@ async fn message_part(
         exempt: json.len() as u64,
         inflate: true,
     };
-    Ok((cost.recipients, model))
+    Ok((cost, model))
 }
 
 /// Reading the head of a multipart body, within `max_head` and the size limit.

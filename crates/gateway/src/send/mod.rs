@@ -54,13 +54,13 @@ mod route;
 
 pub use body::{Overflow, UpstreamBody};
 pub use cost::{
-    ADDRESS_OVERHEAD, HEADER_ALLOWANCE, PART_HEADER_ALLOWANCE, SendCost, base64_decoded_len,
-    base64_mime_len, cost_from_message_bytes, cost_from_message_json,
+    ADDRESS_OVERHEAD, HEADER_ALLOWANCE, PART_HEADER_ALLOWANCE, Schedule, SendCost,
+    base64_decoded_len, base64_mime_len, cost_from_message_bytes, cost_from_message_json,
 };
 pub use inspect::{
     DEFAULT_JSON_LIMIT, DEFAULT_MAX_HEAD, InspectError, InspectOptions, Inspected, inspect,
 };
 pub use route::{
-    GrantRef, SendKind, SendRoute, classify, classify_draft_change, grant_ref,
-    query_names_a_counted_field,
+    GrantRef, ScheduleCancel, SendKind, SendRoute, classify, classify_draft_change,
+    classify_schedule_cancel, grant_ref, query_names_a_counted_field,
 };

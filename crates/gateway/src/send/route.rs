@@ -146,6 +146,52 @@ pub fn classify_draft_change(method: &Method, uri: &Uri) -> Option<SendRoute> {
     classify(&Method::POST, uri).filter(|r| matches!(r, SendRoute::Draft { .. }))
 }
 
+/// A cancel of a scheduled send: `DELETE /v3/grants/{grant}/messages/schedules/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleCancel {
+    /// The grant identifier, percent-decoded.
+    pub grant: String,
+    /// The schedule id, percent-decoded.
+    pub schedule_id: String,
+}
+
+/// Tells whether a request cancels a scheduled send (which gives its charge back once
+/// Nylas agrees). Paths are matched as generously as [`classify`] matches them.
+///
+/// # Examples
+///
+/// ```
+/// use gateway::send::classify_schedule_cancel;
+/// use http::{Method, Uri};
+///
+/// let uri: Uri = "/v3/grants/me/messages/schedules/abc%2F1".parse().unwrap();
+/// let cancel = classify_schedule_cancel(&Method::DELETE, &uri).unwrap();
+/// assert_eq!((cancel.grant.as_str(), cancel.schedule_id.as_str()), ("me", "abc/1"));
+/// assert!(classify_schedule_cancel(&Method::GET, &uri).is_none());
+/// ```
+pub fn classify_schedule_cancel(method: &Method, uri: &Uri) -> Option<ScheduleCancel> {
+    if method != Method::DELETE {
+        return None;
+    }
+    let raw_path = uri.path();
+    let matches = |segments: &[String]| {
+        let lit = |i: usize, want: &str| segments[i].eq_ignore_ascii_case(want);
+        (segments.len() == 6
+            && lit(0, "v3")
+            && lit(1, "grants")
+            && lit(3, "messages")
+            && lit(4, "schedules"))
+        .then(|| ScheduleCancel {
+            grant: segments[2].clone(),
+            schedule_id: segments[5].clone(),
+        })
+    };
+    matches(&normalize(raw_path.split('/').map(decode))).or_else(|| {
+        let whole = decode(raw_path);
+        matches(&normalize(whole.split('/').map(str::to_owned)))
+    })
+}
+
 fn match_segments(segments: &[String], uri: &Uri, raw_path: &str) -> Option<SendRoute> {
     let lit = |i: usize, want: &str| {
         segments

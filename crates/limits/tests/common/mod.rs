@@ -63,3 +63,30 @@ pub async fn redis() -> Harness {
         redis: Some(server),
     }
 }
+
+/// Runs each named `async fn(Harness)` of the calling file on both backends: in
+/// `memory_backend` and `redis_backend` test modules.
+#[allow(unused_macros)] // not every test file runs the contract
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::common::memory()).await;
+                }
+            )*
+        }
+        mod redis_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::redis().await).await;
+                }
+            )*
+        }
+    };
+}
+
+#[allow(unused_imports)]
+pub(crate) use contract;
