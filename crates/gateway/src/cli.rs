@@ -433,11 +433,12 @@ fn per_message_caps(per: &Value) -> String {
 }
 
 /// The header row, then one row per window and metric.
-fn window_rows(windows: &[Value]) -> Vec<[String; 6]> {
+fn window_rows(windows: &[Value]) -> Vec<[String; 7]> {
     let mut rows = vec![[
         "WINDOW".to_owned(),
         "METRIC".to_owned(),
         "USED".to_owned(),
+        "SCHEDULED".to_owned(),
         "LIMIT".to_owned(),
         "REMAINING".to_owned(),
         "RESETS IN".to_owned(),
@@ -466,6 +467,7 @@ fn window_rows(windows: &[Value]) -> Vec<[String; 6]> {
                 period.clone(),
                 metric.clone(),
                 number("used"),
+                number("scheduled"),
                 number("limit"),
                 number("remaining"),
                 resets.clone(),
@@ -491,22 +493,23 @@ fn sorted_metrics(fields: &serde_json::Map<String, Value>) -> Vec<(&String, &Val
 }
 
 /// `rows` in aligned columns: text left, numbers right, no trailing spaces.
-fn write_rows(out: &mut String, rows: &[[String; 6]]) {
-    let mut widths = [0usize; 6];
+fn write_rows(out: &mut String, rows: &[[String; 7]]) {
+    let mut widths = [0usize; 7];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     for row in rows {
-        let [period, metric, used, limit, remaining, resets] = row;
+        let [period, metric, used, scheduled, limit, remaining, resets] = row;
         let line = format!(
-            "{period:<w0$}  {metric:<w1$}  {used:>w2$}  {limit:>w3$}  {remaining:>w4$}  {resets}",
+            "{period:<w0$}  {metric:<w1$}  {used:>w2$}  {scheduled:>w3$}  {limit:>w4$}  {remaining:>w5$}  {resets}",
             w0 = widths[0],
             w1 = widths[1],
             w2 = widths[2],
             w3 = widths[3],
             w4 = widths[4],
+            w5 = widths[5],
         );
         out.push_str(line.trim_end());
         out.push('\n');
@@ -691,7 +694,7 @@ mod tests {
                 {
                     "period": "1m",
                     "resets_in_seconds": 42,
-                    "messages": { "limit": 30, "used": 3, "remaining": 27 }
+                    "messages": { "limit": 30, "used": 3, "scheduled": 2, "remaining": 25 }
                 },
                 {
                     "period": "24h",
@@ -707,10 +710,10 @@ profile         microsoft
 profile source  provider
 per message     at most 500 recipients, at most 35 MB (35000000 bytes)
 
-WINDOW  METRIC      USED  LIMIT  REMAINING  RESETS IN
-1m      messages       3     30         27  42s
-24h     recipients     0  10000      10000  -
-24h     bytes        512      -          -  -
+WINDOW  METRIC      USED  SCHEDULED  LIMIT  REMAINING  RESETS IN
+1m      messages       3          2     30         25  42s
+24h     recipients     0          -  10000      10000  -
+24h     bytes        512          -      -          -  -
 ";
         assert_eq!(render_table(&json), expected);
     }

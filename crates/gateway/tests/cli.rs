@@ -203,12 +203,12 @@ async fn quota_show_and_reset_through_the_admin_api() {
             .collect::<Vec<_>>()
     };
     assert_eq!(
-        row("messages")[..5],
-        ["24h", "messages", "1", "1000", "999"]
+        row("messages")[..6],
+        ["24h", "messages", "1", "0", "1000", "999"]
     );
     assert_eq!(
-        row("recipients")[..5],
-        ["24h", "recipients", "1", "1000", "999"]
+        row("recipients")[..6],
+        ["24h", "recipients", "1", "0", "1000", "999"]
     );
 
     // The API's JSON as it is.
