@@ -5,7 +5,11 @@
 //!   current-thread runtime), over 10,000 grants with the iCloud profile.
 //! - `redis/reserve` vs `redis/ping`: one reserve against a bare PING on the same
 //!   connection to a private redis-server; the ratio is printed at the end.
-//! - Redis bytes held by one grant whose iCloud window has every bucket used, printed.
+//! - `*/reserve_scheduled`: a live reserve for a grant that also has a send scheduled in
+//!   every 15-minute bucket of the next 30 days (2,880 scheduled buckets, the most Nylas's
+//!   30-day horizon allows in a 24 h window): the slow path.
+//! - Redis bytes held by one grant whose iCloud window has every bucket used, and by one
+//!   with 30 days of scheduled buckets besides, printed.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -49,7 +53,34 @@ fn memory(c: &mut Criterion) {
             }
         })
     });
+    let sched = scheduled_grant(&rt, store.as_ref(), "scheduled");
+    g.bench_function("reserve_scheduled", |b| {
+        b.to_async(&rt).iter(|| async {
+            black_box(
+                store
+                    .reserve("scheduled", &sched, Cost::new(1, 1, 0), None)
+                    .await
+                    .unwrap(),
+            )
+        })
+    });
     g.finish();
+}
+
+/// A 24 h window of 96 buckets with room for every bench call, and a send scheduled in each
+/// of its buckets for the next 30 days on `grant`.
+fn scheduled_grant(rt: &tokio::runtime::Runtime, store: &dyn QuotaStore, grant: &str) -> Profile {
+    let profile = limits::ProfileSpec::default()
+        .window(limits::WindowSpec::rolling(Duration::from_secs(86_400)).messages(u64::MAX / 4))
+        .build("sched")
+        .unwrap();
+    let now = limits::Clock::now_ms(&limits::SystemClock);
+    for i in 1..=2880u64 {
+        let at = Some(now + i * 900_000);
+        rt.block_on(store.reserve_at(grant, &profile, Cost::new(1, 1, 0), at, None))
+            .unwrap();
+    }
+    profile
 }
 
 fn redis(c: &mut Criterion) {
@@ -95,6 +126,17 @@ fn redis(c: &mut Criterion) {
             black_box(
                 store
                     .reserve("g", &profile, Cost::new(1, 3, 0), None)
+                    .await
+                    .unwrap(),
+            )
+        })
+    });
+    let sched = scheduled_grant(&rt, &store, "scheduled");
+    g.bench_function("reserve_scheduled", |b| {
+        b.to_async(&rt).iter(|| async {
+            black_box(
+                store
+                    .reserve("scheduled", &sched, Cost::new(1, 1, 0), None)
                     .await
                     .unwrap(),
             )
@@ -148,6 +190,14 @@ fn redis(c: &mut Criterion) {
     println!(
         "redis bytes per grant with every iCloud bucket used: {total} (MEMORY USAGE over its keys)"
     );
+    let keys = server.command(&["KEYS", "sendgw:{scheduled}:*"]).unwrap();
+    let total: i64 = keys
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with('$'))
+        .map(|k| server.int(&["MEMORY", "USAGE", k, "SAMPLES", "0"]))
+        .sum();
+    println!("redis bytes per grant with 2,880 scheduled buckets: {total}");
 }
 
 criterion_group! {

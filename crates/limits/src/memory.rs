@@ -2,9 +2,13 @@
 //!
 //! Each scope's state sits behind one shard lock of a [`DashMap`], so a reservation checks
 //! and charges every window of the scope in one critical section. Rolling windows keep only
-//! their non-empty buckets, oldest first, plus running totals, so a decision costs O(windows)
-//! amortised. Scopes whose windows, idempotency records and release markers have all expired
-//! are dropped by a sweep that runs at most once a minute, keeping memory bounded.
+//! their non-empty buckets, past and scheduled, oldest first, plus running totals: a scope
+//! with nothing scheduled decides in O(windows); one with scheduled buckets in O(buckets
+//! held). Calendar windows keep one entry per period with something counted. A scope holds
+//! at most `buckets + 1` past and [`MAX_SCHEDULED_SLOTS`] scheduled buckets (or periods) per
+//! window, so its memory is bounded whatever is scheduled. Scopes whose windows,
+//! idempotency records and release markers have all expired are dropped by a sweep that
+//! runs at most once a minute.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -442,8 +446,12 @@ impl WindowState {
             (WindowState::Rolling { buckets, totals }, Some(geo)) => {
                 let cur = geo.slot(now);
                 let mut used = [0; 3];
-                for (_, c) in buckets.iter().take_while(|b| b.0 <= cur) {
-                    add(&mut used, *c);
+                if buckets.back().is_none_or(|b| b.0 <= cur) {
+                    used = *totals;
+                } else {
+                    for (_, c) in buckets.iter().take_while(|b| b.0 <= cur) {
+                        add(&mut used, *c);
+                    }
                 }
                 let mut scheduled = *totals;
                 sub(&mut scheduled, used);

@@ -3,6 +3,10 @@
 //! Every reservation is one `EVALSHA` of `reserve.lua` (loaded again and retried once on
 //! `NOSCRIPT`), which reads the time from Redis, checks every window and metric of the
 //! profile, and charges all of them or none. Release is one `EVALSHA` of `release.lua`.
+//! The script follows `memory.rs` rule for rule (the differential test holds them to it): a
+//! window with nothing scheduled is read in four hash fields; with scheduled buckets, only
+//! the buckets around the instants in question are read, and the whole hash only to find the
+//! first instant a refused charge would fit.
 //!
 //! Keys look like `<prefix>:{<scope>}:w:<window id>`: the `{scope}` hash tag keeps all keys
 //! of a scope in one Cluster slot, and the window id names the period and bucketing but never
