@@ -16,9 +16,15 @@ use crate::scope::Scope;
 use crate::send::{GrantRef, grant_ref};
 use crate::state::AppState;
 
-/// The admin router.
+/// The admin router; with Nylas's webhook endpoint when `[webhooks] listen` is unset.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let own_listener = state.config().webhooks.listen.is_some();
+    let router = if own_listener {
+        Router::new()
+    } else {
+        crate::webhooks::routes()
+    };
+    router
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

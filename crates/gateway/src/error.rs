@@ -67,6 +67,12 @@ pub enum GatewayError {
     /// An admin request without the right token.
     #[error("a valid admin token is required")]
     Unauthorized,
+    /// A webhook notification whose `X-Nylas-Signature` is missing or does not match.
+    #[error("the X-Nylas-Signature header does not match the body")]
+    WebhookSignature,
+    /// A webhook request that cannot be read.
+    #[error("{0}")]
+    InvalidWebhook(String),
     /// A request target that cannot form an upstream URL.
     #[error("the request target is not a valid path")]
     BadTarget,
@@ -92,7 +98,8 @@ impl GatewayError {
             GatewayError::QuotaUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::Unauthorized | GatewayError::WebhookSignature => StatusCode::UNAUTHORIZED,
+            GatewayError::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
             GatewayError::InvalidAdminRequest(_) | GatewayError::BadTarget => {
                 StatusCode::BAD_REQUEST
             }
@@ -113,6 +120,8 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable(_) => "upstream_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::Unauthorized => "unauthorized",
+            GatewayError::WebhookSignature => "webhook_signature",
+            GatewayError::InvalidWebhook(_) => "invalid_webhook",
             GatewayError::InvalidAdminRequest(_) | GatewayError::BadTarget => {
                 "invalid_request_error"
             }

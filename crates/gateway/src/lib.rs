@@ -21,12 +21,15 @@
 //! - [`drafts`]: the lock that keeps a draft's send and its changes from overlapping.
 //! - [`selection`]: which profile a grant is charged under (override, provider, default).
 //! - [`scope`]: the quota scope a send is charged to.
+//! - [`schedules`]: scheduled sends' charges, remembered by schedule id for cancels and
+//!   failure webhooks to give back.
 //! - [`events`]: threshold events (80 % and 100 % of a window) and their webhook.
 //! - [`ratelimit`]: `RateLimit-Policy` and `RateLimit` headers.
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! And around them: [`config`] (the configuration and its validation), [`state`] (what every
-//! request shares), [`admin`] (health, readiness, metrics and the quota API).
+//! request shares), [`admin`] (health, readiness, metrics and the quota API), [`webhooks`]
+//! (Nylas's outcome webhooks for scheduled sends).
 
 pub mod admin;
 pub mod config;
@@ -47,6 +50,7 @@ pub mod send;
 pub mod server;
 pub mod state;
 pub mod upstream;
+pub mod webhooks;
 
-pub use server::{app, run, serve, shutdown_signal};
+pub use server::{app, run, run_with_webhooks, serve, shutdown_signal};
 pub use state::AppState;

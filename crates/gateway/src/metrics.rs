@@ -99,12 +99,19 @@ pub struct Metrics {
     settled: Family<OutcomeLabel, Counter>,
     corrections: Family<MetricLabel, Counter>,
     scheduled: Family<EventLabel, Counter>,
+    webhooks: Family<WebhookLabels, Counter>,
     store_duration: Family<OpLabel, Histogram>,
     upstream_duration: Histogram,
     upstream_responses: Family<ClassLabel, Counter>,
     in_flight: Gauge,
     thresholds: Family<LevelLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    r#type: &'static str,
+    result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -166,6 +173,12 @@ impl Default for Metrics {
             "Grants crossing 80 % or 100 % of a window, once per window and level",
             Family::<LevelLabel, Counter>::default(),
         );
+        let webhooks = registered(
+            &mut registry,
+            "webhooks",
+            "Nylas webhook notifications by type and result",
+            Family::<WebhookLabels, Counter>::default(),
+        );
         let reloads = registered(
             &mut registry,
             "config_reloads",
@@ -181,6 +194,7 @@ impl Default for Metrics {
             settled,
             corrections,
             scheduled,
+            webhooks,
             store_duration,
             upstream_duration,
             upstream_responses,
@@ -278,6 +292,19 @@ impl Metrics {
         self.scheduled.get_or_create(&EventLabel { event }).inc();
     }
 
+    /// Counts a webhook notification: its type (`message.send_success`,
+    /// `message.send_failed`, `other`, or `unknown` when its signature did not verify) and
+    /// what became of it (`settled`, `unknown`,
+    /// `duplicate`, `ignored`, `bad_signature`, `store_error`).
+    pub fn webhook(&self, kind: &'static str, result: &'static str) {
+        self.webhooks
+            .get_or_create(&WebhookLabels {
+                r#type: kind,
+                result,
+            })
+            .inc();
+    }
+
     /// Records a store call's latency.
     pub fn store_call(&self, op: &'static str, took: Duration) {
         self.store_duration
@@ -336,6 +363,7 @@ impl Metrics {
         m.settled(Settlement::Kept);
         m.correction(limits::Metric::Recipients);
         m.scheduled("remembered");
+        m.webhook("message.send_failed", "settled");
         m.store_call("reserve", Duration::ZERO);
         m.upstream(200, Duration::ZERO);
         m.threshold("80");

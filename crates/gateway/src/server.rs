@@ -1,4 +1,5 @@
-//! Serving: the two listeners, the layers around them, signals and the drain.
+//! Serving: the listeners (proxy, admin, and optionally webhooks), the layers around them,
+//! signals and the drain.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,13 +9,20 @@ use tokio::net::TcpListener;
 
 use crate::config::{self, Config};
 use crate::state::AppState;
-use crate::{admin, proxy, request_id};
+use crate::{admin, proxy, request_id, webhooks};
 
 /// The proxy router. Layers, outermost first: the request id (with its span and the one
 /// log line of a gateway error). Everything else is the proxy handler's.
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .fallback(proxy::handle)
+        .with_state(state)
+        .layer(axum::middleware::from_fn(request_id::layer))
+}
+
+/// The router of `[webhooks] listen`: Nylas's webhook endpoint alone.
+pub fn webhooks_app(state: Arc<AppState>) -> Router {
+    webhooks::routes()
         .with_state(state)
         .layer(axum::middleware::from_fn(request_id::layer))
 }
@@ -31,11 +39,31 @@ pub async fn run(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with_webhooks(listener, admin, None, state, shutdown).await
+}
+
+/// [`run`], with Nylas's webhook endpoint on a listener of its own when `webhooks` is
+/// given (it stops with the admin listener).
+///
+/// # Errors
+/// A listener fails.
+pub async fn run_with_webhooks(
+    listener: TcpListener,
+    admin: TcpListener,
+    webhooks: Option<TcpListener>,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let grace = state.config().server.shutdown_grace;
     let (stop_proxy, proxy_rx) = tokio::sync::watch::channel(false);
     let (stop_admin, admin_rx) = tokio::sync::watch::channel(false);
     let proxy =
         axum::serve(listener, app(Arc::clone(&state))).with_graceful_shutdown(wait(proxy_rx));
+    let hooks = webhooks.map(|l| {
+        let serve = axum::serve(l, webhooks_app(Arc::clone(&state)))
+            .with_graceful_shutdown(wait(admin_rx.clone()));
+        tokio::spawn(async move { serve.await })
+    });
     let admin = axum::serve(admin, admin::router(Arc::clone(&state)))
         .with_graceful_shutdown(wait(admin_rx));
     let proxy = tokio::spawn(async move { proxy.await });
@@ -58,11 +86,17 @@ pub async fn run(
     if let Ok(a) = admin {
         a??;
     }
+    if let Some(hooks) = hooks
+        && let Ok(h) = tokio::time::timeout_at(deadline, hooks).await
+    {
+        h??;
+    }
     Ok(())
 }
 
 /// Binds the configured listeners, prints `send-gateway listening on http://ADDR` and
-/// `send-gateway admin on http://ADDR` on stdout (scripts read them when binding port 0),
+/// `send-gateway admin on http://ADDR` (and, with `[webhooks] listen`, `send-gateway
+/// webhooks on http://ADDR`) on stdout (scripts read them when binding port 0),
 /// and serves until SIGTERM or Ctrl-C. SIGHUP calls `reload` and applies the result (see
 /// [`AppState::reload`]); a configuration that fails to load is logged and counted, and
 /// the running one stays.
@@ -75,6 +109,10 @@ where
 {
     let listener = TcpListener::bind(config.server.listen).await?;
     let admin = TcpListener::bind(config.server.admin_listen).await?;
+    let hooks = match config.webhooks.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
     let state = Arc::new(AppState::new(config).await?);
     // Ready lines only once the state is built: a bad upstream URL or store fails first.
     println!(
@@ -82,6 +120,9 @@ where
         listener.local_addr()?
     );
     println!("send-gateway admin on http://{}", admin.local_addr()?);
+    if let Some(hooks) = &hooks {
+        println!("send-gateway webhooks on http://{}", hooks.local_addr()?);
+    }
     let config = state.config();
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -91,7 +132,7 @@ where
         "send-gateway started"
     );
     spawn_reloader(Arc::clone(&state), reload)?;
-    run(listener, admin, state, shutdown_signal()).await
+    run_with_webhooks(listener, admin, hooks, state, shutdown_signal()).await
 }
 
 #[cfg(unix)]

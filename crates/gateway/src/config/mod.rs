@@ -111,6 +111,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[events]`: where threshold events are posted.
     pub events: EventsConfig,
+    /// `[webhooks]`: Nylas's outcome webhooks for scheduled sends.
+    pub webhooks: WebhooksConfig,
     /// Every profile by name: the built-ins, replaced or joined by `[profiles.<name>]`.
     #[serde(serialize_with = "profiles::serialize")]
     pub profiles: BTreeMap<String, Profile>,
@@ -358,6 +360,29 @@ impl fmt::Debug for EventsConfig {
         f.debug_struct("EventsConfig")
             .field("webhook_url", &url)
             .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `[webhooks]`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// The secret Nylas gave when the webhook was registered; `POST /v1/nylas/webhooks`
+    /// answers only when it is set (an empty string in the file means unset).
+    #[serde(with = "optional")]
+    pub secret: Option<Secret>,
+    /// A listener of the endpoint's own (read at start-up); `None` serves it on the admin
+    /// listener.
+    #[serde(with = "optional")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhooksConfig")
+            .field("secret", &self.secret.as_ref().map(|_| MASK))
+            .field("listen", &self.listen)
             .finish()
     }
 }

@@ -13,7 +13,7 @@ use super::error::key_segment;
 use super::profiles::ProfileTable;
 use super::{
     Config, ConfigError, DomainsConfig, EventsConfig, GrantsConfig, LogConfig, ServerConfig,
-    StoreBackend, StoreConfig, UpstreamConfig,
+    StoreBackend, StoreConfig, UpstreamConfig, WebhooksConfig,
 };
 
 /// The whole file: [`Config`]'s sections as they are, and profiles as their tables, not yet
@@ -28,6 +28,7 @@ pub(super) struct Document {
     domains: DomainsConfig,
     log: LogConfig,
     events: EventsConfig,
+    webhooks: WebhooksConfig,
     profiles: BTreeMap<String, ProfileTable>,
 }
 
@@ -51,6 +52,7 @@ impl Config {
             domains: doc.domains,
             log: doc.log,
             events: doc.events,
+            webhooks: doc.webhooks,
             profiles,
         };
         config.validate()?;
@@ -64,6 +66,15 @@ impl Config {
             return Err(ConfigError::new(
                 "server.admin_listen",
                 format!("must differ from server.listen ({listen})"),
+            ));
+        }
+        if let Some(hooks) = self.webhooks.listen
+            && hooks.port() != 0
+            && (hooks == listen || hooks == admin_listen)
+        {
+            return Err(ConfigError::new(
+                "webhooks.listen",
+                format!("must differ from server.listen and server.admin_listen ({hooks})"),
             ));
         }
         if self.store.backend == StoreBackend::Redis {
