@@ -235,11 +235,11 @@ impl ScopeState {
         let slots: Vec<usize> = windows.iter().map(|w| self.window_at(w, now)).collect();
         let state = |i: usize| &self.windows[slots[i]].1;
         let want = ask.cost.to_array();
-        let overs: Vec<Over> = windows
-            .iter()
-            .enumerate()
-            .flat_map(|(i, w)| state(i).overs(i, w, at, now, want))
-            .collect();
+        // Empty (and unallocated) unless something would go over.
+        let mut overs: Vec<Over> = Vec::new();
+        for (i, w) in windows.iter().enumerate() {
+            state(i).overs(i, w, at, now, want, &mut overs);
+        }
         if ask.admit == Admit::WithinLimits
             && let Some(over) = pick_denial(&overs)
         {
@@ -358,23 +358,31 @@ impl WindowState {
         }
     }
 
-    /// The metrics of window `i` that a charge of `want` at `at` would take over.
-    fn overs(&self, i: usize, w: &Window, at: Millis, now: Millis, want: [u64; 3]) -> Vec<Over> {
+    /// Adds to `overs` the metrics of window `i` that a charge of `want` at `at` would take
+    /// over.
+    fn overs(
+        &self,
+        i: usize,
+        w: &Window,
+        at: Millis,
+        now: Millis,
+        want: [u64; 3],
+        overs: &mut Vec<Over>,
+    ) {
         let load = self.load_at(w, at, now);
-        Metric::ALL
-            .into_iter()
-            .filter_map(|m| {
-                let limit = w.limit(m)?.get();
-                let (used, req) = (load[m.index()], want[m.index()]);
-                (used.saturating_add(req) > limit).then(|| Over {
+        for m in Metric::ALL {
+            let Some(limit) = w.limit(m) else { continue };
+            let (limit, used, req) = (limit.get(), load[m.index()], want[m.index()]);
+            if used.saturating_add(req) > limit {
+                overs.push(Over {
                     window: i,
                     metric: m,
                     used,
                     limit,
                     fits_at: (req <= limit).then(|| self.fits_from(w, at, now, want)),
-                })
-            })
-            .collect()
+                });
+            }
+        }
     }
 
     /// The earliest instant at or after `t` at which this window takes `want` (which is
