@@ -20,6 +20,9 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig) => match sources.load() {
             Ok(config) => {
                 print!("{}", config.to_masked_toml());
+                for warning in config.warnings() {
+                    eprintln!("send-gateway: warning: {warning}");
+                }
                 println!("# send-gateway: configuration is valid");
                 ExitCode::SUCCESS
             }

@@ -131,6 +131,9 @@ where
         store = ?config.store.backend,
         "send-gateway started"
     );
+    for warning in config.warnings() {
+        tracing::warn!(%warning, "configuration");
+    }
     spawn_reloader(Arc::clone(&state), reload)?;
     run_with_webhooks(listener, admin, hooks, state, shutdown_signal()).await
 }

@@ -43,7 +43,7 @@ impl AppState {
     pub async fn new(config: Config) -> anyhow::Result<Self> {
         let store: Arc<dyn QuotaStore> = match config.store.backend {
             StoreBackend::Memory => Arc::new(MemoryStore::new()),
-            StoreBackend::Redis => Arc::new(RedisStore::lazy(&config.redis())?),
+            StoreBackend::Redis => Arc::new(RedisStore::lazy(&config.redis_with_tls()?)?),
         };
         if let Err(e) = store.ping().await {
             // Start anyway: sends are answered per `on_unavailable` until Redis is back.

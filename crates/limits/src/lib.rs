@@ -29,7 +29,7 @@ pub use memory::MemoryStore;
 pub use policy::{
     CalendarUnit, Metric, Period, PeriodSpec, PolicyError, Profile, ProfileSpec, Window, WindowSpec,
 };
-pub use redis::{RedisConfig, RedisStore};
+pub use redis::{RedisConfig, RedisStore, RedisTls};
 pub use store::{
     Guarded, IDEMPOTENCY_TTL, MAX_AHEAD, MAX_IDEMPOTENCY_KEY, MAX_SCHEDULED_SLOTS, META_COOLDOWN,
     META_PROFILE, QuotaStore, StoreError,

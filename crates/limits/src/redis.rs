@@ -46,6 +46,8 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// Longest wait for any one call.
     pub timeout: Duration,
+    /// TLS material for a `rediss://` URL (the system's roots are trusted by default).
+    pub tls: RedisTls,
 }
 
 impl Default for RedisConfig {
@@ -54,13 +56,84 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: DEFAULT_PREFIX.into(),
             timeout: DEFAULT_TIMEOUT,
+            tls: RedisTls::default(),
         }
     }
 }
 
+/// How a `rediss://` connection is verified and authenticated. TLS is rustls; without a
+/// CA the system's root certificates are trusted.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// PEM certificates to trust instead of the system's roots (a private CA).
+    pub ca_pem: Option<Vec<u8>>,
+    /// A PEM client certificate and its PEM key, for servers that require mutual TLS.
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// Accept any server certificate and host name. For tests only: it gives up what TLS
+    /// is for.
+    pub insecure_skip_verify: bool,
+}
+
+impl RedisTls {
+    fn is_set(&self) -> bool {
+        self.ca_pem.is_some() || self.client_pem.is_some() || self.insecure_skip_verify
+    }
+}
+
+impl std::fmt::Debug for RedisTls {
+    /// The key is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .field("client_pem", &self.client_pem.as_ref().map(|_| "***"))
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .finish()
+    }
+}
+
+/// Makes ring the process's rustls provider unless one is already installed.
+fn install_tls_provider() {
+    // An error only says that a provider is installed already, which is what is needed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A client for one server (or a Sentinel-managed primary behind a stable address), over
+/// TLS as `config` says.
+fn single_client(config: &RedisConfig) -> Result<redis::Client, StoreError> {
+    let invalid = |e: RedisError| StoreError::Invalid(format!("store url: {e}"));
+    let tls = &config.tls;
+    if !tls.is_set() {
+        if config.url.starts_with("rediss://") {
+            install_tls_provider();
+        }
+        return redis::Client::open(config.url.as_str()).map_err(invalid);
+    }
+    if !config.url.starts_with("rediss://") {
+        return Err(StoreError::Invalid(
+            "TLS settings need a rediss:// store url".into(),
+        ));
+    }
+    install_tls_provider();
+    let url = if tls.insecure_skip_verify {
+        format!("{}#insecure", config.url.trim_end_matches("#insecure"))
+    } else {
+        config.url.clone()
+    };
+    let certs = redis::TlsCertificates {
+        client_tls: tls.client_pem.clone().map(|(client_cert, client_key)| {
+            redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }
+        }),
+        root_cert: tls.ca_pem.clone(),
+    };
+    redis::Client::build_with_tls(url.as_str(), certs).map_err(invalid)
+}
+
 /// How to open the connection.
 enum Client {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     Cluster(Box<redis::cluster::ClusterClient>),
 }
 
@@ -149,6 +222,12 @@ impl RedisStore {
         }
         let timeout = config.timeout;
         let client = if let Some(nodes) = config.url.strip_prefix("redis+cluster://") {
+            if config.tls.is_set() {
+                return Err(StoreError::Invalid(
+                    "TLS settings apply to rediss:// only; Redis Cluster over TLS is not supported yet"
+                        .into(),
+                ));
+            }
             let nodes: Vec<String> = nodes
                 .split(',')
                 .filter(|n| !n.trim().is_empty())
@@ -161,9 +240,7 @@ impl RedisStore {
                 .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
             Client::Cluster(Box::new(client))
         } else {
-            let client = redis::Client::open(config.url.as_str())
-                .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
-            Client::Single(client)
+            Client::Single(Box::new(single_client(config)?))
         };
         Ok(RedisStore {
             client,
@@ -193,7 +270,8 @@ impl RedisStore {
                             .set_connection_timeout(Some(timeout))
                             .set_response_timeout(Some(timeout))
                             .set_number_of_retries(2);
-                        within(timeout, ConnectionManager::new_with_config(c.clone(), cfg))
+                        let client = redis::Client::clone(c);
+                        within(timeout, ConnectionManager::new_with_config(client, cfg))
                             .await
                             .map(Conn::Single)
                     }

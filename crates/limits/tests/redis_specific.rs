@@ -16,6 +16,7 @@ fn config(server: &RedisServer, timeout: Duration) -> RedisConfig {
         url: server.url(),
         timeout,
         key_prefix: "t".into(),
+        ..RedisConfig::default()
     }
 }
 

@@ -2,13 +2,17 @@
 //!
 //! # Layout
 //! - [`RedisServer`]: a private `redis-server` on a free loopback port, which a test can
-//!   stop, pause (SIGSTOP) and restart; never the one that may listen on 6379.
+//!   stop, pause (SIGSTOP) and restart; never the one that may listen on 6379. Optionally
+//!   over TLS too, with [`TestCerts`] from a private CA.
 //! - [`process`]: a spawned server (`send-gateway`, `fake-nylas`) and the ready lines it
 //!   prints on stdout (`NAME listening on URL`, `NAME admin on URL`).
 //! - [`multipart`]: `multipart/form-data` bodies built by hand, part header by part header.
 
 pub mod multipart;
 pub mod process;
+mod tls;
+
+pub use tls::TestCerts;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -23,6 +27,7 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     extra: Vec<String>,
+    tls: Option<(u16, TestCerts)>,
 }
 
 /// What to tell someone whose machine lacks `redis-server`.
@@ -50,9 +55,62 @@ impl RedisServer {
             port,
             dir,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            tls: None,
         };
         server.spawn();
         server
+    }
+
+    /// A server that also listens with TLS (certificates from a fresh private CA, see
+    /// [`RedisServer::certs`]), on a second port; client certificates are checked when
+    /// given (`--tls-auth-clients optional`) or, with `require_client_cert`, required. The
+    /// plain port stays open for the test's own inspection.
+    pub fn start_tls(require_client_cert: bool) -> RedisServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("sendgw-redis-{}-{port}", std::process::id()));
+        let certs = TestCerts::generate(&dir.join("tls"));
+        let tls_port = free_port();
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        let auth = if require_client_cert {
+            "yes"
+        } else {
+            "optional"
+        };
+        let extra = vec![
+            "--tls-port".to_owned(),
+            tls_port.to_string(),
+            "--tls-cert-file".to_owned(),
+            path(&certs.server_cert),
+            "--tls-key-file".to_owned(),
+            path(&certs.server_key),
+            "--tls-ca-cert-file".to_owned(),
+            path(&certs.ca),
+            "--tls-auth-clients".to_owned(),
+            auth.to_owned(),
+        ];
+        let mut server = RedisServer {
+            child: None,
+            port,
+            dir,
+            extra,
+            tls: Some((tls_port, certs)),
+        };
+        server.spawn();
+        server
+    }
+
+    /// `rediss://127.0.0.1:<tls port>` of a [`RedisServer::start_tls`] server.
+    ///
+    /// # Panics
+    /// On a server started without TLS.
+    pub fn tls_url(&self) -> String {
+        let (port, _) = self.tls.as_ref().expect("a TLS server");
+        format!("rediss://127.0.0.1:{port}")
+    }
+
+    /// The certificates of a [`RedisServer::start_tls`] server.
+    pub fn certs(&self) -> Option<&TestCerts> {
+        self.tls.as_ref().map(|(_, c)| c)
     }
 
     fn spawn(&mut self) {

@@ -48,10 +48,10 @@ pub use values::Secret;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use limits::{Profile, RedisConfig};
+use limits::{Profile, RedisConfig, RedisTls};
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
@@ -220,6 +220,18 @@ pub struct StoreConfig {
     pub timeout: Duration,
     /// What to do when the store fails.
     pub on_unavailable: OnUnavailable,
+    /// PEM certificates trusted for a `rediss://` URL instead of the system's roots.
+    #[serde(with = "optional")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// A PEM client certificate for Redis servers that require mutual TLS (with
+    /// `tls_key_file`).
+    #[serde(with = "optional")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM key of `tls_cert_file`.
+    #[serde(with = "optional")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Accept any server certificate and host name: for tests only; warned about.
+    pub tls_insecure_skip_verify: bool,
 }
 
 impl Default for StoreConfig {
@@ -230,6 +242,10 @@ impl Default for StoreConfig {
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             timeout: DEFAULT_STORE_TIMEOUT,
             on_unavailable: OnUnavailable::Reject,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_insecure_skip_verify: false,
         }
     }
 }
@@ -243,6 +259,10 @@ impl fmt::Debug for StoreConfig {
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("on_unavailable", &self.on_unavailable)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_insecure_skip_verify", &self.tls_insecure_skip_verify)
             .finish()
     }
 }
@@ -485,12 +505,54 @@ impl Config {
             .and_then(|n| self.profile(n))
     }
 
-    /// How `limits::RedisStore` should connect, from `[store]`.
+    /// How `limits::RedisStore` should connect, from `[store]`, without its TLS material
+    /// (see [`Config::redis_tls`]).
     pub fn redis(&self) -> RedisConfig {
         RedisConfig {
             url: self.store.url.clone(),
             key_prefix: self.store.key_prefix.clone(),
             timeout: self.store.timeout,
+            tls: RedisTls {
+                insecure_skip_verify: self.store.tls_insecure_skip_verify,
+                ..RedisTls::default()
+            },
         }
+    }
+
+    /// [`Config::redis`] with the TLS files read.
+    ///
+    /// # Errors
+    /// A file that cannot be read, named by its key.
+    pub fn redis_with_tls(&self) -> Result<RedisConfig, ConfigError> {
+        let read = |key: &str, path: &Option<PathBuf>| -> Result<Option<Vec<u8>>, ConfigError> {
+            path.as_ref()
+                .map(|p| {
+                    std::fs::read(p).map_err(|e| {
+                        ConfigError::new(
+                            format!("store.{key}"),
+                            format!("cannot read {}: {e}", p.display()),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let mut redis = self.redis();
+        redis.tls.ca_pem = read("tls_ca_file", &self.store.tls_ca_file)?;
+        let cert = read("tls_cert_file", &self.store.tls_cert_file)?;
+        let key = read("tls_key_file", &self.store.tls_key_file)?;
+        redis.tls.client_pem = cert.zip(key);
+        Ok(redis)
+    }
+
+    /// What is valid but unwise, for `check-config` and the start-up log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.store.tls_insecure_skip_verify {
+            out.push(
+                "store.tls_insecure_skip_verify: Redis's certificate is not checked; anyone on the path can read and change quota counts"
+                    .to_owned(),
+            );
+        }
+        out
     }
 }

@@ -1220,3 +1220,50 @@ fn masked_toml_reads_back_to_the_same_configuration() {
         "{shown}"
     );
 }
+
+#[test]
+fn redis_tls_settings_are_checked_and_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "CA PEM").unwrap();
+    let base = "[store]\nbackend = \"redis\"\n";
+    let text = format!(
+        "{base}url = \"rediss://h:6380\"\ntls_ca_file = {:?}\n",
+        ca.display().to_string()
+    );
+    let c = Config::from_toml_str(&text).unwrap();
+    assert_eq!(
+        c.redis_with_tls().unwrap().tls.ca_pem.as_deref(),
+        Some(&b"CA PEM"[..])
+    );
+    assert!(c.warnings().is_empty());
+    assert_err(
+        &format!(
+            "{base}url = \"redis://h:1\"\ntls_ca_file = {:?}\n",
+            ca.display().to_string()
+        ),
+        "store.url",
+        "rediss://",
+    );
+    assert_err(
+        &format!(
+            "{base}url = \"rediss://h:1\"\ntls_cert_file = {:?}\n",
+            ca.display().to_string()
+        ),
+        "store.tls_key_file",
+        "go together",
+    );
+    assert_err(
+        &format!("{base}url = \"rediss://h:1\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n"),
+        "store.tls_ca_file",
+        "cannot read",
+    );
+    let c = Config::from_toml_str(&format!(
+        "{base}url = \"rediss://h:1\"\ntls_insecure_skip_verify = true\n"
+    ))
+    .unwrap();
+    assert!(c.redis().tls.insecure_skip_verify);
+    assert!(c.warnings()[0].starts_with("store.tls_insecure_skip_verify"));
+    // Unused while the store is memory.
+    Config::from_toml_str("[store]\ntls_ca_file = \"/nonexistent\"").unwrap();
+}

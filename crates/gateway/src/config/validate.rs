@@ -79,6 +79,7 @@ impl Config {
         }
         if self.store.backend == StoreBackend::Redis {
             check_redis_url(&self.store.url)?;
+            self.check_redis_tls()?;
         }
         self.check_profile_exists("grants.default_profile", &self.grants.default_profile)?;
         for (provider, profile) in &self.grants.provider_profiles {
@@ -95,6 +96,29 @@ impl Config {
             self.check_profile_exists("domains.profile", name)?;
         }
         Ok(())
+    }
+
+    /// TLS settings only with `rediss://`; a client certificate with its key; every file
+    /// readable.
+    fn check_redis_tls(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        let any = s.tls_ca_file.is_some()
+            || s.tls_cert_file.is_some()
+            || s.tls_key_file.is_some()
+            || s.tls_insecure_skip_verify;
+        if any && !s.url.starts_with("rediss://") {
+            return Err(ConfigError::new(
+                "store.url",
+                "the store.tls_* settings need a rediss:// url (TLS for Redis Cluster is not supported yet)",
+            ));
+        }
+        if s.tls_cert_file.is_some() != s.tls_key_file.is_some() {
+            return Err(ConfigError::new(
+                "store.tls_key_file",
+                "store.tls_cert_file and store.tls_key_file go together",
+            ));
+        }
+        self.redis_with_tls().map(|_| ())
     }
 
     fn check_profile_exists(&self, key: &str, name: &str) -> Result<(), ConfigError> {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use limits::{FakeClock, MemoryStore, QuotaStore, RedisConfig, RedisStore};
+use limits::{FakeClock, MemoryStore, QuotaStore, RedisConfig, RedisStore, RedisTls};
 use testkit::RedisServer;
 
 /// 2026-03-01T00:00:00Z, a bucket boundary for every bucket width used here.
@@ -41,11 +41,24 @@ pub fn memory() -> Harness {
     }
 }
 
+/// A store on `server`: over TLS (trusting the server's private CA) when it was started
+/// with TLS.
 pub async fn redis_store(server: &RedisServer, clock: &FakeClock) -> RedisStore {
-    let cfg = RedisConfig {
-        url: server.url(),
-        timeout: Duration::from_secs(2),
-        ..RedisConfig::default()
+    let cfg = match server.certs() {
+        Some(certs) => RedisConfig {
+            url: server.tls_url(),
+            timeout: Duration::from_secs(2),
+            tls: RedisTls {
+                ca_pem: Some(std::fs::read(&certs.ca).expect("ca")),
+                ..RedisTls::default()
+            },
+            ..RedisConfig::default()
+        },
+        None => RedisConfig {
+            url: server.url(),
+            timeout: Duration::from_secs(2),
+            ..RedisConfig::default()
+        },
     };
     RedisStore::connect(&cfg)
         .await
@@ -54,7 +67,15 @@ pub async fn redis_store(server: &RedisServer, clock: &FakeClock) -> RedisStore 
 }
 
 pub async fn redis() -> Harness {
-    let server = RedisServer::start();
+    redis_on(RedisServer::start()).await
+}
+
+/// The Redis backend over `rediss://`.
+pub async fn redis_tls() -> Harness {
+    redis_on(RedisServer::start_tls(false)).await
+}
+
+async fn redis_on(server: RedisServer) -> Harness {
     let clock = FakeClock::new(T0);
     let store = redis_store(&server, &clock).await;
     Harness {
@@ -64,8 +85,8 @@ pub async fn redis() -> Harness {
     }
 }
 
-/// Runs each named `async fn(Harness)` of the calling file on both backends: in
-/// `memory_backend` and `redis_backend` test modules.
+/// Runs each named `async fn(Harness)` of the calling file on every backend: in
+/// `memory_backend`, `redis_backend` and `redis_tls_backend` test modules.
 #[allow(unused_macros)] // not every test file runs the contract
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -82,6 +103,14 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::common::redis().await).await;
+                }
+            )*
+        }
+        mod redis_tls_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::redis_tls().await).await;
                 }
             )*
         }
