@@ -68,6 +68,9 @@ pub struct Reservation {
     pub(crate) cost: Cost,
     /// The instant it was charged at, in ms since the epoch (the store's now for a live send).
     pub(crate) at: u64,
+    /// The store's now when it was made: a reset of the scope after that leaves it nothing
+    /// to give back.
+    pub(crate) made_at: u64,
     pub(crate) charges: Vec<Charge>,
     /// The idempotency key it was admitted under; releasing it forgets the key, so a retry
     /// of a send that did not happen is counted again.
@@ -140,9 +143,10 @@ impl Reservation {
             .collect();
         let c = self.cost;
         format!(
-            "1;{};{};{},{},{};{};{}",
+            "2;{};{};{};{},{},{};{};{}",
             self.id,
             self.at,
+            self.made_at,
             c.messages,
             c.recipients,
             c.bytes,
@@ -153,12 +157,13 @@ impl Reservation {
 
     /// Reads a [`Reservation::to_record`] line back, for `scope`; `None` when it is not one.
     pub fn from_record(scope: &str, record: &str) -> Option<Reservation> {
-        let mut parts = record.splitn(6, ';');
-        if parts.next()? != "1" {
+        let mut parts = record.splitn(7, ';');
+        if parts.next()? != "2" {
             return None;
         }
         let id = parts.next()?.parse().ok()?;
         let at = parts.next()?.parse().ok()?;
+        let made_at = parts.next()?.parse().ok()?;
         let cost: Vec<u64> = parts
             .next()?
             .split(',')
@@ -187,6 +192,7 @@ impl Reservation {
             scope: Arc::from(scope),
             cost: Cost::new(messages, recipients, bytes),
             at,
+            made_at,
             charges,
             idempotency_key: (!key.is_empty()).then(|| Arc::from(key)),
         })

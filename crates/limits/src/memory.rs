@@ -73,8 +73,11 @@ struct ScopeState {
     released: HashMap<u64, Millis>,
     /// Nothing in this scope counts after this instant.
     expires_at: Millis,
-    /// The latest instant a decision was made at: a clock that steps back keeps counting
-    /// from here (counted longer, never less).
+    /// When the scope was last reset: what reservations made until then charged is gone, so
+    /// releasing them gives nothing back.
+    reset_at: Option<Millis>,
+    /// The latest instant a charge was made at: a clock that steps back keeps counting from
+    /// here (counted longer, never less).
     latest: Millis,
 }
 
@@ -152,7 +155,6 @@ impl MemoryStore {
         let scope_arc = Arc::clone(entry.key());
         let state = entry.value_mut();
         let now = now.max(state.latest);
-        state.latest = now;
         if let Some(key) = key {
             state.idempotent.retain(|_, (_, exp)| *exp > now);
             if let Some((decision, _)) = state.idempotent.get(key) {
@@ -167,6 +169,10 @@ impl MemoryStore {
         let mut decision = state.decide(scope_arc, &ask, at, now, || {
             self.next_id.fetch_add(1, Ordering::Relaxed)
         })?;
+        // Only a charge moves the scope's clock on, as the Redis script's high-water mark.
+        if decision.is_allowed() {
+            state.latest = now;
+        }
         // Only admitted requests are remembered (as Nylas keeps only successful answers): a
         // denied request retried with its key after `retry_after` is judged afresh.
         if let (Some(key), Decision::Allowed(a)) = (key, &mut decision) {
@@ -269,6 +275,7 @@ impl ScopeState {
                 scope,
                 cost: ask.cost,
                 at,
+                made_at: now,
                 charges,
                 idempotency_key: None,
             },
@@ -288,6 +295,9 @@ impl ScopeState {
     }
 
     fn release(&mut self, r: &Reservation, now: Millis) {
+        if self.reset_at.is_some_and(|t| r.made_at <= t) {
+            return;
+        }
         self.released.retain(|_, exp| *exp > now);
         if self.released.contains_key(&r.id) {
             return;
@@ -627,7 +637,17 @@ impl QuotaStore for MemoryStore {
     }
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {
-        self.scopes.remove(scope);
+        let now = self.clock.now_ms();
+        if let Some(mut state) = self.scopes.get_mut(scope) {
+            // Kept (empty) as long as a reservation made before could still be released.
+            let expires_at = state.expires_at;
+            *state = ScopeState {
+                reset_at: Some(now.max(state.latest)),
+                expires_at,
+                latest: state.latest,
+                ..ScopeState::default()
+            };
+        }
         Ok(())
     }
 

@@ -182,6 +182,7 @@ pub struct RedisStore {
     release: Script,
     delete_if: Script,
     cool_down: Script,
+    reset_mark: Script,
     /// Set only by tests: pass this clock's time to the script instead of Redis `TIME`.
     clock_override: Option<Arc<dyn Clock>>,
 }
@@ -251,6 +252,7 @@ impl RedisStore {
             release: Script::new(include_str!("release.lua")),
             delete_if: Script::new(DELETE_IF),
             cool_down: Script::new(COOL_DOWN),
+            reset_mark: Script::new(RESET_MARK),
             clock_override: None,
         })
     }
@@ -444,6 +446,21 @@ enum Raw {
     OverrideChanged(String),
 }
 
+/// Records a reset's instant in KEYS[1]. ARGV[1] now in ms or "" for Redis TIME; ARGV[2] how
+/// long the mark is kept in ms.
+const RESET_MARK: &str = r"
+local now
+if ARGV[1] ~= '' then now = tonumber(ARGV[1]) else
+  local t = redis.call('TIME'); now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+redis.call('SET', KEYS[1], string.format('%d', now), 'PX', ARGV[2])
+return now
+";
+
+/// How long a reset's mark outlives it: as long as a reservation made before it can hold a
+/// charge (the furthest ahead a charge goes, plus the longest window).
+const RESET_MARK_TTL: Duration = Duration::from_secs((366 + 32) * 24 * 3600);
+
 /// Deletes KEYS[1] only while it holds ARGV[1]; 1 when deleted.
 const DELETE_IF: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
@@ -595,6 +612,7 @@ fn decision_of(
                 scope: Arc::from(scope),
                 cost,
                 at,
+                made_at: now,
                 charges,
                 idempotency_key: idempotency_key.map(Arc::from),
             };
@@ -806,6 +824,7 @@ impl QuotaStore for RedisStore {
             inv.key(self.window_key(scope, &c.window_id));
         }
         inv.key(self.key(scope, "x:", &reservation.id.to_string()));
+        inv.key(self.key(scope, "r", ""));
         if let Some(k) = reservation.idempotency_key() {
             inv.key(self.key(scope, "i:", k));
         }
@@ -833,7 +852,7 @@ impl QuotaStore for RedisStore {
             let kind = u8::from(c.window_id.contains('@'));
             inv.arg(kind).arg(c.slot);
         }
-        inv.arg(reservation.id);
+        inv.arg(reservation.id).arg(reservation.made_at);
         let mut conn = self.conn().await?;
         let _: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
         Ok(())
@@ -854,6 +873,13 @@ impl QuotaStore for RedisStore {
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {
         let index = self.key(scope, "k", "");
         let mut conn = self.conn().await?;
+        // First the instant of the reset, on the script's clock: a release of a reservation
+        // made until then gives nothing back (its charge is gone with the counters).
+        let mut mark = self.reset_mark.prepare_invoke();
+        mark.key(self.key(scope, "r", ""))
+            .arg(self.now_hint())
+            .arg(RESET_MARK_TTL.as_millis() as u64);
+        let _: Value = within(self.timeout, mark.invoke_async(&mut conn)).await?;
         let members: Vec<String> = within(
             self.timeout,
             redis::cmd("SMEMBERS").arg(&index).query_async(&mut conn),

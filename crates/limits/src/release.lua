@@ -2,23 +2,27 @@
 --
 -- KEYS[1..n]  the window hashes that were charged
 -- KEYS[n+1]   the release marker of this reservation
--- KEYS[n+2]   its idempotency record, if it was admitted under a key: forgotten here, so a
+-- KEYS[n+2]   the scope's reset mark ("<ms>"): a reservation made until then gives nothing back
+-- KEYS[n+3]   its idempotency record, if it was admitted under a key: forgotten here, so a
 --             retry of a send that did not happen is counted again
 -- ARGV[1]     the marker's lifetime in ms (until the last charged bucket expires, plus a margin)
 -- ARGV[2..4]  the cost: messages, recipients, bytes
 -- ARGV[5]     n
--- then 2 per window: kind (0 rolling, 1 calendar), charged slot; last, the reservation id
--- Reply: 1 released, 0 already released.
+-- then 2 per window: kind (0 rolling, 1 calendar), charged slot; last, the reservation id and
+-- the instant it was made (ms)
+-- Reply: 1 released, 0 already released (or made before the scope was reset).
 
 local nwin = tonumber(ARGV[5])
+local reset_at = tonumber(redis.call('GET', KEYS[nwin + 2]) or '')
+if reset_at and tonumber(ARGV[7 + nwin * 2]) <= reset_at then return 0 end
 if not redis.call('SET', KEYS[nwin + 1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
 local cost = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
 
-if KEYS[nwin + 2] then
+if KEYS[nwin + 3] then
   -- The record reads "<expires>;<status>,<reservation id>,...": drop it only if it is ours.
-  local record = redis.call('GET', KEYS[nwin + 2])
+  local record = redis.call('GET', KEYS[nwin + 3])
   if record and string.match(record, '^%d+;%d+,(%d+),') == ARGV[6 + nwin * 2] then
-    redis.call('DEL', KEYS[nwin + 2])
+    redis.call('DEL', KEYS[nwin + 3])
   end
 end
 

@@ -165,8 +165,9 @@ local function peak(w, s)
   return best
 end
 
--- The earliest slot >= from at which metric m stays within `room` in every position.
-local function earliest_slot(w, from, m, room)
+-- The earliest slot >= from at which metric m stays within `room` in every position, over
+-- every bucket held.
+local function earliest_slot_full(w, from, m, room)
   w.pts = w.pts or points(w, stored(w))
   local pts, s = w.pts, from
   for j = 1, #pts do
@@ -177,6 +178,26 @@ local function earliest_slot(w, from, m, room)
     end
   end
   return s
+end
+
+-- The same, reading only the buckets one window length around a candidate at a time: a
+-- refused send costs little however much is scheduled further on. Positions s to s + nb
+-- depend only on the buckets from s - nb to s + nb; a position there over `room` rules out
+-- every candidate up to it. After a few steps, the whole hash is read instead.
+local function earliest_slot(w, from, m, room)
+  local s = from
+  for _ = 1, 4 do
+    local pts, bad = points(w, range(w, s - w.nb, s + w.nb)), nil
+    for j = 1, #pts do
+      local pos = pts[j][1]
+      if pos > s + w.nb then break end
+      local finish = pts[j + 1] and pts[j + 1][1] or math.huge
+      if pts[j][2][m] > room and finish > s then bad = math.min(finish, s + w.nb + 1) - 1 end
+    end
+    if not bad then return s end
+    s = bad + 1
+  end
+  return earliest_slot_full(w, s, m, room)
 end
 
 -- Later periods of a calendar window: {{start, end, {m, r, b}}, ...}, sorted.
