@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Harness, T0, contract};
+use common::{Harness, T0, contract, ten_minutes};
 use limits::{
     CalendarUnit, Clock, Cost, Decision, Denial, Profile, ProfileSpec, QuotaStore, Reservation,
     WindowSpec,
@@ -16,18 +16,6 @@ use limits::{
 const MIN: u64 = 60_000;
 const HOUR: u64 = 60 * MIN;
 const ONE: Cost = Cost::new(1, 1, 0);
-
-/// Ten minutes in ten one-minute buckets, three messages.
-fn ten_minutes() -> Profile {
-    ProfileSpec::default()
-        .window(
-            WindowSpec::rolling(Duration::from_secs(600))
-                .buckets(10)
-                .messages(3),
-        )
-        .build("ten")
-        .unwrap()
-}
 
 fn ms(s: &str) -> u64 {
     u64::try_from(s.parse::<jiff::Timestamp>().unwrap().as_millisecond()).unwrap()

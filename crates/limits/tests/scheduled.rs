@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, T0, contract};
+use common::{Harness, T0, contract, ten_minutes};
 use limits::{
     CalendarUnit, Cost, Decision, Denial, MAX_AHEAD, MAX_SCHEDULED_SLOTS, Metric, Profile,
     ProfileSpec, Reservation, StoreError, WindowSpec,
@@ -14,18 +14,6 @@ use limits::{
 
 const MIN: u64 = 60_000;
 const ONE: Cost = Cost::new(1, 1, 0);
-
-/// Ten minutes in ten one-minute buckets, three messages.
-fn ten_minutes() -> Profile {
-    ProfileSpec::default()
-        .window(
-            WindowSpec::rolling(Duration::from_secs(600))
-                .buckets(10)
-                .messages(3),
-        )
-        .build("ten")
-        .unwrap()
-}
 
 async fn at(h: &Harness, p: &Profile, t: u64, cost: Cost) -> Decision {
     h.store

@@ -119,3 +119,15 @@ macro_rules! contract {
 
 #[allow(unused_imports)]
 pub(crate) use contract;
+
+/// Ten minutes in ten one-minute buckets, three messages: the scheduled-charge suites' window.
+pub fn ten_minutes() -> limits::Profile {
+    limits::ProfileSpec::default()
+        .window(
+            limits::WindowSpec::rolling(Duration::from_secs(600))
+                .buckets(10)
+                .messages(3),
+        )
+        .build("ten")
+        .unwrap()
+}
