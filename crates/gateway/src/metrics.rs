@@ -287,7 +287,8 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a scheduled send's event: `remembered`, `cancelled`, `failed` or `sent`.
+    /// Counts a scheduled send's event: `remembered`, `cancelled`, `failed`, `sent`, or
+    /// `unconfirmed` (Nylas's answer named no schedule: counted now as well).
     pub fn scheduled(&self, event: &'static str) {
         self.scheduled.get_or_create(&EventLabel { event }).inc();
     }

@@ -71,7 +71,7 @@ async fn phases(
         let ask = admit::Ask {
             cost: priced.cost,
             size_known: priced.size_known,
-            at: schedule::charge_at(route, &priced.cost.schedule),
+            at: schedule::charge_at(&priced.cost.schedule),
             defer: schedule::horizon(ctx, route, &parts.headers, &priced, &charged.profile)?,
         };
         // The gateway's own header never goes upstream.

@@ -35,13 +35,10 @@ const DEFER_LEAD_MS: u64 = 180_000;
 /// the next that fits).
 const DEFER_ATTEMPTS: usize = 3;
 
-/// The instant (ms) a send is charged at: its `send_at` when Nylas will hold it until then,
-/// else `None` (now). Only message sends (E1) are scheduled; a draft send (E3) and a domain
-/// send (E7) count now.
-pub(super) fn charge_at(route: &SendRoute, schedule: &Schedule) -> Option<Millis> {
-    if !matches!(route, SendRoute::Message { .. }) {
-        return None;
-    }
+/// The instant (ms) a send is charged at: its `send_at` (a message's, a domain send's, or
+/// a draft's own) when Nylas will hold it until then, else `None` (now). A send Nylas then
+/// does not confirm as scheduled is counted now as well (see `settle.rs`).
+pub(super) fn charge_at(schedule: &Schedule) -> Option<Millis> {
     let at = schedule.send_at?.saturating_mul(1000);
     (at > SystemClock.now_ms().saturating_add(NYLAS_MIN_LEAD_MS)).then_some(at)
 }
@@ -172,24 +169,18 @@ mod tests {
     }
 
     #[test]
-    fn only_message_sends_held_by_nylas_are_charged_later() {
-        let message = SendRoute::Message { grant: "g".into() };
+    fn only_sends_nylas_holds_are_charged_later() {
         let soon = SystemClock.now_ms() / 1000 + 60;
         let later = SystemClock.now_ms() / 1000 + 3600;
-        let at = |route: &SendRoute, secs| {
-            let schedule = Schedule {
+        let at = |secs| {
+            charge_at(&Schedule {
                 send_at: Some(secs),
                 names_send_at: true,
                 use_draft: false,
-            };
-            charge_at(route, &schedule)
+            })
         };
-        assert_eq!(at(&message, later), Some(later * 1000));
-        assert_eq!(at(&message, soon), None);
-        let domain = SendRoute::Domain {
-            domain: "x.com".into(),
-        };
-        assert_eq!(at(&domain, later), None);
-        assert_eq!(charge_at(&message, &Schedule::default()), None);
+        assert_eq!(at(later), Some(later * 1000));
+        assert_eq!(at(soon), None);
+        assert_eq!(charge_at(&Schedule::default()), None);
     }
 }

@@ -160,8 +160,11 @@ async fn keep(
     resp: Response,
 ) -> Result<(Response, Option<Kept>), Stop> {
     ctx.record.settlement = Some(Settlement::Kept);
+    let reservation = lease.reservation().cloned();
     if !resp.status().is_success() || !is_json(resp.headers()) {
-        return Ok((resp, Some(lease.keep())));
+        let kept = lease.keep();
+        also_now(state, ctx, charged, reservation.as_ref()).await;
+        return Ok((resp, Some(kept)));
     }
     let (parts, body) = resp.into_parts();
     // Nylas's answer echoes the message it sent (attachments without their content), so
@@ -177,14 +180,24 @@ async fn keep(
                 }
             };
             let extra = correction(ctx, charged, lease.cost(), data.as_ref());
-            let reservation = lease.reservation().cloned();
             let kept = lease.keep_with(extra).await;
-            if let (Some(data), Some(r)) = (&data, reservation) {
-                remember_schedule(state, ctx, charged, data, &r).await;
+            match (&data, &reservation) {
+                (Some(data), Some(r))
+                    if data
+                        .get("schedule_id")
+                        .is_some_and(serde_json::Value::is_string) =>
+                {
+                    remember_schedule(state, ctx, charged, data, r).await;
+                }
+                _ => also_now(state, ctx, charged, reservation.as_ref()).await,
             }
             Ok((Response::from_parts(parts, Body::from(bytes)), Some(kept)))
         }
-        Ok(Read::Large(body)) => Ok((Response::from_parts(parts, body), Some(lease.keep()))),
+        Ok(Read::Large(body)) => {
+            let kept = lease.keep();
+            also_now(state, ctx, charged, reservation.as_ref()).await;
+            Ok((Response::from_parts(parts, body), Some(kept)))
+        }
         Err(e) => {
             let _ = lease.keep();
             Err(Stop::Fail(GatewayError::UpstreamUnavailable(format!(
@@ -269,6 +282,34 @@ async fn remember_schedule(
         Ok(()) => state.metrics.scheduled("remembered"),
         Err(e) => {
             tracing::error!(request_id = %ctx.record.request_id, error = %e, "could not remember a scheduled send; a cancel will not give its charge back");
+        }
+    }
+}
+
+/// A send charged at a later `send_at` that Nylas did not confirm as scheduled (no
+/// `schedule_id` in a readable answer): it may have gone out now, so it is counted now too,
+/// whatever the limits say. Over-counting is the safe side.
+async fn also_now(
+    state: &AppState,
+    ctx: &SendCtx,
+    charged: &Charged,
+    reservation: Option<&limits::Reservation>,
+) {
+    let Some(r) = reservation.filter(|_| ctx.record.scheduled_for.is_some()) else {
+        return;
+    };
+    let scope = charged.scope.as_str();
+    match state
+        .store
+        .charge(scope, &charged.profile, r.cost(), None)
+        .await
+    {
+        Ok(_) => {
+            state.metrics.scheduled("unconfirmed");
+            tracing::warn!(request_id = %ctx.record.request_id, grant = ctx.record.subject(), "a scheduled send's answer names no schedule_id; counted now as well");
+        }
+        Err(e) => {
+            tracing::error!(request_id = %ctx.record.request_id, error = %e, "could not count an unconfirmed scheduled send now");
         }
     }
 }
