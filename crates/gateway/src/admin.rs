@@ -52,20 +52,17 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let started = Instant::now();
     let ping = state.store.ping().await;
     state.metrics.store_call("ping", started.elapsed());
-    match ping {
-        Ok(()) => axum::Json(json!({ "status": "ready" })).into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness: quota store unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(json!({ "status": "store_unavailable" })),
-            )
-                .into_response()
-        }
+    if let Err(e) = &ping {
+        tracing::warn!(error = %e, "readiness: quota store unreachable");
     }
+    let (code, body) = crate::health::readiness(&state, &ping);
+    (code, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(b) = &state.breaker {
+        state.metrics.breaker(b.state());
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -154,7 +154,8 @@ impl GatewayError {
     pub fn into_response_with_id(self, request_id: &str) -> Response {
         let mut error = json!({ "type": self.error_type(), "message": self.to_string() });
         let mut extra_headers = Vec::new();
-        if let GatewayError::DraftBusy = &self {
+        if let GatewayError::DraftBusy | GatewayError::QuotaUnavailable(_) = &self {
+            // A store that failed is looked at again within a second (the breaker's probe).
             extra_headers.push((header::RETRY_AFTER, HeaderValue::from(1)));
         }
         if let GatewayError::ProviderThrottled { retry_after } = &self {

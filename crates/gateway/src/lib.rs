@@ -26,6 +26,8 @@
 //! - [`events`]: threshold events (80 % and 100 % of a window) and their webhook.
 //! - [`ratelimit`]: `RateLimit-Policy` and `RateLimit` headers.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`health`]: the store watched once a second (breaker, persistence, restarts), and the
+//!   local budget written back when it returns.
 //!
 //! And around them: [`config`] (the configuration and its validation), [`state`] (what every
 //! request shares), [`admin`] (health, readiness, metrics and the quota API), [`webhooks`]
@@ -37,6 +39,7 @@ pub mod drafts;
 pub mod error;
 pub mod events;
 pub mod grants;
+pub mod health;
 pub mod lease;
 pub mod metrics;
 pub mod pipeline;

@@ -106,6 +106,54 @@ pub struct Metrics {
     in_flight: Gauge,
     thresholds: Family<LevelLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    store: StoreFamilies,
+}
+
+/// The families that watch the quota store.
+#[derive(Debug, Clone)]
+struct StoreFamilies {
+    breaker: Gauge,
+    local_admissions: Counter,
+    reconciled: Family<MetricLabel, Counter>,
+    persistence_off: Gauge,
+    restarts: Counter,
+}
+
+impl StoreFamilies {
+    fn new(registry: &mut Registry) -> Self {
+        StoreFamilies {
+            breaker: registered(
+                registry,
+                "store_breaker_state",
+                "The quota store's breaker: 0 closed, 1 open (calls fail at once), 2 half open (probing)",
+                Gauge::default(),
+            ),
+            local_admissions: registered(
+                registry,
+                "local_admissions",
+                "Sends admitted from this replica's local budget while the store was down",
+                Counter::default(),
+            ),
+            reconciled: registered(
+                registry,
+                "local_reconciled_units",
+                "Units admitted locally and written back to the store once it answered, by metric",
+                Family::<MetricLabel, Counter>::default(),
+            ),
+            persistence_off: registered(
+                registry,
+                "store_persistence_off",
+                "1 when Redis has neither AOF nor RDB snapshots on (a restart of it loses every count)",
+                Gauge::default(),
+            ),
+            restarts: registered(
+                registry,
+                "store_restarts",
+                "Redis restarts seen (its run id changed): counts it had not persisted are lost",
+                Counter::default(),
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -185,7 +233,9 @@ impl Default for Metrics {
             "Configuration reloads by result",
             Family::<ResultLabel, Counter>::default(),
         );
+        let store = StoreFamilies::new(&mut registry);
         Metrics {
+            store,
             thresholds,
             reloads,
             registry,
@@ -339,6 +389,41 @@ impl Metrics {
         self.reloads.get_or_create(&ResultLabel { result }).inc();
     }
 
+    /// Records the breaker's state.
+    pub fn breaker(&self, state: limits::BreakerState) {
+        let v = match state {
+            limits::BreakerState::Closed => 0,
+            limits::BreakerState::Open => 1,
+            limits::BreakerState::HalfOpen => 2,
+        };
+        self.store.breaker.set(v);
+    }
+
+    /// Counts a send admitted from the local budget.
+    pub fn local_admission(&self) {
+        self.store.local_admissions.inc();
+    }
+
+    /// Counts units written back from the local budget.
+    pub fn reconciled(&self, cost: limits::Cost) {
+        for m in limits::Metric::ALL {
+            self.store
+                .reconciled
+                .get_or_create(&MetricLabel { metric: m.as_str() })
+                .inc_by(cost.get(m));
+        }
+    }
+
+    /// Records whether Redis runs without persistence.
+    pub fn store_persistence_off(&self, off: bool) {
+        self.store.persistence_off.set(i64::from(off));
+    }
+
+    /// Counts a Redis restart.
+    pub fn store_restart(&self) {
+        self.store.restarts.inc();
+    }
+
     /// Marks a request in flight until the guard drops.
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();
@@ -369,6 +454,11 @@ impl Metrics {
         m.upstream(200, Duration::ZERO);
         m.threshold("80");
         m.reload(true);
+        m.breaker(limits::BreakerState::Closed);
+        m.local_admission();
+        m.reconciled(limits::Cost::default());
+        m.store_persistence_off(false);
+        m.store_restart();
         m
     }
 }

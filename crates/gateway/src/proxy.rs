@@ -105,7 +105,7 @@ async fn draft_change(state: &AppState, route: SendRoute, req: Request) -> Respo
             resp
         }
         Err(LockError::Busy) => GatewayError::DraftBusy.into_response(),
-        Err(LockError::Store(_)) if config.store.on_unavailable == OnUnavailable::Allow => {
+        Err(LockError::Store(_)) if config.store.on_unavailable != OnUnavailable::Reject => {
             relay(state, req).await
         }
         Err(LockError::Store(e)) => GatewayError::QuotaUnavailable(e.to_string()).into_response(),

@@ -68,7 +68,9 @@ pub async fn run_with_webhooks(
         .with_graceful_shutdown(wait(admin_rx));
     let proxy = tokio::spawn(async move { proxy.await });
     let admin = tokio::spawn(async move { admin.await });
+    let watch = tokio::spawn(crate::health::watch(Arc::clone(&state)));
     shutdown.await;
+    watch.abort();
     state.begin_shutdown();
     tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
     // The proxy stops taking connections at once. The admin listener keeps answering

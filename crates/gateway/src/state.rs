@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use http::HeaderMap;
-use limits::{MemoryStore, QuotaStore, RedisStore};
+use limits::{BreakerStore, LocalBudget, MemoryStore, QuotaStore, RedisStore};
 
-use crate::config::{Config, StoreBackend};
+use crate::config::{Config, OnUnavailable, StoreBackend};
 use crate::events::Reporter;
 use crate::grants::GrantResolver;
+use crate::health::StoreWatch;
 use crate::metrics::Metrics;
 use crate::selection::Selector;
 use crate::upstream::Upstream;
@@ -20,8 +21,14 @@ use crate::upstream::Upstream;
 #[derive(Debug)]
 pub struct AppState {
     config: RwLock<Arc<Config>>,
-    /// The quota store.
+    /// The quota store (for Redis, behind its breaker).
     pub store: Arc<dyn QuotaStore>,
+    /// The breaker in front of a shared store (`None` for the memory store).
+    pub breaker: Option<Arc<BreakerStore>>,
+    /// This replica's own budget while the store is down (`on_unavailable = "local"`).
+    pub local: Option<Arc<LocalBudget>>,
+    /// What was last seen of the store's health.
+    pub store_watch: StoreWatch,
     /// The upstream client.
     pub upstream: Upstream,
     /// Grant identifier resolution.
@@ -45,11 +52,28 @@ impl AppState {
             StoreBackend::Memory => Arc::new(MemoryStore::new()),
             StoreBackend::Redis => Arc::new(RedisStore::lazy(&config.redis_with_tls()?)?),
         };
-        if let Err(e) = store.ping().await {
-            // Start anyway: sends are answered per `on_unavailable` until Redis is back.
-            tracing::warn!(error = %e, "quota store not reachable at start-up");
-        }
-        Self::with_store(config, store)
+        let shared = config.store.backend == StoreBackend::Redis;
+        let state = if shared {
+            Self::with_breaker(config, store)?
+        } else {
+            Self::with_store(config, store)?
+        };
+        // Start even when the store is down: sends are answered per `on_unavailable` until
+        // it is back. The first look also logs what is wrong with its persistence.
+        crate::health::check(&state).await;
+        Ok(state)
+    }
+
+    /// Builds the state around a shared store, behind a breaker (tests inject one).
+    ///
+    /// # Errors
+    /// As [`AppState::with_store`].
+    pub fn with_breaker(config: Config, store: Arc<dyn QuotaStore>) -> anyhow::Result<Self> {
+        let threshold = config.store.breaker_failures.get();
+        let breaker = Arc::new(BreakerStore::new(store, threshold));
+        let mut state = Self::with_store(config, Arc::clone(&breaker) as Arc<dyn QuotaStore>)?;
+        state.breaker = Some(breaker);
+        Ok(state)
     }
 
     /// Builds the state around an existing store (tests inject one).
@@ -59,7 +83,12 @@ impl AppState {
     pub fn with_store(config: Config, store: Arc<dyn QuotaStore>) -> anyhow::Result<Self> {
         let upstream = Upstream::new(&config.upstream.url, config.upstream.timeout)?;
         let metrics = Arc::new(Metrics::default());
+        let local = (config.store.on_unavailable == OnUnavailable::Local)
+            .then(|| Arc::new(LocalBudget::new(config.store.local_budget.get())));
         Ok(AppState {
+            breaker: None,
+            local,
+            store_watch: StoreWatch::default(),
             grants: GrantResolver::new(config.grants.cache_ttl),
             events: Reporter::new(Arc::clone(&store), Arc::clone(&metrics))?,
             config: RwLock::new(Arc::new(config)),

@@ -26,10 +26,15 @@ async fn health_readiness_and_metrics() {
         get(format!("{}/healthz", gw.admin)).await,
         (200, json!({"status": "ok"}))
     );
-    assert_eq!(
-        get(format!("{}/readyz", gw.admin)).await,
-        (200, json!({"status": "ready"}))
-    );
+    let (code, body) = get(format!("{}/readyz", gw.admin)).await;
+    assert_eq!((code, &body["status"]), (200, &json!("ready")), "{body}");
+    assert_eq!(body["store"]["backend"], "redis");
+    assert_eq!(body["store"]["up"], true);
+    assert_eq!(body["store"]["breaker"], "closed");
+    assert_eq!(body["store"]["on_unavailable"], "reject");
+    // The test's redis-server runs with neither AOF nor RDB: said, not hidden.
+    assert_eq!(body["store"]["persistent"], false, "{body}");
+    assert_eq!(body["store"]["warnings"].as_array().map(Vec::len), Some(1));
 
     assert_eq!(
         gw.send_json(&c, DEMO_GRANT_ID, &simple())
@@ -51,10 +56,9 @@ async fn health_readiness_and_metrics() {
     assert!(allowed.ends_with(" 1"), "{allowed}");
 
     redis.stop();
-    assert_eq!(
-        get(format!("{}/readyz", gw.admin)).await,
-        (503, json!({"status": "store_unavailable"}))
-    );
+    let (code, body) = get(format!("{}/readyz", gw.admin)).await;
+    assert_eq!((code, &body["status"]), (503, &json!("store_unavailable")));
+    assert_eq!(body["store"]["up"], false);
     assert_eq!(
         get(format!("{}/healthz", gw.admin)).await.0,
         200,
@@ -149,8 +153,6 @@ async fn without_an_admin_token_resets_are_open() {
         .unwrap();
     assert_eq!(resp.status(), 204);
     assert_eq!(gw.used(DEMO_GRANT_ID).await, (0, 0));
-    assert_eq!(
-        get(format!("{}/readyz", gw.admin)).await,
-        (200, json!({"status": "ready"}))
-    );
+    let (code, body) = get(format!("{}/readyz", gw.admin)).await;
+    assert_eq!((code, &body["status"]), (200, &json!("ready")));
 }

@@ -569,6 +569,13 @@ async fn the_gateway_starts_while_redis_is_down_and_counts_once_it_is_back() {
     assert!(nylas.sends().is_empty());
 
     redis.restart();
+    // The breaker opened on the failures; its probe (here readiness) closes it within a
+    // second of Redis answering, and the first send after that connects and counts.
+    common::eventually("ready once Redis is back", || async {
+        let resp = c.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+        resp.status() == 200
+    })
+    .await;
     let resp = gw
         .send_json(&c, DEMO_GRANT_ID, &simple())
         .send()
@@ -577,7 +584,7 @@ async fn the_gateway_starts_while_redis_is_down_and_counts_once_it_is_back() {
     assert_eq!(
         resp.status(),
         200,
-        "the first call after Redis is back connects"
+        "the first send after Redis is back counts"
     );
     assert_eq!(gw.used(DEMO_GRANT_ID).await, (1, 1));
     let resp = c.get(format!("{}/readyz", gw.admin)).send().await.unwrap();

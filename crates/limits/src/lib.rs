@@ -10,21 +10,28 @@
 //! - [`store`]: the [`QuotaStore`] trait and [`StoreError`].
 //! - [`memory`]: [`MemoryStore`], the embedded default.
 //! - [`redis`]: [`RedisStore`], one Lua script round trip per decision.
+//! - [`breaker`]: [`BreakerStore`], which stops waiting for a store that keeps failing.
+//! - [`local`]: [`LocalBudget`], a replica's own share of each limit while the shared store
+//!   is down, written back to it when it returns.
 //! - [`clock`]: the injectable [`Clock`] and a [`FakeClock`] for tests.
 //! - `window`: bucket and calendar arithmetic shared by both stores.
 
+pub mod breaker;
 pub mod clock;
 pub mod decision;
+pub mod local;
 pub mod memory;
 pub mod policy;
 pub mod redis;
 pub mod store;
 mod window;
 
+pub use breaker::{BreakerState, BreakerStore};
 pub use clock::{Clock, FakeClock, Millis, SystemClock};
 pub use decision::{
     Allowance, Charge, Cost, Decision, Denial, MetricUsage, Reservation, Usage, WindowUsage,
 };
+pub use local::LocalBudget;
 pub use memory::MemoryStore;
 pub use policy::{
     CalendarUnit, Metric, Period, PeriodSpec, PolicyError, Profile, ProfileSpec, Window, WindowSpec,
@@ -32,5 +39,5 @@ pub use policy::{
 pub use redis::{RedisConfig, RedisStore, RedisTls};
 pub use store::{
     Guarded, IDEMPOTENCY_TTL, MAX_AHEAD, MAX_IDEMPOTENCY_KEY, MAX_SCHEDULED_SLOTS, META_COOLDOWN,
-    META_PROFILE, QuotaStore, StoreError,
+    META_PROFILE, QuotaStore, StoreError, StoreHealth,
 };

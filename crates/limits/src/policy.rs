@@ -187,6 +187,25 @@ impl Profile {
         &self.windows
     }
 
+    /// This profile with every window limit scaled by `fraction` (rounded down, at least
+    /// 1): the same windows (and ids), so usage counted under one is read by the other. The
+    /// per-message caps are kept. For a budget that admits a share of each limit, such as
+    /// a replica's while the shared store is down.
+    pub fn scaled(&self, fraction: f64) -> Profile {
+        let scale = |l: NonZeroU64| {
+            let v = (l.get() as f64 * fraction).floor();
+            // `as` saturates; a NaN fraction gives 0, raised to 1.
+            NonZeroU64::new(v as u64).unwrap_or(NonZeroU64::MIN).min(l)
+        };
+        let mut p = self.clone();
+        for w in &mut p.windows {
+            for l in &mut w.limits {
+                *l = l.map(scale);
+            }
+        }
+        p
+    }
+
     /// Names of the built-in profiles.
     pub const BUILTIN: [&'static str; 4] = ["icloud", "google", "microsoft", "yahoo"];
 
@@ -576,6 +595,27 @@ pub fn humanize(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scaled_keeps_windows_and_floors_each_limit_at_one() {
+        let ms = Profile::builtin("microsoft").unwrap();
+        let s = ms.scaled(0.05);
+        assert_eq!(s.windows().len(), 2);
+        assert_eq!(s.windows()[0].id(), ms.windows()[0].id());
+        // 30 a minute: 1.5, rounded down to 1; 10,000 recipients a day: 500.
+        assert_eq!(s.windows()[0].limit(Metric::Messages).unwrap().get(), 1);
+        assert_eq!(s.windows()[1].limit(Metric::Recipients).unwrap().get(), 500);
+        assert_eq!(s.windows()[1].limit(Metric::Messages), None);
+        assert_eq!(
+            s.max_recipients_per_message(),
+            ms.max_recipients_per_message()
+        );
+        let whole = ms.scaled(2.0);
+        assert_eq!(
+            whole.windows()[0].limit(Metric::Messages).unwrap().get(),
+            30
+        );
+    }
 
     #[test]
     fn builtins_build() {

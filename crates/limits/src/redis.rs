@@ -26,7 +26,7 @@ use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
 use crate::policy::{Metric, Period, Profile, Window};
 use crate::store::{
     Guarded, IDEMPOTENCY_TTL, MAX_AHEAD, MAX_SCHEDULED_SLOTS, META_COOLDOWN, META_PROFILE,
-    QuotaStore, StoreError, charge_instant, check_idempotency_key, too_many_scheduled,
+    QuotaStore, StoreError, StoreHealth, charge_instant, check_idempotency_key, too_many_scheduled,
 };
 use crate::window::{Over, View, calendar_bounds, denial, usage_of};
 
@@ -183,6 +183,9 @@ pub struct RedisStore {
     delete_if: Script,
     cool_down: Script,
     reset_mark: Script,
+    cancel: Script,
+    /// Reserves whose answers were lost, to settle once Redis answers.
+    pending: std::sync::Mutex<Vec<Pending>>,
     /// Set only by tests: pass this clock's time to the script instead of Redis `TIME`.
     clock_override: Option<Arc<dyn Clock>>,
 }
@@ -253,6 +256,8 @@ impl RedisStore {
             delete_if: Script::new(DELETE_IF),
             cool_down: Script::new(COOL_DOWN),
             reset_mark: Script::new(RESET_MARK),
+            cancel: Script::new(CANCEL),
+            pending: std::sync::Mutex::new(Vec::new()),
             clock_override: None,
         })
     }
@@ -325,9 +330,15 @@ impl RedisStore {
             None => None,
         };
         let mut inv = self.reserve.prepare_invoke();
+        let id = rand::random::<u64>() >> 2;
         // reserve.lua reads its keys, then its arguments, then the windows', by position.
         let idem_ttl = self.reserve_keys(&mut inv, scope, profile, key, mode);
-        let id = rand::random::<u64>() >> 2;
+        let (marker, record) = match mode {
+            MODE_RESERVE => (id.to_string(), RECORD_TTL.as_millis() as u64),
+            _ => (String::new(), 0),
+        };
+        inv.key(self.key(scope, "x:", &marker))
+            .key(self.key(scope, "c:", &marker));
         inv.arg(self.now_hint())
             .arg(id)
             .arg(idem_ttl)
@@ -340,13 +351,92 @@ impl RedisStore {
             .arg(guard.flatten().unwrap_or(""))
             .arg(at.map(|t| t.to_string()).unwrap_or_default())
             .arg(MAX_SCHEDULED_SLOTS)
-            .arg(MAX_AHEAD.as_millis() as u64);
+            .arg(MAX_AHEAD.as_millis() as u64)
+            .arg(record);
         for w in profile.windows() {
             window_args(&mut inv, w, local_now, at);
         }
         let mut conn = self.conn().await?;
-        let reply: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
-        parse_reserve_reply(&reply, profile)
+        let reply = within(self.timeout, inv.invoke_async::<Value>(&mut conn)).await;
+        if let Err(e) = &reply
+            && mode == MODE_RESERVE
+            && is_outage(e)
+        {
+            // The script may have run with its answer lost: give it back once Redis answers.
+            self.pending_push(Pending::Cancel {
+                scope: scope.to_owned(),
+                id,
+                cost,
+                windows: profile
+                    .windows()
+                    .iter()
+                    .map(|w| Arc::from(w.id()))
+                    .collect(),
+            });
+        }
+        parse_reserve_reply(&reply?, profile)
+    }
+
+    fn pending_push(&self, p: Pending) {
+        let mut pending = lock(&self.pending);
+        if pending.len() >= MAX_PENDING {
+            // Over-counting is the safe side: the oldest unsettled charge stays.
+            pending.remove(0);
+        }
+        pending.push(p);
+    }
+
+    /// Settles the reserves whose answers were lost (timeouts, dropped connections): each
+    /// is released by its id if it ran, and marked so that it charges nothing if it runs
+    /// later. Called after every successful ping; returns how many were released.
+    ///
+    /// # Errors
+    /// The store failed again; what was not settled is kept for the next call.
+    pub async fn settle_pending(&self) -> Result<usize, StoreError> {
+        let todo = std::mem::take(&mut *lock(&self.pending));
+        let mut released = 0;
+        let mut left = todo.into_iter();
+        while let Some(p) = left.next() {
+            match self.settle_one(&p).await {
+                Ok(r) => released += usize::from(r),
+                Err(e) => {
+                    let mut pending = lock(&self.pending);
+                    pending.push(p);
+                    pending.extend(left);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    async fn settle_one(&self, p: &Pending) -> Result<bool, StoreError> {
+        let reservation = match p {
+            Pending::Release(r) => r.clone(),
+            Pending::Cancel {
+                scope,
+                id,
+                cost,
+                windows,
+            } => {
+                let mut inv = self.cancel.prepare_invoke();
+                inv.key(self.key(scope, "x:", &id.to_string()))
+                    .key(self.key(scope, "c:", &id.to_string()))
+                    .arg(RECORD_TTL.as_millis() as u64);
+                let mut conn = self.conn().await?;
+                let record: Option<String> =
+                    within(self.timeout, inv.invoke_async(&mut conn)).await?;
+                let Some(record) = record else {
+                    return Ok(false);
+                };
+                recorded_reservation(scope, *id, *cost, windows, &record)?
+            }
+        };
+        if let Err(e) = self.release(&reservation).await {
+            self.pending_push(Pending::Release(reservation));
+            return Err(e);
+        }
+        Ok(true)
     }
 
     fn local_now(&self) -> Millis {
@@ -413,6 +503,86 @@ impl RedisStore {
     }
 }
 
+/// A reserve whose answer was lost, to settle once Redis answers.
+#[derive(Debug)]
+enum Pending {
+    /// Release it if it ran; mark it so it charges nothing if it runs later.
+    Cancel {
+        scope: String,
+        id: u64,
+        cost: Cost,
+        windows: Vec<Arc<str>>,
+    },
+    /// It ran (its record was read); give its charge back.
+    Release(Reservation),
+}
+
+/// Most lost reserves remembered for settling; beyond, the oldest keeps its charge.
+const MAX_PENDING: usize = 100_000;
+
+/// How long a reservation's record (and a cancelled one's marker) is kept: a reserve whose
+/// answer was lost is given back if Redis answers again within this time.
+pub const RECORD_TTL: Duration = Duration::from_secs(600);
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn is_outage(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(_) | StoreError::Timeout(_))
+}
+
+/// Takes a reservation's record ("<made at>,<last expiry>,<slot>...") and deletes it, or,
+/// with none, marks the reservation released so a late reserve charges nothing. KEYS[1] the
+/// marker, KEYS[2] the record; ARGV[1] the marker's lifetime in ms.
+const CANCEL: &str = r"
+local record = redis.call('GET', KEYS[2])
+if record then
+  redis.call('DEL', KEYS[2])
+  return record
+end
+redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
+return false
+";
+
+/// The reservation a record names.
+fn recorded_reservation(
+    scope: &str,
+    id: u64,
+    cost: Cost,
+    windows: &[Arc<str>],
+    record: &str,
+) -> Result<Reservation, StoreError> {
+    let nums: Vec<u64> = record
+        .split(',')
+        .map(|v| v.parse().map_err(|_| protocol("reservation record")))
+        .collect::<Result<_, _>>()?;
+    let [made_at, expires_at_ms, slots @ ..] = nums.as_slice() else {
+        return Err(protocol("reservation record"));
+    };
+    if slots.len() != windows.len() {
+        return Err(protocol("reservation record"));
+    }
+    let charges = windows
+        .iter()
+        .zip(slots)
+        .map(|(w, &slot)| Charge {
+            window_id: Arc::clone(w),
+            slot,
+            expires_at_ms: *expires_at_ms,
+        })
+        .collect();
+    Ok(Reservation {
+        id,
+        scope: Arc::from(scope),
+        cost,
+        at: *made_at,
+        made_at: *made_at,
+        charges,
+        idempotency_key: None,
+    })
+}
+
 /// Sets a cool-down's end on the script's clock, keeping a later one already set.
 /// KEYS[1] the setting; ARGV[1] now in ms or "" for Redis TIME; ARGV[2] its length in ms.
 const COOL_DOWN: &str = r"
@@ -433,6 +603,27 @@ struct Ask<'a> {
     profile: &'a Profile,
     cost: Cost,
     at: Option<Millis>,
+}
+
+/// Reads the run id and persistence out of `INFO server`, `INFO persistence` and
+/// `CONFIG GET save` (`None` when CONFIG is not allowed).
+fn health_of(server: &str, persistence: &str, save: Option<&[String]>) -> StoreHealth {
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    };
+    let aof = field(persistence, "aof_enabled").is_some_and(|v| v == "1");
+    let rdb = save.map(|s| s.get(1).is_some_and(|v| !v.trim().is_empty()));
+    let persistent = match (aof, rdb) {
+        (true, _) | (_, Some(true)) => Some(true),
+        (false, Some(false)) => Some(false),
+        (false, None) => None,
+    };
+    StoreHealth {
+        persistent,
+        run_id: field(server, "run_id"),
+    }
 }
 
 /// Fields of a reply before the per-window ones, and per window.
@@ -554,6 +745,11 @@ fn parse_reserve_reply(reply: &Value, profile: &Profile) -> Result<Raw, StoreErr
         _ => Err(protocol("reply field")),
     };
     let (fields, replay) = match items.first() {
+        Some(Value::Int(8)) => {
+            return Err(StoreError::Unavailable(
+                "reservation released before it reached Redis".into(),
+            ));
+        }
         Some(Value::Int(7)) => return Err(charge_instant(Some(u64::MAX), 0).unwrap_err()),
         Some(Value::Int(6)) => {
             let i: usize = text(1)?.parse().map_err(|_| protocol("window"))?;
@@ -897,7 +1093,34 @@ impl QuotaStore for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         let _: String = within(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
+        self.settle_pending().await?;
         Ok(())
+    }
+
+    async fn health(&self) -> Result<StoreHealth, StoreError> {
+        self.ping().await?;
+        let mut conn = self.conn().await?;
+        let server: String = within(
+            self.timeout,
+            redis::cmd("INFO").arg("server").query_async(&mut conn),
+        )
+        .await?;
+        let persistence: String = within(
+            self.timeout,
+            redis::cmd("INFO").arg("persistence").query_async(&mut conn),
+        )
+        .await?;
+        // Managed offerings often disable CONFIG; then only AOF can be seen.
+        let save: Option<Vec<String>> = within(
+            self.timeout,
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("save")
+                .query_async(&mut conn),
+        )
+        .await
+        .ok();
+        Ok(health_of(&server, &persistence, save.as_deref()))
     }
 }
 

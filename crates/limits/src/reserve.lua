@@ -13,6 +13,10 @@
 -- KEYS[n+2]    the idempotency record (used when ARGV[3] > 0)
 -- KEYS[n+3]    the scope's profile override setting
 -- KEYS[n+4]    the scope's cool-down setting ("<until ms>")
+-- KEYS[n+5]    this reservation's release marker: set before the reserve ran (the gateway
+--              gave up waiting and released it by id), it means charge nothing
+-- KEYS[n+6]    this reservation's record ("<made at>,<last expiry>,<slot>..."), written when
+--              ARGV[14] > 0 so a reserve whose answer was lost can be released by id
 -- ARGV[1]      now in ms, or "" to read Redis TIME (the default: one clock for all replicas)
 -- ARGV[2]      reservation id
 -- ARGV[3]      idempotency TTL in ms, 0 for none
@@ -25,6 +29,7 @@
 -- ARGV[11]     the instant to charge at in ms, "" for now (a past instant means now)
 -- ARGV[12]     most scheduled buckets or periods per window
 -- ARGV[13]     furthest ahead a charge may be, in ms
+-- ARGV[14]     how long the reservation's record is kept, in ms (0: none)
 -- then 12 per window: kind (0 rolling, 1 calendar), limits m r b (0: none),
 --   rolling: bucket ms, buckets, then 6 unused; calendar: three candidate periods around
 --   the gateway's clock s0 e0 s1 e1 s2 e2; then the period holding ARGV[11] (sa ea, 0 0 for now)
@@ -36,7 +41,8 @@
 -- A repeated idempotency key within its TTL answers {3, "<the first reply joined by commas>"}.
 -- With checks on: {5, ms left} while cooling down, {4, "<override>"} when the override differs.
 -- {6, window} when a charge would hold too many scheduled buckets there, {7, 0} when the
--- instant is too far ahead. Nothing is charged in any of these cases.
+-- instant is too far ahead; {8, 0} when this reservation was released before it ran.
+-- Nothing is charged in any of these cases.
 
 local nwin = tonumber(ARGV[8])
 local mode = ARGV[7]
@@ -51,6 +57,8 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+
+if mode == 'r' and redis.call('EXISTS', KEYS[nwin + 5]) == 1 then return {8, 0} end
 
 if mode == 'r' and ARGV[9] == '1' then
   local cool = tonumber(redis.call('GET', KEYS[nwin + 4]) or '')
@@ -306,7 +314,7 @@ end
 
 -- Reads one window, dropping what no longer counts.
 local function load(i)
-  local base = 13 + (i - 1) * 12
+  local base = 14 + (i - 1) * 12
   local w = {key = KEYS[i], kind = tonumber(ARGV[base + 1]),
     limit = {tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])}}
   local err
@@ -500,6 +508,18 @@ end
 if idx_expiry > 0 then
   local pttl = redis.call('PTTL', idx_key)
   if pttl < 0 or now + pttl < idx_expiry then redis.call('PEXPIRE', idx_key, math.max(1, idx_expiry - now)) end
+end
+
+local record_ttl = tonumber(ARGV[14]) or 0
+if status == 1 and mode == 'r' and record_ttl > 0 then
+  local parts, last = {string.format('%d', now), '0'}, 0
+  for i = 1, nwin do
+    local base = 9 + (i - 1) * 12
+    parts[#parts + 1] = string.format('%d', reply[base + 1])
+    if reply[base + 2] > last then last = reply[base + 2] end
+  end
+  parts[2] = string.format('%d', last)
+  redis.call('SET', KEYS[nwin + 6], table.concat(parts, ','), 'PX', record_ttl)
 end
 
 -- Only admitted requests are remembered: a denied one retried after retry_after is judged afresh.

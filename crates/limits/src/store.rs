@@ -191,6 +191,26 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Checks that the store answers, and says what it can of itself: whether what it
+    /// holds survives its own restart, and an id that changes when it restarts.
+    ///
+    /// # Errors
+    /// The store is unreachable or too slow.
+    async fn health(&self) -> Result<StoreHealth, StoreError> {
+        self.ping().await?;
+        Ok(StoreHealth::default())
+    }
+}
+
+/// What a store says of itself (see [`QuotaStore::health`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Whether the store keeps its data across its own restart: `Some(false)` for a Redis
+    /// with neither AOF nor RDB snapshots on, `None` when it cannot tell.
+    pub persistent: Option<bool>,
+    /// An id that changes when the store restarts (Redis's `run_id`), if it has one.
+    pub run_id: Option<String>,
 }
 
 /// The per-scope setting holding a profile override (see [`QuotaStore::reserve_guarded`]).

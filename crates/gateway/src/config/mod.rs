@@ -43,11 +43,12 @@ mod values;
 
 pub use error::ConfigError;
 pub use sources::{ENV_PREFIX, Sources};
-pub use values::Secret;
+pub use values::{Secret, Share};
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -201,6 +202,20 @@ pub enum OnUnavailable {
     Reject,
     /// Forward it uncounted; log and count the event.
     Allow,
+    /// Admit from this replica's own budget (`store.local_budget` of each window's
+    /// limit), written back to the store when it returns; refuse with 503 beyond it.
+    Local,
+}
+
+impl OnUnavailable {
+    /// The value as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnUnavailable::Reject => "reject",
+            OnUnavailable::Allow => "allow",
+            OnUnavailable::Local => "local",
+        }
+    }
 }
 
 /// `[store]`.
@@ -220,6 +235,11 @@ pub struct StoreConfig {
     pub timeout: Duration,
     /// What to do when the store fails.
     pub on_unavailable: OnUnavailable,
+    /// The share of each window's limit a replica admits per grant on its own while the
+    /// store is down (`on_unavailable = "local"`).
+    pub local_budget: Share,
+    /// Consecutive store failures that open the breaker (calls then fail at once).
+    pub breaker_failures: NonZeroU32,
     /// PEM certificates trusted for a `rediss://` URL instead of the system's roots.
     #[serde(with = "optional")]
     pub tls_ca_file: Option<PathBuf>,
@@ -242,6 +262,9 @@ impl Default for StoreConfig {
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             timeout: DEFAULT_STORE_TIMEOUT,
             on_unavailable: OnUnavailable::Reject,
+            local_budget: Share::DEFAULT_LOCAL_BUDGET,
+            breaker_failures: NonZeroU32::new(limits::breaker::DEFAULT_THRESHOLD)
+                .unwrap_or(NonZeroU32::MIN),
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -259,6 +282,8 @@ impl fmt::Debug for StoreConfig {
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("on_unavailable", &self.on_unavailable)
+            .field("local_budget", &self.local_budget)
+            .field("breaker_failures", &self.breaker_failures)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)

@@ -18,6 +18,37 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::MASK;
 
+/// A share of a whole (`store.local_budget`): a finite number greater than 0 and at most 1,
+/// never NaN (which is what makes `Eq` sound).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Share(f64);
+
+impl Eq for Share {}
+
+impl Share {
+    /// 5 %: the default local budget.
+    pub const DEFAULT_LOCAL_BUDGET: Share = Share(0.05);
+
+    /// The share as a number in (0, 1].
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Share {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(deserializer)?;
+        if v.is_finite() && v > 0.0 && v <= 1.0 {
+            Ok(Share(v))
+        } else {
+            Err(de::Error::custom(format!(
+                "must be a share greater than 0 and at most 1 (0.05 is 5 %), not {v}"
+            )))
+        }
+    }
+}
+
 /// A secret sent in an HTTP header (`server.admin_token`, `upstream.api_key`): `Debug`
 /// shows `<redacted>` and serializing writes [`MASK`], so neither logs nor `check-config`
 /// can leak it. Derefs to the value itself. Never contains blanks or control characters

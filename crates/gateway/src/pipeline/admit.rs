@@ -2,9 +2,13 @@
 //! no store call), then one reserve, which charges every window all or nothing and returns
 //! a [`Lease`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use limits::{Allowance, Cost, Decision, Denial, Guarded, Metric, Millis, Profile, StoreError};
+use limits::{
+    Allowance, Cost, Decision, Denial, Guarded, LocalBudget, Metric, Millis, Profile, QuotaStore,
+    StoreError,
+};
 
 use super::charged::Charged;
 use super::ctx::{SendCtx, Stop};
@@ -80,10 +84,12 @@ pub(super) async fn admit(
             Err(denied(ctx, d))
         }
         Err(StoreError::Invalid(msg)) => Err(ctx.reject(GatewayError::InvalidSendRequest(msg))),
-        Err(e) => unavailable(ctx, &e).map(|lease| Admitted {
-            lease,
-            deferred_to: None,
-        }),
+        Err(e) => unavailable(state, ctx, charged, charge, ask.at, &e)
+            .await
+            .map(|lease| Admitted {
+                lease,
+                deferred_to: None,
+            }),
     }
 }
 
@@ -180,18 +186,73 @@ fn denied(ctx: &mut SendCtx, d: Denial) -> Stop {
     Stop::Fail(GatewayError::QuotaExceeded(Box::new(d)))
 }
 
-/// The store failed: refuse, or forward uncounted, as `[store] on_unavailable` says.
-fn unavailable(ctx: &mut SendCtx, e: &StoreError) -> Result<Option<Lease>, Stop> {
+/// The store failed: refuse, forward uncounted, or admit from this replica's own budget,
+/// as `[store] on_unavailable` says.
+async fn unavailable(
+    state: &AppState,
+    ctx: &mut SendCtx,
+    charged: &Charged,
+    charge: Cost,
+    at: Option<Millis>,
+    e: &StoreError,
+) -> Result<Option<Lease>, Stop> {
     let reason = store_reason(e);
-    match ctx.config.store.on_unavailable {
-        OnUnavailable::Reject => {
-            ctx.decide(Outcome::StoreError, reason);
-            Err(Stop::Fail(GatewayError::QuotaUnavailable(e.to_string())))
-        }
-        OnUnavailable::Allow => {
+    match (ctx.config.store.on_unavailable, &state.local) {
+        (OnUnavailable::Allow, _) => {
             tracing::warn!(request_id = %ctx.record.request_id, error = %e, "quota store failed; send forwarded uncounted");
             ctx.decide(Outcome::AllowedUncounted, reason);
             Ok(None)
+        }
+        (OnUnavailable::Local, Some(local)) => {
+            admit_locally(state, ctx, charged, charge, at, (local, e)).await
+        }
+        (OnUnavailable::Reject | OnUnavailable::Local, _) => {
+            ctx.decide(Outcome::StoreError, reason);
+            Err(Stop::Fail(GatewayError::QuotaUnavailable(e.to_string())))
+        }
+    }
+}
+
+/// Admits from this replica's own share of each limit (`on_unavailable = "local"`); the
+/// lease settles against that budget, which is written back to the store when it returns.
+async fn admit_locally(
+    state: &AppState,
+    ctx: &mut SendCtx,
+    charged: &Charged,
+    charge: Cost,
+    at: Option<Millis>,
+    (local, e): (&Arc<LocalBudget>, &StoreError),
+) -> Result<Option<Lease>, Stop> {
+    let scope = charged.scope.as_str();
+    match local
+        .reserve_at(scope, &charged.profile, charge, at, None)
+        .await
+    {
+        Ok(Decision::Allowed(a)) => {
+            ctx.decide(Outcome::Allowed, "local_budget");
+            state.metrics.local_admission();
+            let store: Arc<dyn QuotaStore> = Arc::clone(local) as Arc<dyn QuotaStore>;
+            let profile = charged.profile.clone();
+            let lease = Lease::new(
+                store,
+                state.metrics.clone(),
+                a.reservation,
+                profile,
+                a.usage,
+            );
+            Ok(Some(lease))
+        }
+        Ok(Decision::Denied(_)) => {
+            ctx.decide(Outcome::StoreError, "local_budget_spent");
+            Err(Stop::Fail(GatewayError::QuotaUnavailable(format!(
+                "{e}; this replica's local budget for the grant is spent"
+            ))))
+        }
+        Err(local_err) => {
+            ctx.decide(Outcome::StoreError, store_reason(e));
+            Err(Stop::Fail(GatewayError::QuotaUnavailable(format!(
+                "{e}; local budget: {local_err}"
+            ))))
         }
     }
 }

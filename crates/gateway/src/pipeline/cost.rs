@@ -80,7 +80,7 @@ pub(super) async fn lock_draft(
             ctx.decide(Outcome::Denied, "draft_busy");
             Err(Stop::Fail(GatewayError::DraftBusy))
         }
-        Err(LockError::Store(_)) if ctx.config.store.on_unavailable == OnUnavailable::Allow => {
+        Err(LockError::Store(_)) if ctx.config.store.on_unavailable != OnUnavailable::Reject => {
             Ok(None)
         }
         Err(LockError::Store(e)) => {
