@@ -399,6 +399,9 @@ impl RedisStore {
         while let Some(p) = left.next() {
             match self.settle_one(&p).await {
                 Ok(r) => released += usize::from(r),
+                // An answer that cannot be read will not read better later: the charge
+                // stays (the safe side) rather than blocking every later ping.
+                Err(StoreError::Protocol(_) | StoreError::Invalid(_)) => {}
                 Err(e) => {
                     let mut pending = lock(&self.pending);
                     pending.push(p);
@@ -432,11 +435,13 @@ impl RedisStore {
                 recorded_reservation(scope, *id, *cost, windows, &record)?
             }
         };
-        if let Err(e) = self.release(&reservation).await {
-            self.pending_push(Pending::Release(reservation));
-            return Err(e);
+        match self.release(&reservation).await {
+            Err(e) if is_outage(&e) => {
+                self.pending_push(Pending::Release(reservation));
+                Err(e)
+            }
+            other => other.map(|()| true),
         }
-        Ok(true)
     }
 
     fn local_now(&self) -> Millis {
