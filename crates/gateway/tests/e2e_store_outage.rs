@@ -80,10 +80,12 @@ async fn local_mode_admits_exactly_its_budget_and_writes_it_back() {
         "sendgw_store_duration_seconds_bucket",
         "le=\"0.1\",op=\"reserve\"",
     );
-    // Only the sends before the breaker opened waited (1 s each, at most three); the rest
-    // were decided at once (each well under 100 ms).
+    // Only the sends before the breaker opened waited (1 s each, at most three), and any
+    // that happened to be the breaker's once-a-second probe; the rest, the 2 before the
+    // pause included, were decided at once (each well under 100 ms). Without the breaker
+    // only those 2 would be.
     assert!(
-        fast >= 57.0,
+        fast >= 50.0,
         "{fast} reserves decided under 100 ms\n{metrics}"
     );
     let (code, body) = readyz(&gw).await;
