@@ -135,7 +135,10 @@ async fn reject_mode_refuses_with_retry_after_and_is_not_ready() {
     let (code, body) = readyz(&gw).await;
     assert_eq!(code, 503, "{body}");
     // Open, or half open while the once-a-second probe is out.
-    let breaker = body["store"]["breaker"].as_str().unwrap_or_default().to_owned();
+    let breaker = body["store"]["breaker"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     assert!(["open", "half_open"].contains(&breaker.as_str()), "{body}");
     assert!(plain(&gw.metrics().await, "sendgw_store_breaker_state") >= 1.0);
     redis.resume();
