@@ -23,6 +23,7 @@ pub mod local;
 pub mod memory;
 pub mod policy;
 pub mod redis;
+mod redis_conn;
 pub mod store;
 mod window;
 

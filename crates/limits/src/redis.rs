@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation, Value};
+use redis::{RedisError, Script, ScriptInvocation, Value};
 
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
 use crate::policy::{Metric, Period, Profile, Window};
+use crate::redis_conn::{Client, Conn};
+pub use crate::redis_conn::{Topology, check_url};
 use crate::store::{
     Guarded, IDEMPOTENCY_TTL, MAX_AHEAD, MAX_SCHEDULED_SLOTS, META_COOLDOWN, META_PROFILE,
     QuotaStore, StoreError, StoreHealth, charge_instant, check_idempotency_key, too_many_scheduled,
@@ -48,6 +48,15 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// TLS material for a `rediss://` URL (the system's roots are trusted by default).
     pub tls: RedisTls,
+    /// Sentinel only: the user the sentinels know (the URL's credentials are the data
+    /// nodes').
+    pub sentinel_username: Option<String>,
+    /// Sentinel only: the sentinels' password.
+    pub sentinel_password: Option<String>,
+    /// Replicas that must hold each charge before it counts (`WAIT`); `None` is 1 for
+    /// Sentinel and 0 otherwise. A charge that reaches fewer is answered as an outage and
+    /// given back once Redis answers, so a failover cannot lose an admitted charge.
+    pub wait_replicas: Option<u32>,
 }
 
 impl Default for RedisConfig {
@@ -57,6 +66,9 @@ impl Default for RedisConfig {
             key_prefix: DEFAULT_PREFIX.into(),
             timeout: DEFAULT_TIMEOUT,
             tls: RedisTls::default(),
+            sentinel_username: None,
+            sentinel_password: None,
+            wait_replicas: None,
         }
     }
 }
@@ -75,7 +87,7 @@ pub struct RedisTls {
 }
 
 impl RedisTls {
-    fn is_set(&self) -> bool {
+    pub(crate) fn is_set(&self) -> bool {
         self.ca_pem.is_some() || self.client_pem.is_some() || self.insecure_skip_verify
     }
 }
@@ -91,93 +103,14 @@ impl std::fmt::Debug for RedisTls {
     }
 }
 
-/// Makes ring the process's rustls provider unless one is already installed.
-fn install_tls_provider() {
-    // An error only says that a provider is installed already, which is what is needed.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// A client for one server (or a Sentinel-managed primary behind a stable address), over
-/// TLS as `config` says.
-fn single_client(config: &RedisConfig) -> Result<redis::Client, StoreError> {
-    let invalid = |e: RedisError| StoreError::Invalid(format!("store url: {e}"));
-    let tls = &config.tls;
-    if !tls.is_set() {
-        if config.url.starts_with("rediss://") {
-            install_tls_provider();
-        }
-        return redis::Client::open(config.url.as_str()).map_err(invalid);
-    }
-    if !config.url.starts_with("rediss://") {
-        return Err(StoreError::Invalid(
-            "TLS settings need a rediss:// store url".into(),
-        ));
-    }
-    install_tls_provider();
-    let url = if tls.insecure_skip_verify {
-        format!("{}#insecure", config.url.trim_end_matches("#insecure"))
-    } else {
-        config.url.clone()
-    };
-    let certs = redis::TlsCertificates {
-        client_tls: tls.client_pem.clone().map(|(client_cert, client_key)| {
-            redis::ClientTlsConfig {
-                client_cert,
-                client_key,
-            }
-        }),
-        root_cert: tls.ca_pem.clone(),
-    };
-    redis::Client::build_with_tls(url.as_str(), certs).map_err(invalid)
-}
-
-/// How to open the connection.
-enum Client {
-    Single(Box<redis::Client>),
-    Cluster(Box<redis::cluster::ClusterClient>),
-}
-
-/// One multiplexed connection that reconnects by itself.
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
 /// Quota counters in Redis (standalone or Cluster).
 pub struct RedisStore {
     client: Client,
     conn: tokio::sync::OnceCell<Conn>,
     prefix: String,
     timeout: Duration,
+    /// Replicas each charge must reach (`WAIT`) before it counts.
+    wait_replicas: u32,
     reserve: Script,
     release: Script,
     delete_if: Script,
@@ -195,7 +128,8 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
-            .field("cluster", &matches!(self.client, Client::Cluster(_)))
+            .field("topology", &self.client.topology())
+            .field("wait_replicas", &self.wait_replicas)
             .finish_non_exhaustive()
     }
 }
@@ -224,33 +158,21 @@ impl RedisStore {
                 "key_prefix must not contain '{' or '}'".into(),
             ));
         }
-        let timeout = config.timeout;
-        let client = if let Some(nodes) = config.url.strip_prefix("redis+cluster://") {
-            if config.tls.is_set() {
-                return Err(StoreError::Invalid(
-                    "TLS settings apply to rediss:// only; Redis Cluster over TLS is not supported yet"
-                        .into(),
-                ));
-            }
-            let nodes: Vec<String> = nodes
-                .split(',')
-                .filter(|n| !n.trim().is_empty())
-                .map(|n| format!("redis://{}", n.trim()))
-                .collect();
-            let client = redis::cluster::ClusterClient::builder(nodes)
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .build()
-                .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
-            Client::Cluster(Box::new(client))
-        } else {
-            Client::Single(Box::new(single_client(config)?))
-        };
+        let client = Client::new(config)?;
+        if client.topology() == Topology::Cluster && config.wait_replicas.unwrap_or(0) > 0 {
+            return Err(StoreError::Invalid(
+                "wait_replicas is not supported on Redis Cluster".into(),
+            ));
+        }
+        let wait_replicas = config
+            .wait_replicas
+            .unwrap_or(u32::from(client.topology() == Topology::Sentinel));
         Ok(RedisStore {
             client,
             conn: tokio::sync::OnceCell::new(),
             prefix: config.key_prefix.clone(),
-            timeout,
+            timeout: config.timeout,
+            wait_replicas,
             reserve: Script::new(include_str!("reserve.lua")),
             release: Script::new(include_str!("release.lua")),
             delete_if: Script::new(DELETE_IF),
@@ -267,25 +189,10 @@ impl RedisStore {
         let timeout = self.timeout;
         let conn = self
             .conn
-            .get_or_try_init(|| async {
-                match &self.client {
-                    Client::Cluster(c) => within(timeout, c.get_async_connection())
-                        .await
-                        .map(Conn::Cluster),
-                    Client::Single(c) => {
-                        let cfg = ConnectionManagerConfig::new()
-                            .set_connection_timeout(Some(timeout))
-                            .set_response_timeout(Some(timeout))
-                            .set_number_of_retries(2);
-                        let client = redis::Client::clone(c);
-                        within(timeout, ConnectionManager::new_with_config(client, cfg))
-                            .await
-                            .map(Conn::Single)
-                    }
-                }
-            })
+            .get_or_try_init(|| within(timeout, self.client.connect(timeout)))
             .await?;
-        Ok(conn.clone())
+        // One call's commands all go to one node, so a WAIT covers the write before it.
+        within(timeout, conn.pinned()).await
     }
 
     /// Uses `clock` instead of Redis `TIME`. Meant for tests that move time by hand; in
@@ -357,12 +264,19 @@ impl RedisStore {
             window_args(&mut inv, w, local_now, at);
         }
         let mut conn = self.conn().await?;
-        let reply = within(self.timeout, inv.invoke_async::<Value>(&mut conn)).await;
+        let mut reply = within(self.timeout, inv.invoke_async::<Value>(&mut conn)).await;
+        if reply.is_ok()
+            && mode != MODE_USAGE
+            && let Err(e) = self.replicated(&mut conn).await
+        {
+            reply = Err(e);
+        }
         if let Err(e) = &reply
             && mode == MODE_RESERVE
             && is_outage(e)
         {
-            // The script may have run with its answer lost: give it back once Redis answers.
+            // The script may have run with its answer lost (or on a primary about to be
+            // replaced): give it back once Redis answers.
             self.pending_push(Pending::Cancel {
                 scope: scope.to_owned(),
                 id,
@@ -375,6 +289,31 @@ impl RedisStore {
             });
         }
         parse_reserve_reply(&reply?, profile)
+    }
+
+    /// Waits until `wait_replicas` replicas hold this connection's writes so far.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when fewer replicas acknowledged within the timeout: the
+    /// write may be lost in a failover, so it must not count as done.
+    async fn replicated(&self, conn: &mut Conn) -> Result<(), StoreError> {
+        let want = self.wait_replicas;
+        if want == 0 {
+            return Ok(());
+        }
+        let ms = u64::try_from(self.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(want).arg(ms);
+        let limit = self.timeout + Duration::from_millis(50);
+        let got: u32 = within(limit, wait.query_async(conn)).await?;
+        if got < want {
+            return Err(StoreError::Unavailable(format!(
+                "a write reached {got} of {want} replicas within {ms} ms"
+            )));
+        }
+        Ok(())
     }
 
     fn pending_push(&self, p: Pending) {
@@ -925,7 +864,7 @@ impl QuotaStore for RedisStore {
             .arg(ms);
         let mut conn = self.conn().await?;
         let _: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
-        Ok(())
+        self.replicated(&mut conn).await
     }
 
     async fn meta_get(&self, scope: &str, name: &str) -> Result<Option<String>, StoreError> {
@@ -954,7 +893,7 @@ impl QuotaStore for RedisStore {
         }
         let mut conn = self.conn().await?;
         let _: Value = within(self.timeout, cmd.query_async(&mut conn)).await?;
-        Ok(())
+        self.replicated(&mut conn).await
     }
 
     async fn meta_set_new(
@@ -972,6 +911,7 @@ impl QuotaStore for RedisStore {
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
         let mut conn = self.conn().await?;
         let reply: Value = within(self.timeout, cmd.query_async(&mut conn)).await?;
+        self.replicated(&mut conn).await?;
         Ok(!matches!(reply, Value::Nil))
     }
 
@@ -1096,6 +1036,9 @@ impl QuotaStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        if let Client::Sentinel(s) = &self.client {
+            within(self.timeout, s.follow()).await?;
+        }
         let mut conn = self.conn().await?;
         let _: String = within(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
         self.settle_pending().await?;

@@ -224,7 +224,8 @@ impl OnUnavailable {
 pub struct StoreConfig {
     /// Memory or Redis.
     pub backend: StoreBackend,
-    /// Redis URL (`redis://`, `rediss://` or `redis+cluster://`); checked only for Redis.
+    /// Redis URL (`redis://`, `rediss://`, `redis+cluster://`, `rediss+cluster://`,
+    /// `redis+sentinel://` or `rediss+sentinel://`); checked only for Redis.
     #[serde(serialize_with = "values::serialize_store_url")]
     pub url: String,
     /// Prefix of every Redis key; never empty, never contains `{` or `}`.
@@ -252,6 +253,16 @@ pub struct StoreConfig {
     pub tls_key_file: Option<PathBuf>,
     /// Accept any server certificate and host name: for tests only; warned about.
     pub tls_insecure_skip_verify: bool,
+    /// The user the sentinels know, for a Sentinel URL whose sentinels need ACL auth.
+    #[serde(with = "optional")]
+    pub sentinel_username: Option<String>,
+    /// The sentinels' password (the URL's credentials are the data nodes').
+    #[serde(with = "optional")]
+    pub sentinel_password: Option<Secret>,
+    /// Replicas that must hold each charge (`WAIT`) before a send is forwarded; unset is
+    /// 1 for Sentinel and 0 otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_replicas: Option<u32>,
 }
 
 impl Default for StoreConfig {
@@ -269,6 +280,9 @@ impl Default for StoreConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_insecure_skip_verify: false,
+            sentinel_username: None,
+            sentinel_password: None,
+            wait_replicas: None,
         }
     }
 }
@@ -288,6 +302,9 @@ impl fmt::Debug for StoreConfig {
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
             .field("tls_insecure_skip_verify", &self.tls_insecure_skip_verify)
+            .field("sentinel_username", &self.sentinel_username)
+            .field("sentinel_password", &self.sentinel_password)
+            .field("wait_replicas", &self.wait_replicas)
             .finish()
     }
 }
@@ -541,6 +558,9 @@ impl Config {
                 insecure_skip_verify: self.store.tls_insecure_skip_verify,
                 ..RedisTls::default()
             },
+            sentinel_username: self.store.sentinel_username.clone(),
+            sentinel_password: self.store.sentinel_password.clone().map(String::from),
+            wait_replicas: self.store.wait_replicas,
         }
     }
 

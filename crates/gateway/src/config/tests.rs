@@ -428,7 +428,7 @@ fn bad_values_are_named() {
     assert_err(
         "[store]\nbackend = \"redis\"\nurl = \"http://secret@127.0.0.1:6379\"",
         "store.url",
-        "redis://, rediss:// or redis+cluster://",
+        "redis+sentinel:// or rediss+sentinel://",
     );
     assert!(
         !err("[store]\nbackend = \"redis\"\nurl = \"http://secret@h\"")
@@ -444,11 +444,28 @@ fn bad_values_are_named() {
         "redis://h:1",
         "rediss://u:p@h:6380/2",
         "redis+cluster://a:1,b:2",
+        "rediss+cluster://:p@a:1,b:2",
+        "redis+sentinel://:p@a:26379,b:26380/mymaster/1",
     ] {
         let c =
             Config::from_toml_str(&format!("[store]\nbackend = \"redis\"\nurl = {ok:?}")).unwrap();
         assert_eq!(c.redis().url, ok);
     }
+    assert_err(
+        "[store]\nbackend = \"redis\"\nurl = \"redis+sentinel://a:1,b:2\"",
+        "store.url",
+        "master's name",
+    );
+    assert_err(
+        "[store]\nbackend = \"redis\"\nurl = \"redis://a:1\"\nsentinel_password = \"x\"",
+        "store.sentinel_password",
+        "redis+sentinel://",
+    );
+    assert_err(
+        "[store]\nbackend = \"redis\"\nurl = \"redis+cluster://a:1\"\nwait_replicas = 1",
+        "store.wait_replicas",
+        "Cluster",
+    );
     // The URL of an unused Redis is not checked.
     Config::from_toml_str("[store]\nurl = \"nonsense\"").unwrap();
     assert_err(
@@ -1123,6 +1140,19 @@ fn masked_toml_hides_secrets() {
     // Still a valid configuration.
     Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
 
+    let sentinel = Config::from_toml_str(
+        "[store]\nbackend = \"redis\"\nurl = \"redis+sentinel://a:1/m\"\n\
+         sentinel_username = \"watcher\"\nsentinel_password = \"s3nt\"\nwait_replicas = 2",
+    )
+    .unwrap();
+    let text = sentinel.to_masked_toml();
+    assert!(!text.contains("s3nt") && text.contains("sentinel_password = \"***\""));
+    assert!(!format!("{sentinel:?}").contains("s3nt"));
+    let redis = sentinel.redis();
+    assert_eq!(redis.sentinel_username.as_deref(), Some("watcher"));
+    assert_eq!(redis.sentinel_password.as_deref(), Some("s3nt"));
+    assert_eq!(redis.wait_replicas, Some(2));
+
     assert_eq!(values::mask_store_url("redis://h:1"), "redis://h:1");
     assert_eq!(
         values::mask_store_url("redis://:pw@h:1"),
@@ -1135,6 +1165,10 @@ fn masked_toml_hides_secrets() {
     assert_eq!(
         values::mask_store_url("redis+cluster://u:p@a:1,b:2"),
         "redis+cluster://u:***@a:1,b:2"
+    );
+    assert_eq!(
+        values::mask_store_url("redis+sentinel://:p@a:1,b:2/m"),
+        "redis+sentinel://:***@a:1,b:2/m"
     );
     assert_eq!(values::mask_store_url("nonsense@"), "nonsense@");
     let url = |s: &str| values::mask_webhook_url(&Url::parse(s).unwrap());

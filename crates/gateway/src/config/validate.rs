@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use limits::Profile;
+use limits::redis::Topology;
 use serde::Deserialize;
 
 use super::error::key_segment;
@@ -78,8 +79,9 @@ impl Config {
             ));
         }
         if self.store.backend == StoreBackend::Redis {
-            check_redis_url(&self.store.url)?;
+            let topology = check_redis_url(&self.store.url)?;
             self.check_redis_tls()?;
+            self.check_topology_keys(topology)?;
         }
         self.check_profile_exists("grants.default_profile", &self.grants.default_profile)?;
         for (provider, profile) in &self.grants.provider_profiles {
@@ -106,10 +108,10 @@ impl Config {
             || s.tls_cert_file.is_some()
             || s.tls_key_file.is_some()
             || s.tls_insecure_skip_verify;
-        if any && !s.url.starts_with("rediss://") {
+        if any && !s.url.starts_with("rediss") {
             return Err(ConfigError::new(
                 "store.url",
-                "the store.tls_* settings need a rediss:// url (TLS for Redis Cluster is not supported yet)",
+                "the store.tls_* settings need a rediss://, rediss+cluster:// or rediss+sentinel:// url",
             ));
         }
         if s.tls_cert_file.is_some() != s.tls_key_file.is_some() {
@@ -119,6 +121,25 @@ impl Config {
             ));
         }
         self.redis_with_tls().map(|_| ())
+    }
+
+    /// The sentinel credentials only with a Sentinel URL; `WAIT` not on Cluster.
+    fn check_topology_keys(&self, topology: Topology) -> Result<(), ConfigError> {
+        let s = &self.store;
+        let sentinel_auth = s.sentinel_username.is_some() || s.sentinel_password.is_some();
+        if sentinel_auth && topology != Topology::Sentinel {
+            return Err(ConfigError::new(
+                "store.sentinel_password",
+                "store.sentinel_username and store.sentinel_password need a redis+sentinel:// url",
+            ));
+        }
+        if s.wait_replicas.unwrap_or(0) > 0 && topology == Topology::Cluster {
+            return Err(ConfigError::new(
+                "store.wait_replicas",
+                "is not supported on Redis Cluster (set it to 0 or leave it out)",
+            ));
+        }
+        Ok(())
     }
 
     fn check_profile_exists(&self, key: &str, name: &str) -> Result<(), ConfigError> {
@@ -153,18 +174,7 @@ fn check_profile_name(name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The URL is never echoed: it may carry a password.
-fn check_redis_url(url: &str) -> Result<(), ConfigError> {
-    const SCHEMES: [&str; 3] = ["redis://", "rediss://", "redis+cluster://"];
-    let rest = SCHEMES.iter().find_map(|s| url.strip_prefix(s));
-    let Some(rest) = rest else {
-        return Err(ConfigError::new(
-            "store.url",
-            "must start with redis://, rediss:// or redis+cluster:// when store.backend is \"redis\"",
-        ));
-    };
-    if rest.split(',').all(|node| node.trim().is_empty()) {
-        return Err(ConfigError::new("store.url", "must name a host"));
-    }
-    Ok(())
+/// The URL is never echoed: it may carry a password (limits' messages leave it out).
+fn check_redis_url(url: &str) -> Result<Topology, ConfigError> {
+    limits::redis::check_url(url).map_err(|e| ConfigError::new("store.url", e.to_string()))
 }
