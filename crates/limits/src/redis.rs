@@ -610,9 +610,19 @@ fn protocol(what: &str) -> StoreError {
 }
 
 fn map_err(e: RedisError, timeout: Duration) -> StoreError {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    // A primary that moved or is not ready yet: as good as down, for the breaker and for
+    // `on_unavailable` (a write refused with READONLY charged nothing).
+    let not_serving = matches!(
+        e.kind(),
+        ErrorKind::Server(
+            S::ReadOnly | S::BusyLoading | S::TryAgain | S::ClusterDown | S::MasterDown
+        )
+    );
     if e.is_timeout() {
         StoreError::Timeout(timeout)
-    } else if e.is_io_error()
+    } else if not_serving
+        || e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_unrecoverable_error()

@@ -11,8 +11,10 @@
 pub mod multipart;
 pub mod process;
 mod tls;
+mod topology;
 
 pub use tls::TestCerts;
+pub use topology::{RedisCluster, RedisSentinelSet};
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

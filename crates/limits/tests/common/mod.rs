@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use limits::{FakeClock, MemoryStore, QuotaStore, RedisConfig, RedisStore, RedisTls};
-use testkit::RedisServer;
+use testkit::{RedisCluster, RedisSentinelSet, RedisServer};
 
 /// 2026-03-01T00:00:00Z, a bucket boundary for every bucket width used here.
 pub const T0: u64 = 1_772_323_200_000;
@@ -16,6 +16,8 @@ pub struct Harness {
     pub store: Arc<dyn QuotaStore>,
     pub clock: FakeClock,
     pub redis: Option<RedisServer>,
+    /// How to open a second connection to the same Redis data.
+    pub config: Option<RedisConfig>,
 }
 
 impl Harness {
@@ -25,8 +27,8 @@ impl Harness {
 
     /// A second store on the same data (a second connection, or the same memory store).
     pub async fn second(&self) -> Arc<dyn QuotaStore> {
-        match &self.redis {
-            Some(r) => Arc::new(redis_store(r, &self.clock).await),
+        match &self.config {
+            Some(cfg) => Arc::new(store_from(cfg, &self.clock).await),
             None => Arc::clone(&self.store),
         }
     }
@@ -38,13 +40,19 @@ pub fn memory() -> Harness {
         store: Arc::new(MemoryStore::with_clock(clock.clone())),
         clock,
         redis: None,
+        config: None,
     }
 }
 
 /// A store on `server`: over TLS (trusting the server's private CA) when it was started
 /// with TLS.
 pub async fn redis_store(server: &RedisServer, clock: &FakeClock) -> RedisStore {
-    let cfg = match server.certs() {
+    store_from(&config_for(server), clock).await
+}
+
+/// How to reach `server`: over TLS (trusting its private CA) when it was started with TLS.
+pub fn config_for(server: &RedisServer) -> RedisConfig {
+    match server.certs() {
         Some(certs) => RedisConfig {
             url: server.tls_url(),
             timeout: Duration::from_secs(2),
@@ -59,11 +67,54 @@ pub async fn redis_store(server: &RedisServer, clock: &FakeClock) -> RedisStore 
             timeout: Duration::from_secs(2),
             ..RedisConfig::default()
         },
-    };
-    RedisStore::connect(&cfg)
+    }
+}
+
+/// A store on `cfg` whose script reads `clock` instead of Redis `TIME`.
+pub async fn store_from(cfg: &RedisConfig, clock: &FakeClock) -> RedisStore {
+    RedisStore::connect(cfg)
         .await
         .expect("connect to test redis")
         .with_clock_override(clock.clone())
+}
+
+/// A password-protected three-master cluster, reached through every seed.
+pub fn cluster_config(cluster: &RedisCluster, password: &str) -> RedisConfig {
+    let seeds: Vec<String> = cluster
+        .ports()
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    RedisConfig {
+        url: format!("redis+cluster://:{password}@{}", seeds.join(",")),
+        timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    }
+}
+
+/// A Sentinel-managed primary, found through its sentinels.
+pub fn sentinel_config(set: &RedisSentinelSet, sentinel_password: Option<&str>) -> RedisConfig {
+    RedisConfig {
+        url: set.url(),
+        timeout: Duration::from_secs(2),
+        sentinel_password: sentinel_password.map(str::to_owned),
+        ..RedisConfig::default()
+    }
+}
+
+/// A harness on a shared topology: a fresh key prefix keeps each test's keys apart.
+pub async fn on_topology(cfg: &RedisConfig, test: &str) -> Harness {
+    let clock = FakeClock::new(T0);
+    let cfg = RedisConfig {
+        key_prefix: format!("t-{test}"),
+        ..cfg.clone()
+    };
+    Harness {
+        store: Arc::new(store_from(&cfg, &clock).await),
+        clock,
+        redis: None,
+        config: Some(cfg),
+    }
 }
 
 pub async fn redis() -> Harness {
@@ -77,11 +128,13 @@ pub async fn redis_tls() -> Harness {
 
 async fn redis_on(server: RedisServer) -> Harness {
     let clock = FakeClock::new(T0);
-    let store = redis_store(&server, &clock).await;
+    let config = config_for(&server);
+    let store = store_from(&config, &clock).await;
     Harness {
         store: Arc::new(store),
         clock,
         redis: Some(server),
+        config: Some(config),
     }
 }
 
@@ -113,6 +166,32 @@ macro_rules! contract {
                     super::$name(super::common::redis_tls().await).await;
                 }
             )*
+        }
+        // One cluster and one Sentinel set for the whole suite (each test under its own key
+        // prefix), since starting a topology costs seconds.
+        mod redis_cluster_backend {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn whole_contract() {
+                let cluster = testkit::RedisCluster::start(Some("cluster-pw"));
+                let cfg = super::common::cluster_config(&cluster, "cluster-pw");
+                $(
+                    eprintln!("contract on a cluster: {}", stringify!($name));
+                    let h = super::common::on_topology(&cfg, stringify!($name)).await;
+                    super::$name(h).await;
+                )*
+            }
+        }
+        mod redis_sentinel_backend {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn whole_contract() {
+                let set = testkit::RedisSentinelSet::start("mymaster", Some("data-pw"), Some("sentinel-pw"));
+                let cfg = super::common::sentinel_config(&set, Some("sentinel-pw"));
+                $(
+                    eprintln!("contract on Sentinel: {}", stringify!($name));
+                    let h = super::common::on_topology(&cfg, stringify!($name)).await;
+                    super::$name(h).await;
+                )*
+            }
         }
     };
 }
