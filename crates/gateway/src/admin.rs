@@ -63,6 +63,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     if let Some(b) = &state.breaker {
         state.metrics.breaker(b.state());
     }
+    if let Some(m) = &state.memory {
+        state.metrics.store_scopes(m.scope_count());
+    }
     (
         [(
             header::CONTENT_TYPE,

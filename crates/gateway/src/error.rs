@@ -20,6 +20,9 @@ use crate::upstream::UpstreamError;
 /// Header carrying the request id on every response the gateway writes.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// `Retry-After` of a send refused because the memory store is full.
+const STORE_FULL_RETRY_SECS: u64 = 60;
+
 /// A request the gateway answers itself.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
@@ -55,6 +58,12 @@ pub enum GatewayError {
     /// for the log only.
     #[error("the sending quota cannot be checked right now; try again shortly")]
     QuotaUnavailable(String),
+    /// The memory store already holds `store.max_scopes` accounts and refused a new one.
+    #[error(
+        "the gateway is tracking as many accounts as it is configured to (store.max_scopes); \
+         sends for accounts it already tracks go on; try again later"
+    )]
+    QuotaStoreFull,
     /// Nylas could not be reached (the cause, for the log only).
     #[error("the upstream API could not be reached")]
     UpstreamUnavailable(String),
@@ -95,7 +104,9 @@ impl GatewayError {
             }
             GatewayError::InvalidSendRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::DraftBusy => StatusCode::CONFLICT,
-            GatewayError::QuotaUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::QuotaUnavailable(_) | GatewayError::QuotaStoreFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized | GatewayError::WebhookSignature => StatusCode::UNAUTHORIZED,
@@ -117,6 +128,7 @@ impl GatewayError {
             GatewayError::InvalidSendRequest(_) => "invalid_send_request",
             GatewayError::DraftBusy => "draft_busy",
             GatewayError::QuotaUnavailable(_) => "quota_unavailable",
+            GatewayError::QuotaStoreFull => "quota_store_full",
             GatewayError::UpstreamUnavailable(_) => "upstream_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::Unauthorized => "unauthorized",
@@ -157,6 +169,13 @@ impl GatewayError {
         if let GatewayError::DraftBusy | GatewayError::QuotaUnavailable(_) = &self {
             // A store that failed is looked at again within a second (the breaker's probe).
             extra_headers.push((header::RETRY_AFTER, HeaderValue::from(1)));
+        }
+        if let GatewayError::QuotaStoreFull = &self {
+            // Room comes back as other accounts' counts expire: minutes to hours.
+            extra_headers.push((
+                header::RETRY_AFTER,
+                HeaderValue::from(STORE_FULL_RETRY_SECS),
+            ));
         }
         if let GatewayError::ProviderThrottled { retry_after } = &self {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);

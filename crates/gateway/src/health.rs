@@ -73,10 +73,8 @@ fn seen_up(state: &AppState, health: &StoreHealth) {
         tracing::info!("quota store answers again");
     }
     if health.persistent == Some(false) && seen.persistent != Some(false) {
-        tracing::warn!(
-            "Redis has neither AOF nor RDB snapshots on: if it restarts, every count is lost \
-             and grants can send past their quotas (see docs/redis.md)"
-        );
+        let what = not_persistent(state.config().store.backend);
+        tracing::warn!("{what}; grants can then send past their quotas");
     }
     if let (Some(old), Some(new)) = (&seen.run_id, &health.run_id)
         && old != new
@@ -148,8 +146,7 @@ pub fn readiness(state: &AppState, ping: &Result<(), StoreError>) -> (StatusCode
     }
     let mut warnings = Vec::new();
     if seen.persistent == Some(false) {
-        warnings
-            .push("Redis has neither AOF nor RDB snapshots on: a restart of it loses every count");
+        warnings.push(not_persistent(config.store.backend));
     }
     store["warnings"] = json!(warnings);
     let (code, status) = match ping {
@@ -160,4 +157,16 @@ pub fn readiness(state: &AppState, ping: &Result<(), StoreError>) -> (StatusCode
         Err(_) => (StatusCode::OK, "degraded"),
     };
     (code, json!({ "status": status, "store": store }))
+}
+
+/// What a store that keeps nothing across its restart risks.
+fn not_persistent(backend: StoreBackend) -> &'static str {
+    match backend {
+        StoreBackend::Redis => {
+            "Redis has neither AOF nor RDB snapshots on: a restart of it loses every count (see docs/redis.md)"
+        }
+        StoreBackend::Memory => {
+            "the memory store has no store.path: a restart of the gateway loses every count (see docs/storage.md)"
+        }
+    }
 }

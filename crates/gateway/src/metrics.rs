@@ -117,6 +117,8 @@ struct StoreFamilies {
     reconciled: Family<MetricLabel, Counter>,
     persistence_off: Gauge,
     restarts: Counter,
+    scopes: Gauge,
+    scopes_refused: Counter,
 }
 
 impl StoreFamilies {
@@ -143,13 +145,25 @@ impl StoreFamilies {
             persistence_off: registered(
                 registry,
                 "store_persistence_off",
-                "1 when Redis has neither AOF nor RDB snapshots on (a restart of it loses every count)",
+                "1 when the quota store keeps nothing across its restart: Redis with neither AOF nor RDB on, or the memory store without store.path",
                 Gauge::default(),
             ),
             restarts: registered(
                 registry,
                 "store_restarts",
                 "Redis restarts seen (its run id changed): counts it had not persisted are lost",
+                Counter::default(),
+            ),
+            scopes: registered(
+                registry,
+                "store_scopes",
+                "Grants and domains the memory store holds counts for (capped by store.max_scopes)",
+                Gauge::default(),
+            ),
+            scopes_refused: registered(
+                registry,
+                "store_scopes_refused",
+                "Sends refused with 503 because the memory store held store.max_scopes accounts",
                 Counter::default(),
             ),
         }
@@ -424,6 +438,16 @@ impl Metrics {
         self.store.restarts.inc();
     }
 
+    /// The memory store holds `n` scopes.
+    pub fn store_scopes(&self, n: usize) {
+        self.store.scopes.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A send was refused: the memory store is full.
+    pub fn store_scope_refused(&self) {
+        self.store.scopes_refused.inc();
+    }
+
     /// Marks a request in flight until the guard drops.
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();
@@ -459,6 +483,8 @@ impl Metrics {
         m.reconciled(limits::Cost::default());
         m.store_persistence_off(false);
         m.store_restart();
+        m.store_scopes(0);
+        m.store_scope_refused();
         m
     }
 }

@@ -25,6 +25,8 @@ pub struct AppState {
     pub store: Arc<dyn QuotaStore>,
     /// The breaker in front of a shared store (`None` for the memory store).
     pub breaker: Option<Arc<BreakerStore>>,
+    /// The memory store, when it is the store (for its metrics).
+    pub memory: Option<Arc<MemoryStore>>,
     /// This replica's own budget while the store is down (`on_unavailable = "local"`).
     pub local: Option<Arc<LocalBudget>>,
     /// What was last seen of the store's health.
@@ -48,15 +50,18 @@ impl AppState {
     /// # Errors
     /// The Redis store cannot be configured, or the upstream URL cannot be used.
     pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let store: Arc<dyn QuotaStore> = match config.store.backend {
-            StoreBackend::Memory => Arc::new(MemoryStore::new()),
-            StoreBackend::Redis => Arc::new(RedisStore::lazy(&config.redis_with_tls()?)?),
-        };
-        let shared = config.store.backend == StoreBackend::Redis;
-        let state = if shared {
-            Self::with_breaker(config, store)?
-        } else {
-            Self::with_store(config, store)?
+        let state = match config.store.backend {
+            StoreBackend::Memory => {
+                let memory = Arc::new(open_memory(&config)?);
+                let store = Arc::clone(&memory) as Arc<dyn QuotaStore>;
+                let mut state = Self::with_store(config, store)?;
+                state.memory = Some(memory);
+                state
+            }
+            StoreBackend::Redis => {
+                let store = Arc::new(RedisStore::lazy(&config.redis_with_tls()?)?);
+                Self::with_breaker(config, store)?
+            }
         };
         // Start even when the store is down: sends are answered per `on_unavailable` until
         // it is back. The first look also logs what is wrong with its persistence.
@@ -87,6 +92,7 @@ impl AppState {
             .then(|| Arc::new(LocalBudget::new(config.store.local_budget.get())));
         Ok(AppState {
             breaker: None,
+            memory: None,
             local,
             store_watch: StoreWatch::default(),
             grants: GrantResolver::new(config.grants.cache_ttl),
@@ -158,6 +164,18 @@ impl AppState {
             .unwrap_or("");
         constant_time_eq(given.as_bytes(), token.as_bytes())
     }
+}
+
+/// The memory store `config` describes, its journal replayed.
+fn open_memory(config: &Config) -> anyhow::Result<MemoryStore> {
+    let options = config.memory_options();
+    MemoryStore::open(&options).map_err(|e| match &options.path {
+        Some(path) => anyhow::anyhow!(
+            "store.path: cannot open the memory store's journal in {}: {e}",
+            path.display()
+        ),
+        None => anyhow::anyhow!("cannot start the memory store: {e}"),
+    })
 }
 
 /// Puts back into `new` the running values of keys a reload cannot change; returns them.

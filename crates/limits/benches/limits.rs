@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use limits::{Cost, FakeClock, MemoryStore, Profile, QuotaStore, RedisConfig, RedisStore};
+use limits::{
+    Cost, FakeClock, MemoryOptions, MemoryStore, Profile, QuotaStore, RedisConfig, RedisStore,
+};
 use testkit::RedisServer;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -29,21 +31,52 @@ fn runtime() -> tokio::runtime::Runtime {
 fn memory(c: &mut Criterion) {
     let rt = runtime();
     let store = Arc::new(MemoryStore::new());
+    // The same store keeping a journal (a write to the OS per change, fsync each second).
+    let dir = tempfile::tempdir().unwrap();
+    let options = MemoryOptions {
+        path: Some(dir.path().to_owned()),
+        ..MemoryOptions::default()
+    };
+    let journalled = Arc::new(MemoryStore::open(&options).unwrap());
     let profile = Profile::builtin("icloud").unwrap();
     let grants: Vec<String> = (0..10_000).map(|i| format!("grant-{i}")).collect();
     let mut g = c.benchmark_group("memory");
     g.throughput(Throughput::Elements(1));
+    for (name, store) in [("reserve", &store), ("reserve_journal", &journalled)] {
+        let mut i = 0usize;
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                i = (i + 1) % grants.len();
+                let (store, grant, profile) = (store, &grants[i], &profile);
+                async move {
+                    let d = store
+                        .reserve(grant, profile, Cost::new(1, 1, 0), None)
+                        .await
+                        .unwrap();
+                    // Keep grants under their limit so the bench measures the allowed path.
+                    if let Some(r) = d.reservation()
+                        && r.id() % 512 == 0
+                    {
+                        store.reset(grant).await.unwrap();
+                    }
+                    black_box(d)
+                }
+            })
+        });
+    }
+    // A decision then its barrier, as the gateway makes them for every send it forwards:
+    // one write to the OS per send when sends come one at a time.
     let mut i = 0usize;
-    g.bench_function("reserve", |b| {
+    g.bench_function("reserve_journal_durable", |b| {
         b.to_async(&rt).iter(|| {
             i = (i + 1) % grants.len();
-            let (store, grant, profile) = (&store, &grants[i], &profile);
+            let (store, grant, profile) = (&journalled, &grants[i], &profile);
             async move {
                 let d = store
                     .reserve(grant, profile, Cost::new(1, 1, 0), None)
                     .await
                     .unwrap();
-                // Keep grants under their limit so the bench measures the allowed path.
+                store.durable().await.unwrap();
                 if let Some(r) = d.reservation()
                     && r.id() % 512 == 0
                 {

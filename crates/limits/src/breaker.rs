@@ -285,6 +285,10 @@ impl QuotaStore for BreakerStore {
         self.call(self.inner.ping()).await
     }
 
+    async fn durable(&self) -> Result<(), StoreError> {
+        self.inner.durable().await
+    }
+
     async fn health(&self) -> Result<crate::store::StoreHealth, StoreError> {
         self.call(self.inner.health()).await
     }

@@ -19,6 +19,7 @@
 pub mod breaker;
 pub mod clock;
 pub mod decision;
+mod journal;
 pub mod local;
 pub mod memory;
 pub mod policy;
@@ -33,7 +34,7 @@ pub use decision::{
     Allowance, Charge, Cost, Decision, Denial, MetricUsage, Reservation, Usage, WindowUsage,
 };
 pub use local::LocalBudget;
-pub use memory::MemoryStore;
+pub use memory::{Fsync, MemoryOptions, MemoryStore};
 pub use policy::{
     CalendarUnit, Metric, Period, PeriodSpec, PolicyError, Profile, ProfileSpec, Window, WindowSpec,
 };

@@ -184,6 +184,18 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
         value: &str,
     ) -> Result<bool, StoreError>;
 
+    /// Waits until every change this store has answered is kept as well as the store keeps
+    /// anything, so that a crash of this process cannot lose it. Call it before acting on
+    /// an admission (forwarding the send). For the memory store with a journal, it writes
+    /// the buffered records out (and syncs them with `Fsync::Always`); for Redis, whose
+    /// answers come after its own write, and a store in memory only, it does nothing.
+    ///
+    /// # Errors
+    /// The change could not be written; it may be lost in a crash.
+    async fn durable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Checks that the store answers.
     ///
     /// # Errors
@@ -245,6 +257,10 @@ pub enum StoreError {
     /// The request itself is unusable (for example an over-long idempotency key).
     #[error("invalid quota request: {0}")]
     Invalid(String),
+    /// The store holds as many scopes as it may (its `max_scopes`), and refused a new one.
+    /// Nothing was charged; scopes already held go on being served.
+    #[error("quota store full: it already holds its limit of {0} accounts")]
+    Full(usize),
 }
 
 /// The instant a charge asked for `at` is made at, given the store's `now`: now for `None`

@@ -48,7 +48,7 @@ pub use values::{Secret, Share};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -186,7 +186,7 @@ impl Default for UpstreamConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
-    /// In this process: one replica only, counts lost on restart.
+    /// In this process: one replica only; kept across restarts with `store.path`.
     #[default]
     Memory,
     /// In Redis, shared by every replica.
@@ -218,6 +218,21 @@ impl OnUnavailable {
     }
 }
 
+/// When the memory store's journal reaches the disk (`store.fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// Every `store.fsync_interval`: a crash of the process loses nothing, a power cut at
+    /// most that interval.
+    #[default]
+    Interval,
+    /// Before each admitted send is forwarded: a power cut loses nothing either.
+    Always,
+}
+
+/// Most grants and domains the memory store holds by default (about 1 KB each).
+pub const DEFAULT_MAX_SCOPES: usize = 100_000;
+
 /// `[store]`.
 #[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -234,6 +249,18 @@ pub struct StoreConfig {
     /// Longest wait for any one store call.
     #[serde(with = "nonzero_duration")]
     pub timeout: Duration,
+    /// The directory where the memory store keeps its journal; unset: counts live in
+    /// memory only and a restart forgets them.
+    #[serde(with = "optional")]
+    pub path: Option<PathBuf>,
+    /// Most grants and domains the memory store holds; a send for a new one beyond it is
+    /// refused with 503.
+    pub max_scopes: NonZeroUsize,
+    /// When the memory store's journal is synced to the disk.
+    pub fsync: FsyncMode,
+    /// How often, with `fsync = "interval"`.
+    #[serde(with = "nonzero_duration")]
+    pub fsync_interval: Duration,
     /// What to do when the store fails.
     pub on_unavailable: OnUnavailable,
     /// The share of each window's limit a replica admits per grant on its own while the
@@ -272,6 +299,10 @@ impl Default for StoreConfig {
             url: DEFAULT_STORE_URL.to_owned(),
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             timeout: DEFAULT_STORE_TIMEOUT,
+            path: None,
+            max_scopes: NonZeroUsize::new(DEFAULT_MAX_SCOPES).unwrap_or(NonZeroUsize::MIN),
+            fsync: FsyncMode::Interval,
+            fsync_interval: Duration::from_secs(1),
             on_unavailable: OnUnavailable::Reject,
             local_budget: Share::DEFAULT_LOCAL_BUDGET,
             breaker_failures: NonZeroU32::new(limits::breaker::DEFAULT_THRESHOLD)
@@ -295,6 +326,10 @@ impl fmt::Debug for StoreConfig {
             .field("url", &values::redact_userinfo(&self.url))
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
+            .field("path", &self.path)
+            .field("max_scopes", &self.max_scopes)
+            .field("fsync", &self.fsync)
+            .field("fsync_interval", &self.fsync_interval)
             .field("on_unavailable", &self.on_unavailable)
             .field("local_budget", &self.local_budget)
             .field("breaker_failures", &self.breaker_failures)
@@ -589,9 +624,35 @@ impl Config {
         Ok(redis)
     }
 
+    /// How the memory store is kept and capped.
+    pub fn memory_options(&self) -> limits::MemoryOptions {
+        let fsync = match self.store.fsync {
+            FsyncMode::Always => limits::Fsync::Always,
+            FsyncMode::Interval => limits::Fsync::Every(self.store.fsync_interval),
+        };
+        limits::MemoryOptions {
+            path: self.store.path.clone(),
+            max_scopes: Some(self.store.max_scopes.get()),
+            fsync,
+            ..limits::MemoryOptions::default()
+        }
+    }
+
     /// What is valid but unwise, for `check-config` and the start-up log.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.store.backend == StoreBackend::Memory && self.store.path.is_none() {
+            out.push(
+                "store.path: not set, so the memory store keeps its counts in memory only; a restart gives every grant its whole quota again"
+                    .to_owned(),
+            );
+        }
+        if self.store.backend == StoreBackend::Redis && self.store.path.is_some() {
+            out.push(
+                "store.path: ignored, since the store is Redis (it is where the memory store keeps its journal)"
+                    .to_owned(),
+            );
+        }
         if self.store.tls_insecure_skip_verify {
             out.push(
                 "store.tls_insecure_skip_verify: Redis's certificate is not checked; anyone on the path can read and change quota counts"

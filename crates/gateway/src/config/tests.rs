@@ -1301,3 +1301,47 @@ fn redis_tls_settings_are_checked_and_read() {
     // Unused while the store is memory.
     Config::from_toml_str("[store]\ntls_ca_file = \"/nonexistent\"").unwrap();
 }
+
+#[test]
+fn the_memory_store_is_kept_and_capped_as_configured() {
+    let c = Config::from_toml_str("").unwrap();
+    let o = c.memory_options();
+    assert_eq!(o.path, None);
+    assert_eq!(o.max_scopes, Some(100_000));
+    assert_eq!(o.fsync, limits::Fsync::Every(Duration::from_secs(1)));
+    assert!(
+        c.warnings()[0].starts_with("store.path: not set"),
+        "{:?}",
+        c.warnings()
+    );
+
+    let c = Config::from_toml_str(
+        "[store]\npath = \"/var/lib/sg\"\nmax_scopes = 7\nfsync = \"always\"\n",
+    )
+    .unwrap();
+    let o = c.memory_options();
+    assert_eq!(o.path.as_deref(), Some(std::path::Path::new("/var/lib/sg")));
+    assert_eq!((o.max_scopes, o.fsync), (Some(7), limits::Fsync::Always));
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    let c = Config::from_toml_str("[store]\npath = \"/x\"\nfsync_interval = \"250ms\"").unwrap();
+    assert_eq!(
+        c.memory_options().fsync,
+        limits::Fsync::Every(Duration::from_millis(250))
+    );
+
+    assert_err("[store]\nmax_scopes = 0", "store.max_scopes", "");
+    assert_err("[store]\nfsync = \"sometimes\"", "store.fsync", "");
+    assert_err(
+        "[store]\nfsync_interval = \"0s\"",
+        "store.fsync_interval",
+        "",
+    );
+    let c =
+        Config::from_toml_str("[store]\nbackend = \"redis\"\nurl = \"redis://h:1\"\npath = \"/x\"")
+            .unwrap();
+    assert!(
+        c.warnings()[0].starts_with("store.path: ignored"),
+        "{:?}",
+        c.warnings()
+    );
+}

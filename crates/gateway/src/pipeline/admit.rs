@@ -68,7 +68,7 @@ pub(super) async fn admit(
         Ok(Decision::Allowed(a)) => {
             ctx.decide(Outcome::Allowed, "within_quota");
             ctx.record.scheduled_for = ask.at.map(|_| a.reservation.at() / 1000);
-            Ok(admitted(state, charged, a, None))
+            kept_first(state, ctx, admitted(state, charged, a, None)).await
         }
         Ok(Decision::Denied(d)) => {
             let horizon = ask.defer.filter(|_| d.retry_after.is_some());
@@ -79,11 +79,17 @@ pub(super) async fn admit(
                 ctx.decide(Outcome::Allowed, "deferred");
                 ctx.record.deferred = true;
                 ctx.record.scheduled_for = Some(secs);
-                return Ok(admitted(state, charged, a, Some(secs)));
+                return kept_first(state, ctx, admitted(state, charged, a, Some(secs))).await;
             }
             Err(denied(ctx, d))
         }
         Err(StoreError::Invalid(msg)) => Err(ctx.reject(GatewayError::InvalidSendRequest(msg))),
+        // Not an outage: the store answers, it has no room for one more account.
+        Err(StoreError::Full(_)) => {
+            ctx.decide(Outcome::StoreError, "store_full");
+            state.metrics.store_scope_refused();
+            Err(Stop::Fail(GatewayError::QuotaStoreFull))
+        }
         Err(e) => unavailable(state, ctx, charged, charge, ask.at, &e)
             .await
             .map(|lease| Admitted {
@@ -106,6 +112,24 @@ fn admitted(
         lease: Some(lease),
         deferred_to,
     }
+}
+
+/// Makes sure the charge is kept (the memory store's journal written) before the send goes
+/// out, so that a crash right after the forward cannot lose it. Refuses the send, giving
+/// the charge back, when it cannot be.
+async fn kept_first(
+    state: &AppState,
+    ctx: &mut SendCtx,
+    admitted: Admitted,
+) -> Result<Admitted, Stop> {
+    let Err(e) = state.store.durable().await else {
+        return Ok(admitted);
+    };
+    if let Some(lease) = admitted.lease {
+        lease.release().await;
+    }
+    ctx.decide(Outcome::StoreError, store_reason(&e));
+    Err(Stop::Fail(GatewayError::QuotaUnavailable(e.to_string())))
 }
 
 /// One reserve (guarded for grants: cool-downs and overrides checked in the same step),
@@ -303,5 +327,6 @@ fn store_reason(e: &StoreError) -> &'static str {
         StoreError::Timeout(_) => "timeout",
         StoreError::Protocol(_) => "protocol",
         StoreError::Invalid(_) => "invalid",
+        StoreError::Full(_) => "store_full",
     }
 }

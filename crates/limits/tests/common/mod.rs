@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use limits::{FakeClock, MemoryStore, QuotaStore, RedisConfig, RedisStore, RedisTls};
+use limits::{
+    FakeClock, MemoryOptions, MemoryStore, QuotaStore, RedisConfig, RedisStore, RedisTls,
+};
 use testkit::{RedisCluster, RedisSentinelSet, RedisServer};
 
 /// 2026-03-01T00:00:00Z, a bucket boundary for every bucket width used here.
@@ -18,6 +20,8 @@ pub struct Harness {
     pub redis: Option<RedisServer>,
     /// How to open a second connection to the same Redis data.
     pub config: Option<RedisConfig>,
+    /// The journal directory of a persistent memory store, removed with the harness.
+    pub dir: Option<Arc<tempfile::TempDir>>,
 }
 
 impl Harness {
@@ -41,6 +45,27 @@ pub fn memory() -> Harness {
         clock,
         redis: None,
         config: None,
+        dir: None,
+    }
+}
+
+/// A memory store keeping a journal, compacted every few kilobytes so that the contract
+/// also runs across compactions.
+pub fn memory_journal() -> Harness {
+    let clock = FakeClock::new(T0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = MemoryOptions {
+        path: Some(dir.path().to_owned()),
+        compact_at_bytes: 4096,
+        ..MemoryOptions::default()
+    };
+    let store = MemoryStore::open_with_clock(&options, clock.clone()).expect("open");
+    Harness {
+        store: Arc::new(store),
+        clock,
+        redis: None,
+        config: None,
+        dir: Some(Arc::new(dir)),
     }
 }
 
@@ -114,6 +139,7 @@ pub async fn on_topology(cfg: &RedisConfig, test: &str) -> Harness {
         clock,
         redis: None,
         config: Some(cfg),
+        dir: None,
     }
 }
 
@@ -135,6 +161,7 @@ async fn redis_on(server: RedisServer) -> Harness {
         clock,
         redis: Some(server),
         config: Some(config),
+        dir: None,
     }
 }
 
@@ -148,6 +175,14 @@ macro_rules! contract {
                 #[tokio::test]
                 async fn $name() {
                     super::$name(super::common::memory()).await;
+                }
+            )*
+        }
+        mod memory_journal_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::common::memory_journal()).await;
                 }
             )*
         }

@@ -9,6 +9,16 @@
 //! window, so its memory is bounded whatever is scheduled. Scopes whose windows,
 //! idempotency records and release markers have all expired are dropped by a sweep that
 //! runs at most once a minute.
+//!
+//! With a path ([`MemoryStore::open`]) every change is also appended to a journal before it
+//! is answered and replayed at start-up (see `persist`), so a restart or a `kill -9` loses
+//! nothing. The number of scopes held may be capped: past the cap a new scope is refused
+//! with [`StoreError::Full`], never dropped.
+
+mod persist;
+
+use persist::Write;
+pub use persist::{Fsync, MemoryOptions, WRITE_EVERY};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -20,6 +30,7 @@ use dashmap::DashMap;
 
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
+use crate::journal::Record;
 use crate::policy::{Metric, Period, Profile, Window};
 use crate::store::{
     Guarded, IDEMPOTENCY_TTL, MAX_SCHEDULED_SLOTS, META_COOLDOWN, META_PROFILE, QuotaStore,
@@ -31,6 +42,8 @@ use crate::window::{
 };
 
 const SWEEP_EVERY_MS: u64 = 60_000;
+/// How often a full store sweeps, looking for room for a new scope.
+const FULL_SWEEP_EVERY_MS: u64 = 1_000;
 
 /// In-process quota counters with an injectable clock.
 ///
@@ -58,11 +71,22 @@ pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     next_id: AtomicU64,
     last_sweep: AtomicU64,
+    max_scopes: Option<usize>,
+    refused_scopes: AtomicU64,
+    persist: Option<Arc<persist::Persist>>,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::with_clock(SystemClock)
+    }
+}
+
+impl Drop for MemoryStore {
+    fn drop(&mut self) {
+        if let Some(p) = &self.persist {
+            p.close();
+        }
     }
 }
 
@@ -109,7 +133,55 @@ impl MemoryStore {
             clock: Arc::new(clock),
             next_id: AtomicU64::new(rand::random::<u64>() >> 1),
             last_sweep: AtomicU64::new(0),
+            max_scopes: None,
+            refused_scopes: AtomicU64::new(0),
+            persist: None,
         }
+    }
+
+    /// A store reading the system clock, kept and capped as `options` say.
+    ///
+    /// # Errors
+    /// The journal's directory cannot be used (another process holds it, say) or its
+    /// journal is damaged; nothing is replaced or deleted then.
+    pub fn open(options: &MemoryOptions) -> std::io::Result<Self> {
+        Self::open_with_clock(options, SystemClock)
+    }
+
+    /// [`MemoryStore::open`] with `clock`.
+    ///
+    /// # Errors
+    /// As for [`MemoryStore::open`].
+    pub fn open_with_clock(options: &MemoryOptions, clock: impl Clock) -> std::io::Result<Self> {
+        let mut store = Self::with_clock(clock);
+        store.max_scopes = options.max_scopes;
+        store.attach(options)?;
+        Ok(store)
+    }
+
+    /// How many new scopes were refused because the store was full.
+    pub fn refused_scopes(&self) -> u64 {
+        self.refused_scopes.load(Ordering::Relaxed)
+    }
+
+    /// Makes room for one more scope, or refuses it.
+    fn admit_scope(&self, now: Millis) -> Result<(), StoreError> {
+        let Some(max) = self.max_scopes else {
+            return Ok(());
+        };
+        if self.scopes.len() < max {
+            return Ok(());
+        }
+        // Expired scopes may be holding the room; look at most once a second.
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if now >= last.saturating_add(FULL_SWEEP_EVERY_MS) {
+            self.sweep();
+        }
+        if self.scopes.len() < max {
+            return Ok(());
+        }
+        self.refused_scopes.fetch_add(1, Ordering::Relaxed);
+        Err(StoreError::Full(max))
     }
 
     /// Number of scopes held in memory.
@@ -132,6 +204,24 @@ impl MemoryStore {
         exp.is_none_or(|e| e > now).then(|| value.clone())
     }
 
+    /// Journals a setting as it now stands.
+    fn log_meta(
+        &self,
+        scope: &str,
+        name: &str,
+        (value, until): &(String, Option<Millis>),
+    ) -> Result<(), StoreError> {
+        self.log(
+            &[Record::MetaSet {
+                scope,
+                name,
+                value,
+                until: *until,
+            }],
+            Write::Now,
+        )
+    }
+
     fn maybe_sweep(&self, now: Millis) {
         let last = self.last_sweep.load(Ordering::Relaxed);
         if now >= last.saturating_add(SWEEP_EVERY_MS)
@@ -146,24 +236,21 @@ impl MemoryStore {
     }
 
     fn decide(&self, scope: &str, ask: Ask<'_>, key: Option<&str>) -> Result<Decision, StoreError> {
+        let _gate = self.gate()?;
         let now = self.clock.now_ms();
         self.maybe_sweep(now);
         let mut entry = match self.scopes.get_mut(scope) {
             Some(e) => e,
-            None => self.scopes.entry(Arc::from(scope)).or_default(),
+            None => {
+                self.admit_scope(now)?;
+                self.scopes.entry(Arc::from(scope)).or_default()
+            }
         };
         let scope_arc = Arc::clone(entry.key());
         let state = entry.value_mut();
         let now = now.max(state.latest);
-        if let Some(key) = key {
-            state.idempotent.retain(|_, (_, exp)| *exp > now);
-            if let Some((decision, _)) = state.idempotent.get(key) {
-                let mut replay = decision.clone();
-                if let Decision::Allowed(a) = &mut replay {
-                    a.replay = true;
-                }
-                return Ok(replay);
-            }
+        if let Some(replay) = key.and_then(|k| state.replay(k, ask.profile, now)) {
+            return Ok(replay);
         }
         let at = charge_instant(ask.at, now)?;
         let mut decision = state.decide(scope_arc, &ask, at, now, || {
@@ -175,6 +262,7 @@ impl MemoryStore {
         }
         // Only admitted requests are remembered (as Nylas keeps only successful answers): a
         // denied request retried with its key after `retry_after` is judged afresh.
+        let mut key_until = None;
         if let (Some(key), Decision::Allowed(a)) = (key, &mut decision) {
             a.reservation.idempotency_key = Some(Arc::from(key));
             let exp = now + IDEMPOTENCY_TTL.as_millis() as u64;
@@ -182,7 +270,13 @@ impl MemoryStore {
                 .idempotent
                 .insert(key.to_owned(), (decision.clone(), exp));
             state.expires_at = state.expires_at.max(exp);
+            key_until = Some(exp);
         }
+        let write = match ask.admit {
+            Admit::WithinLimits => Write::Buffered,
+            Admit::Regardless => Write::Now,
+        };
+        self.log_decision(state, now, &decision, key_until, write)?;
         Ok(decision)
     }
 }
@@ -206,6 +300,36 @@ enum Admit {
 }
 
 impl ScopeState {
+    /// The remembered answer to a repeat of an admitted request under `key`. One restored
+    /// from the journal is reported with the usage of now, its own not being kept.
+    fn replay(&mut self, key: &str, profile: &Profile, now: Millis) -> Option<Decision> {
+        self.idempotent.retain(|_, (_, exp)| *exp > now);
+        let mut replay = self.idempotent.get(key)?.0.clone();
+        if let Decision::Allowed(a) = &mut replay {
+            a.replay = true;
+            if a.usage.windows.is_empty() {
+                let slots: Vec<usize> = profile
+                    .windows()
+                    .iter()
+                    .map(|w| self.window_at(w, now))
+                    .collect();
+                a.usage = self.usage(profile, &slots, now);
+            }
+        }
+        Some(replay)
+    }
+
+    /// Forgets everything counted. Kept (empty) as long as a reservation made before could
+    /// still be released.
+    fn reset(&mut self, now: Millis) {
+        *self = ScopeState {
+            reset_at: Some(now.max(self.latest)),
+            expires_at: self.expires_at,
+            latest: self.latest,
+            ..ScopeState::default()
+        };
+    }
+
     /// The position of `w`'s state, created empty if missing, with what no longer counts
     /// at `now` dropped.
     fn window_at(&mut self, w: &Window, now: Millis) -> usize {
@@ -614,9 +738,21 @@ impl QuotaStore for MemoryStore {
     }
 
     async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {
+        let _gate = self.gate()?;
         let now = self.clock.now_ms();
         if let Some(mut state) = self.scopes.get_mut(reservation.scope()) {
             state.release(reservation, now);
+            let text = self.persist.as_ref().map(|_| reservation.to_record());
+            if let Some(text) = &text {
+                self.log(
+                    &[Record::Release {
+                        scope: reservation.scope(),
+                        now,
+                        reservation: text,
+                    }],
+                    Write::Buffered,
+                )?;
+            }
         }
         Ok(())
     }
@@ -637,16 +773,11 @@ impl QuotaStore for MemoryStore {
     }
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {
+        let _gate = self.gate()?;
         let now = self.clock.now_ms();
         if let Some(mut state) = self.scopes.get_mut(scope) {
-            // Kept (empty) as long as a reservation made before could still be released.
-            let expires_at = state.expires_at;
-            *state = ScopeState {
-                reset_at: Some(now.max(state.latest)),
-                expires_at,
-                latest: state.latest,
-                ..ScopeState::default()
-            };
+            state.reset(now);
+            self.log(&[Record::Reset { scope, now }], Write::Now)?;
         }
         Ok(())
     }
@@ -690,6 +821,7 @@ impl QuotaStore for MemoryStore {
     }
 
     async fn cool_down(&self, scope: &str, duration: Duration) -> Result<(), StoreError> {
+        let _gate = self.gate()?;
         let now = self.clock.now_ms();
         let until = now.saturating_add(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
         let key = (scope.to_owned(), META_COOLDOWN.to_owned());
@@ -704,8 +836,20 @@ impl QuotaStore for MemoryStore {
             .filter(|_| entry.1.is_some_and(|e| e > now));
         if current.is_none_or(|c| c < until) {
             *entry = (until.to_string(), Some(until));
+            self.log_meta(scope, META_COOLDOWN, &entry)?;
         }
         Ok(())
+    }
+
+    async fn durable(&self) -> Result<(), StoreError> {
+        self.write_buffered()
+    }
+
+    async fn health(&self) -> Result<crate::store::StoreHealth, StoreError> {
+        Ok(crate::store::StoreHealth {
+            persistent: Some(self.is_persistent()),
+            run_id: None,
+        })
     }
 
     async fn meta_get(&self, scope: &str, name: &str) -> Result<Option<String>, StoreError> {
@@ -719,11 +863,15 @@ impl QuotaStore for MemoryStore {
         value: &str,
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
+        let _gate = self.gate()?;
         let now = self.clock.now_ms();
         let exp = ttl.map(|t| now.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)));
-        self.meta
-            .insert((scope.to_owned(), name.to_owned()), (value.to_owned(), exp));
-        Ok(())
+        let mut entry = self
+            .meta
+            .entry((scope.to_owned(), name.to_owned()))
+            .or_insert_with(|| (String::new(), Some(0)));
+        *entry = (value.to_owned(), exp);
+        self.log_meta(scope, name, &entry)
     }
 
     async fn meta_set_new(
@@ -733,6 +881,7 @@ impl QuotaStore for MemoryStore {
         value: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let _gate = self.gate()?;
         let now = self.clock.now_ms();
         let exp = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let mut entry = self
@@ -744,11 +893,18 @@ impl QuotaStore for MemoryStore {
             return Ok(false);
         }
         *entry = (value.to_owned(), Some(exp));
+        self.log_meta(scope, name, &entry)?;
         Ok(true)
     }
 
     async fn meta_delete(&self, scope: &str, name: &str) -> Result<(), StoreError> {
-        self.meta.remove(&(scope.to_owned(), name.to_owned()));
+        let _gate = self.gate()?;
+        let key = (scope.to_owned(), name.to_owned());
+        if let dashmap::Entry::Occupied(entry) = self.meta.entry(key) {
+            // Logged while the entry is still locked, so it cannot pass a later write.
+            self.log(&[Record::MetaDelete { scope, name }], Write::Now)?;
+            entry.remove();
+        }
         Ok(())
     }
 
@@ -758,12 +914,18 @@ impl QuotaStore for MemoryStore {
         name: &str,
         value: &str,
     ) -> Result<bool, StoreError> {
+        let _gate = self.gate()?;
         let now = self.clock.now_ms();
-        let removed = self
-            .meta
-            .remove_if(&(scope.to_owned(), name.to_owned()), |_, (v, exp)| {
-                v == value && exp.is_none_or(|e| e > now)
-            });
-        Ok(removed.is_some())
+        let key = (scope.to_owned(), name.to_owned());
+        let dashmap::Entry::Occupied(entry) = self.meta.entry(key) else {
+            return Ok(false);
+        };
+        let (v, exp) = entry.get();
+        if v != value || exp.is_some_and(|e| e <= now) {
+            return Ok(false);
+        }
+        self.log(&[Record::MetaDelete { scope, name }], Write::Now)?;
+        entry.remove();
+        Ok(true)
     }
 }
