@@ -1,6 +1,7 @@
 //! Threshold events: when a send takes a grant's window to 80 % or 100 % of a limit, once
 //! per window and level: a log line, `sendgw_threshold_crossings_total{level}`, and an
-//! optional JSON `POST` to `[events] webhook_url`.
+//! optional JSON `POST` to `[events] webhook_url`, signed with `[events] webhook_secret`
+//! and retried with backoff (see [`delivery`]).
 //!
 //! "Once" holds across replicas: the first to record the crossing in the store (a
 //! set-if-absent that lasts the window's length) reports it. Only a send that actually
@@ -12,12 +13,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use limits::{Cost, QuotaStore, Usage};
 use serde_json::json;
 
 use crate::config::EventsConfig;
 use crate::metrics::Metrics;
 use crate::scope::Scope;
+
+pub mod delivery;
+
+pub use delivery::{MAX_IN_FLIGHT, SIGNATURE, backoff, signature};
 
 /// The levels reported, in percent.
 pub const LEVELS: [u64; 2] = [80, 100];
@@ -84,9 +90,9 @@ fn remember(w: &limits::WindowUsage) -> Duration {
 pub struct Reporter {
     store: Arc<dyn QuotaStore>,
     metrics: Arc<Metrics>,
-    /// The client for event webhooks (any URL the operator configured, unlike the
-    /// upstream), following no redirects.
-    client: reqwest::Client,
+    /// Posts event webhooks (to any URL the operator configured, unlike the upstream),
+    /// following no redirects.
+    delivery: delivery::Delivery,
 }
 
 impl Reporter {
@@ -99,9 +105,9 @@ impl Reporter {
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Reporter {
+            delivery: delivery::Delivery::new(client, Arc::clone(&metrics), MAX_IN_FLIGHT),
             store,
             metrics,
-            client,
         })
     }
 
@@ -145,7 +151,7 @@ impl Reporter {
             limit = c.limit,
             "quota threshold crossed"
         );
-        let Some(url) = config.webhook_url.clone() else {
+        let Some(plan) = delivery::Plan::from_config(config) else {
             return;
         };
         let body = json!({
@@ -158,30 +164,10 @@ impl Reporter {
             "limit": c.limit,
             "at": jiff::Timestamp::now().to_string(),
         });
-        let request = self.client.post(url).timeout(config.timeout).json(&body);
-        tokio::spawn(async move {
-            match request.send().await {
-                Ok(r) if r.status().is_success() => {}
-                Ok(r) => tracing::warn!(
-                    status = r.status().as_u16(),
-                    "threshold webhook refused the event"
-                ),
-                Err(e) => tracing::warn!(error = %describe(&e), "threshold webhook failed"),
-            }
-        });
+        // The bytes signed are the bytes sent: serialized once, here.
+        let body = Bytes::from(body.to_string());
+        self.delivery.post(plan, body, grant);
     }
-}
-
-/// A reqwest error's kind and innermost cause, without the URL.
-fn describe(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else {
-        "request"
-    };
-    format!("{kind}: {}", crate::upstream::innermost_cause(e))
 }
 
 #[cfg(test)]

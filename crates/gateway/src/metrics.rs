@@ -105,6 +105,7 @@ pub struct Metrics {
     upstream_responses: Family<ClassLabel, Counter>,
     in_flight: Gauge,
     thresholds: Family<LevelLabel, Counter>,
+    event_webhooks: Family<ResultLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
     store: StoreFamilies,
 }
@@ -235,6 +236,12 @@ impl Default for Metrics {
             "Grants crossing 80 % or 100 % of a window, once per window and level",
             Family::<LevelLabel, Counter>::default(),
         );
+        let event_webhooks = registered(
+            &mut registry,
+            "event_webhooks",
+            "Threshold event webhooks by result: delivered, failed (every attempt failed), dropped (too many in flight)",
+            Family::<ResultLabel, Counter>::default(),
+        );
         let webhooks = registered(
             &mut registry,
             "webhooks",
@@ -251,6 +258,7 @@ impl Default for Metrics {
         Metrics {
             store,
             thresholds,
+            event_webhooks,
             reloads,
             registry,
             decisions,
@@ -397,6 +405,13 @@ impl Metrics {
         self.thresholds.get_or_create(&LevelLabel { level }).inc();
     }
 
+    /// Counts a threshold event webhook's end: `delivered`, `failed` or `dropped`.
+    pub fn event_webhook(&self, result: &'static str) {
+        self.event_webhooks
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
     /// Counts a configuration reload (`success` or `failure`).
     pub fn reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
@@ -477,6 +492,7 @@ impl Metrics {
         m.store_call("reserve", Duration::ZERO);
         m.upstream(200, Duration::ZERO);
         m.threshold("80");
+        m.event_webhook("delivered");
         m.reload(true);
         m.breaker(limits::BreakerState::Closed);
         m.local_admission();

@@ -89,6 +89,16 @@ pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default `events.timeout`: a slow webhook must not hold threshold events back for long.
 pub const DEFAULT_EVENTS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Default `events.webhook_attempts`: the first try and two retries.
+pub const DEFAULT_WEBHOOK_ATTEMPTS: u32 = 3;
+
+/// Most `events.webhook_attempts`: with the backoff doubling, more would hold an event
+/// for a long time while it counts against the cap on deliveries in flight.
+pub const MAX_WEBHOOK_ATTEMPTS: u32 = 10;
+
+/// Default `events.webhook_backoff`: the wait before the first retry (then 2 s, 4 s, ...).
+pub const DEFAULT_WEBHOOK_BACKOFF: Duration = Duration::from_secs(1);
+
 /// What secrets are replaced with when the configuration is printed.
 pub const MASK: &str = "***";
 
@@ -436,9 +446,19 @@ pub struct EventsConfig {
     /// nothing. Always http or https.
     #[serde(with = "webhook_url")]
     pub webhook_url: Option<Url>,
-    /// Longest wait for the webhook on one event.
+    /// Longest wait for the webhook on one attempt.
     #[serde(with = "nonzero_duration")]
     pub timeout: Duration,
+    /// Signs every post (`Send-Gateway-Signature`, see [`crate::events::signature`]) when
+    /// set; `""` in the file means unsigned.
+    #[serde(with = "optional")]
+    pub webhook_secret: Option<Secret>,
+    /// Attempts per event, the first included: 1 to [`MAX_WEBHOOK_ATTEMPTS`].
+    #[serde(deserialize_with = "values::attempts")]
+    pub webhook_attempts: u32,
+    /// The wait before the first retry; it doubles for each further one, plus jitter.
+    #[serde(with = "nonzero_duration")]
+    pub webhook_backoff: Duration,
 }
 
 impl Default for EventsConfig {
@@ -446,17 +466,27 @@ impl Default for EventsConfig {
         EventsConfig {
             webhook_url: None,
             timeout: DEFAULT_EVENTS_TIMEOUT,
+            webhook_secret: None,
+            webhook_attempts: DEFAULT_WEBHOOK_ATTEMPTS,
+            webhook_backoff: DEFAULT_WEBHOOK_BACKOFF,
         }
     }
 }
 
 impl fmt::Debug for EventsConfig {
-    /// The URL's user info and query are masked: they may carry a secret.
+    /// The URL's user info and query are masked: they may carry a secret; so is the
+    /// signing secret.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let url = self.webhook_url.as_ref().map(values::mask_webhook_url);
         f.debug_struct("EventsConfig")
             .field("webhook_url", &url)
             .field("timeout", &self.timeout)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| MASK),
+            )
+            .field("webhook_attempts", &self.webhook_attempts)
+            .field("webhook_backoff", &self.webhook_backoff)
             .finish()
     }
 }

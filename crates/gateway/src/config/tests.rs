@@ -1345,3 +1345,54 @@ fn the_memory_store_is_kept_and_capped_as_configured() {
         c.warnings()
     );
 }
+
+#[test]
+fn event_webhook_signing_and_retry_keys() {
+    let c = Config::default();
+    assert_eq!(c.events.webhook_secret, None);
+    assert_eq!(c.events.webhook_attempts, 3);
+    assert_eq!(c.events.webhook_backoff, Duration::from_secs(1));
+
+    let c = Config::from_toml_str(
+        "[events]\nwebhook_secret = \"whsec_ev3nt\"\nwebhook_attempts = 5\n\
+         webhook_backoff = \"250ms\"",
+    )
+    .unwrap();
+    assert_eq!(c.events.webhook_secret.as_deref(), Some("whsec_ev3nt"));
+    assert_eq!(c.events.webhook_attempts, 5);
+    assert_eq!(c.events.webhook_backoff, Duration::from_millis(250));
+    // Masked when printed and in Debug; the masked text reads back.
+    let text = c.to_masked_toml();
+    assert!(!text.contains("whsec_ev3nt"), "{text}");
+    assert!(text.contains("webhook_secret = \"***\""), "{text}");
+    assert!(!format!("{c:?}").contains("whsec_ev3nt"));
+    Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+
+    // Through the environment, a value that looks like a number included.
+    let c = env(&[
+        ("SEND_GATEWAY__EVENTS__WEBHOOK_SECRET", "12345"),
+        ("SEND_GATEWAY__EVENTS__WEBHOOK_ATTEMPTS", "1"),
+    ])
+    .load()
+    .unwrap();
+    assert_eq!(c.events.webhook_secret.as_deref(), Some("12345"));
+    assert_eq!(c.events.webhook_attempts, 1);
+
+    for bad in ["0", "11", "-1"] {
+        assert_err(
+            &format!("[events]\nwebhook_attempts = {bad}"),
+            "events.webhook_attempts",
+            "1 to 10",
+        );
+    }
+    assert_err(
+        "[events]\nwebhook_backoff = \"0s\"",
+        "events.webhook_backoff",
+        "greater than zero",
+    );
+    assert_err(
+        "[events]\nwebhook_secret = \"a b\"",
+        "events.webhook_secret",
+        "spaces",
+    );
+}

@@ -191,6 +191,18 @@ pub(super) mod nonzero_duration {
     }
 }
 
+/// `events.webhook_attempts`: 1 to [`super::MAX_WEBHOOK_ATTEMPTS`].
+pub(super) fn attempts<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(deserializer)?;
+    match u32::try_from(n) {
+        Ok(n) if (1..=super::MAX_WEBHOOK_ATTEMPTS).contains(&n) => Ok(n),
+        _ => Err(de::Error::custom(format!(
+            "must be from 1 to {}, not {n}",
+            super::MAX_WEBHOOK_ATTEMPTS
+        ))),
+    }
+}
+
 /// A number of bytes: a non-negative integer, or a string with a unit where `MB` is 10^6
 /// bytes and `MiB` is 2^20 (parsed by `bytesize`, units case-insensitive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
