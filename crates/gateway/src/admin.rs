@@ -98,7 +98,10 @@ impl Refusals {
     fn note(&self, req: &Request) {
         let now = Instant::now();
         let suppressed = {
-            let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut last = self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             match &mut *last {
                 Some((at, count)) if now.duration_since(*at) < Self::EVERY => {
                     *count += 1;
