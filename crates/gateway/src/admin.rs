@@ -73,11 +73,20 @@ struct Guard {
     metrics_only: bool,
 }
 
-/// Lets the request through when it carries the admin token (or none is configured);
-/// otherwise 401, logged through [`Refusals`].
+/// Lets the request through when it carries the admin token (or none is configured and
+/// the admin listener is on loopback); otherwise 401, logged through [`Refusals`].
 async fn require_token(State(guard): State<Guard>, req: Request, next: Next) -> Response {
-    let open = guard.metrics_only && !guard.state.config().server.protect_metrics;
-    if open || guard.state.admin_authorized(req.headers()) {
+    let config = guard.state.config();
+    let open = guard.metrics_only && !config.server.protect_metrics;
+    // A reload keeps the listener it cannot move (`admin_listen` stays the bound one), so a
+    // file that drops the token while the running listener is off loopback would open it:
+    // fail closed instead. Start-up and check-config refuse that file outright.
+    let authorized = if config.server.admin_token.is_none() {
+        config.server.admin_on_loopback()
+    } else {
+        guard.state.admin_authorized(req.headers())
+    };
+    if open || authorized {
         return next.run(req).await;
     }
     guard.refusals.note(&req);

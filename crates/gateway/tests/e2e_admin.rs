@@ -401,3 +401,22 @@ async fn admin_changes_and_refusals_are_logged_with_the_caller_never_the_token()
         refused[0]
     );
 }
+
+#[tokio::test]
+async fn a_reload_that_drops_the_token_keeps_an_open_admin_listener_closed() {
+    let nylas = fake().await;
+    let server = "\n[server]\nlisten = \"127.0.0.1:0\"\n";
+    let exposed = format!("{server}admin_listen = \"0.0.0.0:0\"\nadmin_token = \"t\"\n");
+    let gw = Gateway::start(&config(&nylas.url(), &exposed)).await;
+    let quota = format!("{}/v1/quota/{DEMO_GRANT_ID}", gw.admin);
+    assert_eq!(status(&quota, Some("t")).await, 200);
+    // The new file moves the listener to loopback (a restart would) and drops the token;
+    // the reload keeps the running 0.0.0.0 listener.
+    let loopback = format!("{server}admin_listen = \"127.0.0.1:0\"\n");
+    let new = gateway::config::Config::from_toml_str(&config(&nylas.url(), &loopback)).unwrap();
+    assert_eq!(gw.state.reload(new), ["server.admin_listen"]);
+    assert_eq!(gw.state.config().server.admin_token, None);
+    let resp = client().get(&quota).send().await.unwrap();
+    gateway_error(resp, 401, "unauthorized").await;
+    assert_eq!(status(&format!("{}/healthz", gw.admin), None).await, 200);
+}

@@ -157,6 +157,14 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Whether `admin_listen` is a loopback address (`127.0.0.0/8`, `[::1]`, or either
+    /// IPv4-mapped): the only place the admin API may listen without `admin_token`.
+    pub fn admin_on_loopback(&self) -> bool {
+        self.admin_listen.ip().to_canonical().is_loopback()
+    }
+}
+
 /// `[upstream]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]

@@ -109,7 +109,7 @@ impl Config {
         if s.admin_token.is_some() {
             return Ok(());
         }
-        if !s.admin_listen.ip().to_canonical().is_loopback() {
+        if !s.admin_on_loopback() {
             return Err(ConfigError::new(
                 "server.admin_listen",
                 format!(
