@@ -1,13 +1,23 @@
 //! The admin listener: health, readiness, metrics and the per-grant quota API.
+//!
+//! With `[server] admin_token` set, every quota read and change (and `/metrics` with
+//! `protect_metrics`) needs `Authorization: Bearer <token>`; health, readiness and Nylas's
+//! webhooks (signed on their own) never do. Every change is logged with the caller's
+//! address; refusals are logged at most once a second, never with the token presented.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Request, State};
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use http::{HeaderMap, StatusCode, header};
+use http::request::Parts;
+use http::{StatusCode, header};
 use serde_json::json;
 
 use crate::error::GatewayError;
@@ -17,6 +27,9 @@ use crate::send::{GrantRef, grant_ref};
 use crate::state::AppState;
 
 /// The admin router; with Nylas's webhook endpoint when `[webhooks] listen` is unset.
+///
+/// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that changes and
+/// refusals are logged with the caller's address (without, the log says `unknown`).
 pub fn router(state: Arc<AppState>) -> Router {
     let own_listener = state.config().webhooks.listen.is_some();
     let router = if own_listener {
@@ -24,17 +37,135 @@ pub fn router(state: Arc<AppState>) -> Router {
     } else {
         crate::webhooks::routes()
     };
-    router
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    let refusals = Arc::new(Refusals::default());
+    let guard = |metrics_only| Guard {
+        state: Arc::clone(&state),
+        refusals: Arc::clone(&refusals),
+        metrics_only,
+    };
+    // The token is checked per request against the configuration in force, so a reload
+    // that sets or changes it (or `protect_metrics`) applies at once.
+    let quota_api = Router::new()
         .route("/v1/quota/{grant}", get(quota).delete(reset))
         .route(
             "/v1/grants/{grant}/profile",
             put(set_override).delete(clear_override),
         )
+        .route_layer(from_fn_with_state(guard(false), require_token));
+    let metrics_api = Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(from_fn_with_state(guard(true), require_token));
+    router
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(quota_api)
+        .merge(metrics_api)
         .with_state(state)
         .layer(axum::middleware::from_fn(request_id::layer))
+}
+
+/// What [`require_token`] guards: the quota API always, `/metrics` only with
+/// `protect_metrics`.
+#[derive(Debug, Clone)]
+struct Guard {
+    state: Arc<AppState>,
+    refusals: Arc<Refusals>,
+    metrics_only: bool,
+}
+
+/// Lets the request through when it carries the admin token (or none is configured and
+/// the admin listener is on loopback); otherwise 401, logged through [`Refusals`].
+async fn require_token(State(guard): State<Guard>, req: Request, next: Next) -> Response {
+    let config = guard.state.config();
+    let open = guard.metrics_only && !config.server.protect_metrics;
+    // A reload keeps the listener it cannot move (`admin_listen` stays the bound one), so a
+    // file that drops the token while the running listener is off loopback would open it:
+    // fail closed instead. Start-up and check-config refuse that file outright.
+    let authorized = if config.server.admin_token.is_none() {
+        config.server.admin_on_loopback()
+    } else {
+        guard.state.admin_authorized(req.headers())
+    };
+    if open || authorized {
+        return next.run(req).await;
+    }
+    guard.refusals.note(&req);
+    GatewayError::Unauthorized.into_response()
+}
+
+/// Refused admin calls, logged at most once a [`Refusals::EVERY`] with how many were not
+/// logged since: a client guessing tokens must not flood the log.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// When the last line was written, and refusals since then.
+    last: Mutex<Option<(Instant, u64)>>,
+}
+
+impl Refusals {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn note(&self, req: &Request) {
+        let now = Instant::now();
+        let suppressed = {
+            let mut last = self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match &mut *last {
+                Some((at, count)) if now.duration_since(*at) < Self::EVERY => {
+                    *count += 1;
+                    return;
+                }
+                slot => {
+                    let suppressed = slot.map_or(0, |(_, count)| count);
+                    *slot = Some((now, 0));
+                    suppressed
+                }
+            }
+        };
+        // The header's presence only: never the token presented.
+        let token_presented = req.headers().contains_key(header::AUTHORIZATION);
+        tracing::warn!(
+            caller = %Caller::of(req.extensions()),
+            method = %req.method(),
+            path = req.uri().path(),
+            token_presented,
+            suppressed,
+            "admin request refused: missing or wrong admin token"
+        );
+    }
+}
+
+/// The address an admin request came from, as `axum::serve` saw it; `unknown` when the
+/// router is served without connect info (e.g. driven with `oneshot`).
+#[derive(Debug, Clone, Copy)]
+struct Caller(Option<SocketAddr>);
+
+impl Caller {
+    fn of(extensions: &http::Extensions) -> Caller {
+        Caller(
+            extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(addr)| *addr),
+        )
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Caller::of(&parts.extensions))
+    }
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -91,14 +222,6 @@ fn canonical(grant: &str) -> Result<String, GatewayError> {
 
 fn store_failed(e: limits::StoreError) -> GatewayError {
     GatewayError::QuotaUnavailable(e.to_string())
-}
-
-/// The grant of a change request, once the admin token is checked.
-fn authorized(state: &AppState, headers: &HeaderMap, grant: &str) -> Result<String, GatewayError> {
-    if !state.admin_authorized(headers) {
-        return Err(GatewayError::Unauthorized);
-    }
-    canonical(grant)
 }
 
 async fn quota(
@@ -163,10 +286,10 @@ struct OverrideBody {
 async fn set_override(
     State(state): State<Arc<AppState>>,
     Path(grant): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
     body: axum::body::Bytes,
 ) -> Result<Response, GatewayError> {
-    let id = authorized(&state, &headers, &grant)?;
+    let id = canonical(&grant)?;
     let OverrideBody { profile } = serde_json::from_slice(&body).map_err(|_| {
         GatewayError::InvalidAdminRequest("expected {\"profile\": \"<name>\"}".into())
     })?;
@@ -175,8 +298,9 @@ async fn set_override(
             "no profile named {profile:?}"
         )));
     }
-    state
-        .store
+    let store = state.store.as_ref();
+    let old = old_override(store, &id).await?;
+    store
         .meta_set(
             Scope::grant(&id).as_str(),
             limits::META_PROFILE,
@@ -186,40 +310,49 @@ async fn set_override(
         .await
         .map_err(store_failed)?;
     state.selector.learn_override(&id, Some(profile.clone()));
-    tracing::info!(grant = %id, profile = %profile, "profile override set by admin");
+    tracing::info!(grant = %id, %caller, old_override = %old, new_override = %profile, "profile override set by admin");
     Ok(
         axum::Json(json!({ "grant_id": id, "profile": profile, "profile_source": "override" }))
             .into_response(),
     )
 }
 
+/// The grant's override before a change, for the log: its name, or `none`.
+async fn old_override(store: &dyn limits::QuotaStore, id: &str) -> Result<String, GatewayError> {
+    let old = crate::selection::stored_override(store, id)
+        .await
+        .map_err(store_failed)?;
+    Ok(old.unwrap_or_else(|| "none".to_owned()))
+}
+
 async fn clear_override(
     State(state): State<Arc<AppState>>,
     Path(grant): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Response, GatewayError> {
-    let id = authorized(&state, &headers, &grant)?;
-    state
-        .store
+    let id = canonical(&grant)?;
+    let store = state.store.as_ref();
+    let old = old_override(store, &id).await?;
+    store
         .meta_delete(Scope::grant(&id).as_str(), limits::META_PROFILE)
         .await
         .map_err(store_failed)?;
     state.selector.learn_override(&id, None);
-    tracing::info!(grant = %id, "profile override removed by admin");
+    tracing::info!(grant = %id, %caller, old_override = %old, new_override = "none", "profile override removed by admin");
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn reset(
     State(state): State<Arc<AppState>>,
     Path(grant): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Response, GatewayError> {
-    let id = authorized(&state, &headers, &grant)?;
+    let id = canonical(&grant)?;
     state
         .store
         .reset(Scope::grant(&id).as_str())
         .await
         .map_err(store_failed)?;
-    tracing::info!(grant = %id, "quota reset by admin");
+    tracing::info!(grant = %id, %caller, "quota reset by admin: usage in every window forgotten");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

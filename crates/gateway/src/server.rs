@@ -64,8 +64,10 @@ pub async fn run_with_webhooks(
             .with_graceful_shutdown(wait(admin_rx.clone()));
         tokio::spawn(async move { serve.await })
     });
-    let admin = axum::serve(admin, admin::router(Arc::clone(&state)))
-        .with_graceful_shutdown(wait(admin_rx));
+    // With the caller's address, which the admin API logs for every change and refusal.
+    let admin_app = admin::router(Arc::clone(&state))
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let admin = axum::serve(admin, admin_app).with_graceful_shutdown(wait(admin_rx));
     let proxy = tokio::spawn(async move { proxy.await });
     let admin = tokio::spawn(async move { admin.await });
     let watch = tokio::spawn(crate::health::watch(Arc::clone(&state)));

@@ -178,9 +178,26 @@ async fn quota_show_and_reset_through_the_admin_api() {
     assert_eq!(resp.status(), 200);
     let admin = gw.admin.as_str();
 
-    // The table.
+    // Reads need the token too.
     let (code, stdout, stderr) =
         run(bin().args(["quota", "show", DEMO_GRANT_ID, "--admin", admin])).await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("401") && stderr.contains("--token"),
+        "{stderr}"
+    );
+
+    // The table.
+    let (code, stdout, stderr) = run(bin().args([
+        "quota",
+        "show",
+        DEMO_GRANT_ID,
+        "--admin",
+        admin,
+        "--token",
+        "t0ken",
+    ]))
+    .await;
     assert_eq!(code, 0, "{stderr}");
     let field = |name: &str| {
         stdout
@@ -212,8 +229,10 @@ async fn quota_show_and_reset_through_the_admin_api() {
     );
 
     // The API's JSON as it is.
-    let (code, stdout, stderr) =
-        run(bin().args(["quota", "show", DEMO_GRANT_ID, "--admin", admin, "--json"])).await;
+    let (code, stdout, stderr) = run(bin()
+        .args(["quota", "show", DEMO_GRANT_ID, "--admin", admin, "--json"])
+        .env("SEND_GATEWAY_ADMIN_TOKEN", "t0ken"))
+    .await;
     assert_eq!(code, 0, "{stderr}");
     let json: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     let api = gw.quota(DEMO_GRANT_ID).await;
@@ -286,17 +305,28 @@ async fn quota_show_and_reset_through_the_admin_api() {
         run(bin().args(["quota", "reset", DEMO_GRANT_ID, "--config", &file])).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("reset"), "{stdout}");
-    let (code, stdout, stderr) = run(bin().args(["quota", "show", DEMO_GRANT_ID]).env(
-        "SEND_GATEWAY__SERVER__ADMIN_LISTEN",
-        admin.trim_start_matches("http://"),
-    ))
+    let (code, stdout, stderr) = run(bin()
+        .args(["quota", "show", DEMO_GRANT_ID])
+        .env(
+            "SEND_GATEWAY__SERVER__ADMIN_LISTEN",
+            admin.trim_start_matches("http://"),
+        )
+        .env("SEND_GATEWAY__SERVER__ADMIN_TOKEN", "t0ken"))
     .await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("24h"), "{stdout}");
 
     // What the API refuses, in its words.
-    let (code, _, stderr) =
-        run(bin().args(["quota", "show", "alice@example.org", "--admin", admin])).await;
+    let (code, _, stderr) = run(bin().args([
+        "quota",
+        "show",
+        "alice@example.org",
+        "--admin",
+        admin,
+        "--token",
+        "t0ken",
+    ]))
+    .await;
     assert_eq!(code, 1);
     assert!(
         stderr.contains("404") && stderr.contains("grant id"),

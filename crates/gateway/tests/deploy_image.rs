@@ -1,6 +1,8 @@
 //! `deploy/Dockerfile` against the real binary: a multi-stage build on the toolchain's Rust,
 //! a non-root numeric user, and a default command (and `docker run IMAGE check-config`) that
-//! passes `send-gateway check-config` with listeners the image EXPOSEs.
+//! passes `send-gateway check-config` with listeners the image EXPOSEs. The default command
+//! opens the admin port, so it needs the admin token from `docker run -e`; without one it
+//! refuses to start.
 
 mod deploy_support;
 
@@ -71,10 +73,29 @@ fn dockerfile_runs_the_binary_with_valid_defaults() {
         .unwrap_or_else(|| panic!("CMD's --config {path} is not a file the image ships"));
     let args = with_config_path(&image.cmd, index, &file);
     let env = image_env(&image);
-    let out = check_config(&args, &env);
+    // No token baked into the image: `docker run IMAGE` alone refuses an open admin port.
+    let bare = check_config(&args, &env);
+    let stderr = String::from_utf8_lossy(&bare.stderr);
+    p.check(
+        bare.status.code() == Some(64) && stderr.contains("server.admin_token must be set"),
+        || {
+            format!(
+                "`send-gateway {} check-config` without an admin token does not refuse the open admin port: {}",
+                image.cmd.join(" "),
+                describe(&bare)
+            )
+        },
+    );
+    // `docker run -e SEND_GATEWAY__SERVER__ADMIN_TOKEN=... IMAGE`, as deploy/README.md says.
+    let mut env_with_token = env.clone();
+    env_with_token.push((
+        "SEND_GATEWAY__SERVER__ADMIN_TOKEN".to_owned(),
+        "from-docker-run".to_owned(),
+    ));
+    let out = check_config(&args, &env_with_token);
     p.check(out.status.success(), || {
         format!(
-            "`send-gateway {} check-config` fails: {}",
+            "`send-gateway {} check-config` with SEND_GATEWAY__SERVER__ADMIN_TOKEN fails: {}",
             image.cmd.join(" "),
             describe(&out)
         )

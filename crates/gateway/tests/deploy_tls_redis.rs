@@ -46,19 +46,37 @@ fn start_redis(dir: &Path, certs: &TestCerts, port: u16) -> Redis {
     Redis(child)
 }
 
-/// The example's gateway.toml with the test's upstream, Redis address and CA.
+/// The example's gateway.toml with the test's upstream, Redis address and CA, and the admin
+/// token that compose.yaml gives it through the environment (its admin port is on 0.0.0.0,
+/// which needs one).
 fn gateway_toml(nylas: &str, port: u16, ca: &Path) -> String {
     let text = std::fs::read_to_string(example("gateway.toml")).expect("gateway.toml");
     for needle in [
+        "[server]\n",
+        "admin_listen = \"0.0.0.0:9090\"",
         "url = \"https://api.us.nylas.com\"",
         "url = \"rediss://redis:6379\"",
         "tls_ca_file = \"/tls/ca.crt\"",
     ] {
         assert!(text.contains(needle), "gateway.toml lost {needle}");
     }
-    text.replace("https://api.us.nylas.com", nylas)
-        .replace("rediss://redis:6379", &format!("rediss://localhost:{port}"))
-        .replace("/tls/ca.crt", &ca.to_string_lossy())
+    assert!(
+        !text.contains("admin_token"),
+        "the admin token belongs in the environment, not gateway.toml"
+    );
+    let compose = std::fs::read_to_string(example("compose.yaml")).expect("compose.yaml");
+    assert!(
+        compose.contains("SEND_GATEWAY__SERVER__ADMIN_TOKEN: ${SEND_GATEWAY_ADMIN_TOKEN:?"),
+        "compose.yaml gives the gateway no admin token"
+    );
+    text.replacen(
+        "[server]\n",
+        "[server]\nadmin_token = \"tls-example-token\"\n",
+        1,
+    )
+    .replace("https://api.us.nylas.com", nylas)
+    .replace("rediss://redis:6379", &format!("rediss://localhost:{port}"))
+    .replace("/tls/ca.crt", &ca.to_string_lossy())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,6 +88,10 @@ async fn the_tls_redis_example_counts_and_keeps_its_data() {
     let _redis = start_redis(&dir, &certs, port);
     let nylas = fake().await;
     let toml = gateway_toml(&nylas.url(), port, &certs.ca);
+    let without_token = toml.replace("admin_token = \"tls-example-token\"\n", "");
+    let refused = gateway::config::Config::from_toml_str(&without_token)
+        .expect_err("an admin port on 0.0.0.0 without a token");
+    assert_eq!(refused.key(), "server.admin_listen", "{refused}");
     let gw = Gateway::start(&toml).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let body = loop {

@@ -8,6 +8,7 @@ use common::{Gateway, WAIT, client, config, fake, gateway_error, simple};
 use fake_nylas::DEMO_GRANT_ID;
 use serde_json::{Value, json};
 use testkit::RedisServer;
+use testkit::process::{Expect, Server};
 
 async fn get(url: String) -> (u16, Value) {
     let resp = client().get(url).send().await.expect("admin answer");
@@ -125,8 +126,8 @@ async fn quota_reset_needs_the_admin_token() {
     assert_eq!(q["windows"][0]["messages"]["remaining"], 1000);
 
     // The quota API takes grant ids only: an email is a 404 envelope.
-    let resp = c
-        .get(format!("{}/v1/quota/demo@example.com", gw.admin))
+    let resp = gw
+        .admin_get("/v1/quota/demo@example.com")
         .send()
         .await
         .unwrap();
@@ -155,4 +156,267 @@ async fn without_an_admin_token_resets_are_open() {
     assert_eq!(gw.used(DEMO_GRANT_ID).await, (0, 0));
     let (code, body) = get(format!("{}/readyz", gw.admin)).await;
     assert_eq!((code, &body["status"]), (200, &json!("ready")));
+}
+
+/// Status of `GET {url}` with `token` as a bearer token, if any.
+async fn status(url: &str, token: Option<&str>) -> u16 {
+    let request = client().get(url);
+    let request = match token {
+        Some(t) => request.bearer_auth(t),
+        None => request,
+    };
+    request
+        .send()
+        .await
+        .expect("admin answer")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn with_a_token_quota_reads_need_it_and_metrics_stay_open() {
+    let nylas = fake().await;
+    let toml = config(&nylas.url(), "\n[server]\nadmin_token = \"r3ad-token\"\n");
+    let gw = Gateway::start(&toml).await;
+    let quota = format!("{}/v1/quota/{DEMO_GRANT_ID}", gw.admin);
+    let resp = client().get(&quota).send().await.unwrap();
+    gateway_error(resp, 401, "unauthorized").await;
+    let resp = client()
+        .get(&quota)
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    gateway_error(resp, 401, "unauthorized").await;
+    let resp = client()
+        .get(&quota)
+        .bearer_auth("r3ad-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["grant_id"], DEMO_GRANT_ID);
+    // Override changes: refused without the token, done with it.
+    let profile = format!("{}/v1/grants/{DEMO_GRANT_ID}/profile", gw.admin);
+    let put = |token: Option<&str>| {
+        let request = client().put(&profile).json(&json!({ "profile": "google" }));
+        match token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
+    };
+    gateway_error(put(None).send().await.unwrap(), 401, "unauthorized").await;
+    assert_eq!(gw.quota(DEMO_GRANT_ID).await["profile"], "icloud");
+    assert_eq!(put(Some("r3ad-token")).send().await.unwrap().status(), 200);
+    assert_eq!(gw.quota(DEMO_GRANT_ID).await["profile_source"], "override");
+    // Health, readiness and (without protect_metrics) metrics need no token.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            status(&format!("{}{path}", gw.admin), None).await,
+            200,
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn protect_metrics_puts_metrics_behind_the_token_but_not_health() {
+    let nylas = fake().await;
+    let toml = config(
+        &nylas.url(),
+        "\n[server]\nadmin_token = \"m3trics\"\nprotect_metrics = true\n",
+    );
+    let gw = Gateway::start(&toml).await;
+    let metrics = format!("{}/metrics", gw.admin);
+    let resp = client().get(&metrics).send().await.unwrap();
+    gateway_error(resp, 401, "unauthorized").await;
+    assert_eq!(status(&metrics, Some("wrong")).await, 401);
+    let resp = client()
+        .get(&metrics)
+        .bearer_auth("m3trics")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("sendgw_"));
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            status(&format!("{}{path}", gw.admin), None).await,
+            200,
+            "{path}"
+        );
+        assert_eq!(
+            status(&format!("{}{path}", gw.admin), Some("wrong")).await,
+            200,
+            "{path} with a wrong token"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_a_token_metrics_and_quota_reads_are_open_on_loopback() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&config(&nylas.url(), "")).await;
+    for path in ["/metrics".to_owned(), format!("/v1/quota/{DEMO_GRANT_ID}")] {
+        assert_eq!(
+            status(&format!("{}{path}", gw.admin), None).await,
+            200,
+            "{path}"
+        );
+    }
+}
+
+/// The binary on loopback port 0 with `admin_token`, JSON logs at info into `log`.
+fn spawn_logging(dir: &std::path::Path, nylas: &str, log: &std::path::Path) -> Server {
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             admin_token = \"adm1n-t0ken-secret\"\n\
+             [upstream]\nurl = \"{nylas}\"\n[log]\nformat = \"json\"\n"
+        ),
+    )
+    .expect("write config");
+    let stderr = std::fs::File::create(log).expect("log file");
+    let mut cmd = testkit::process::send_gateway(env!("CARGO_BIN_EXE_send-gateway"), &config);
+    cmd.env("RUST_LOG", "info").stderr(stderr);
+    Server::spawn(&mut cmd, "send-gateway", Expect::ListeningAndAdmin, WAIT)
+}
+
+/// Stops `gw` with SIGTERM (which flushes the log) and returns the log's JSON lines.
+async fn stop_and_read(mut gw: Server, log: &std::path::Path) -> Vec<Value> {
+    gw.signal("TERM");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gw.try_wait().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "exits after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(gw);
+    let text = std::fs::read_to_string(log).expect("read log");
+    assert!(
+        !text.contains("adm1n-t0ken-secret"),
+        "the token in the log:\n{text}"
+    );
+    assert!(
+        !text.contains("guessed-t0ken"),
+        "a presented token in the log:\n{text}"
+    );
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// The lines whose message contains `needle`.
+fn lines_with<'a>(lines: &'a [Value], needle: &str) -> Vec<&'a Value> {
+    lines
+        .iter()
+        .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(needle)))
+        .collect()
+}
+
+#[tokio::test]
+async fn admin_changes_and_refusals_are_logged_with_the_caller_never_the_token() {
+    let nylas = fake().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("stderr.log");
+    let gw = spawn_logging(dir.path(), &nylas.url(), &log);
+    let admin = gw.admin().expect("admin").to_owned();
+    let c = client();
+    let profile = format!("{admin}/v1/grants/{DEMO_GRANT_ID}/profile");
+    let quota = format!("{admin}/v1/quota/{DEMO_GRANT_ID}");
+    let ok = "adm1n-t0ken-secret";
+    let put = c
+        .put(&profile)
+        .bearer_auth(ok)
+        .json(&json!({ "profile": "google" }));
+    assert_eq!(put.send().await.unwrap().status(), 200);
+    let put = c
+        .put(&profile)
+        .bearer_auth(ok)
+        .json(&json!({ "profile": "yahoo" }));
+    assert_eq!(put.send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.delete(&profile)
+            .bearer_auth(ok)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        c.delete(&quota)
+            .bearer_auth(ok)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    // Refusals: a burst of wrong tokens is one line, not one per request.
+    for _ in 0..5 {
+        let resp = c
+            .delete(&quota)
+            .bearer_auth("guessed-t0ken")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+    }
+    let lines = stop_and_read(gw, &log).await;
+    let caller = |l: &Value| l["caller"].as_str().unwrap_or("").to_owned();
+    let set = lines_with(&lines, "profile override set");
+    assert_eq!(set.len(), 2, "{lines:#?}");
+    for (line, (old, new)) in set.iter().zip([("none", "google"), ("google", "yahoo")]) {
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(line["grant"], DEMO_GRANT_ID);
+        assert_eq!(line["old_override"], old, "{line}");
+        assert_eq!(line["new_override"], new, "{line}");
+        assert!(caller(line).starts_with("127.0.0.1:"), "{line}");
+    }
+    let cleared = lines_with(&lines, "profile override removed");
+    assert_eq!(cleared.len(), 1, "{lines:#?}");
+    assert_eq!(cleared[0]["old_override"], "yahoo");
+    assert!(
+        caller(cleared[0]).starts_with("127.0.0.1:"),
+        "{}",
+        cleared[0]
+    );
+    let reset = lines_with(&lines, "quota reset by admin");
+    assert_eq!(reset.len(), 1, "{lines:#?}");
+    assert_eq!(reset[0]["grant"], DEMO_GRANT_ID);
+    assert!(caller(reset[0]).starts_with("127.0.0.1:"), "{}", reset[0]);
+    let refused = lines_with(&lines, "admin request refused");
+    assert_eq!(refused.len(), 1, "rate-limited to one line: {lines:#?}");
+    assert_eq!(refused[0]["level"], "WARN");
+    assert_eq!(refused[0]["token_presented"], true);
+    assert!(
+        caller(refused[0]).starts_with("127.0.0.1:"),
+        "{}",
+        refused[0]
+    );
+}
+
+#[tokio::test]
+async fn a_reload_that_drops_the_token_keeps_an_open_admin_listener_closed() {
+    let nylas = fake().await;
+    let server = "\n[server]\nlisten = \"127.0.0.1:0\"\n";
+    let exposed = format!("{server}admin_listen = \"0.0.0.0:0\"\nadmin_token = \"t\"\n");
+    let gw = Gateway::start(&config(&nylas.url(), &exposed)).await;
+    let quota = format!("{}/v1/quota/{DEMO_GRANT_ID}", gw.admin);
+    assert_eq!(status(&quota, Some("t")).await, 200);
+    // The new file moves the listener to loopback (a restart would) and drops the token;
+    // the reload keeps the running 0.0.0.0 listener.
+    let loopback = format!("{server}admin_listen = \"127.0.0.1:0\"\n");
+    let new = gateway::config::Config::from_toml_str(&config(&nylas.url(), &loopback)).unwrap();
+    assert_eq!(gw.state.reload(new), ["server.admin_listen"]);
+    assert_eq!(gw.state.config().server.admin_token, None);
+    let resp = client().get(&quota).send().await.unwrap();
+    gateway_error(resp, 401, "unauthorized").await;
+    assert_eq!(status(&format!("{}/healthz", gw.admin), None).await, 200);
 }

@@ -139,10 +139,13 @@ pub struct ServerConfig {
     /// Where health, metrics and the quota API listen.
     #[serde(with = "addr")]
     pub admin_listen: SocketAddr,
-    /// When set, quota changes on the admin listener need `Authorization: Bearer <token>`
-    /// (an empty string in the file means unset).
+    /// When set, every quota read and change on the admin listener (and `/metrics` with
+    /// `protect_metrics`) needs `Authorization: Bearer <token>`; an empty string in the file
+    /// means unset, which only a loopback `admin_listen` allows.
     #[serde(with = "optional")]
     pub admin_token: Option<Secret>,
+    /// Whether `/metrics` needs the admin token too (health endpoints never do).
+    pub protect_metrics: bool,
     /// How long in-flight requests may finish after a shutdown signal.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -157,9 +160,18 @@ impl Default for ServerConfig {
             listen: DEFAULT_LISTEN,
             admin_listen: DEFAULT_ADMIN_LISTEN,
             admin_token: None,
+            protect_metrics: false,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_json_body: DEFAULT_MAX_JSON_BODY,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Whether `admin_listen` is a loopback address (`127.0.0.0/8`, `[::1]`, or either
+    /// IPv4-mapped): the only place the admin API may listen without `admin_token`.
+    pub fn admin_on_loopback(&self) -> bool {
+        self.admin_listen.ip().to_canonical().is_loopback()
     }
 }
 

@@ -1396,3 +1396,79 @@ fn event_webhook_signing_and_retry_keys() {
         "spaces",
     );
 }
+
+#[test]
+fn an_admin_listener_off_loopback_needs_the_admin_token() {
+    for addr in [
+        "0.0.0.0:9091",
+        "[::]:9091",
+        "10.1.2.3:9091",
+        "[::ffff:10.1.2.3]:9091",
+    ] {
+        let text = format!("[server]\nadmin_listen = \"{addr}\"");
+        assert_err(
+            &text,
+            "server.admin_listen",
+            "server.admin_token must be set",
+        );
+        assert_err(&text, "server.admin_listen", "not a loopback address");
+    }
+    // An empty token is no token.
+    assert_err(
+        "[server]\nadmin_listen = \"0.0.0.0:9091\"\nadmin_token = \"\"",
+        "server.admin_listen",
+        "server.admin_token must be set",
+    );
+    for addr in [
+        "127.0.0.1:9091",
+        "127.8.9.10:9091",
+        "[::1]:9091",
+        "[::ffff:127.0.0.1]:9091",
+    ] {
+        let c = Config::from_toml_str(&format!("[server]\nadmin_listen = \"{addr}\""))
+            .unwrap_or_else(|e| panic!("{addr}: {e}"));
+        assert_eq!(c.server.admin_token, None);
+    }
+    // The address is a socket address, never a host name: `localhost` is refused as such
+    // (before the token rule); write 127.0.0.1 or [::1].
+    assert_err(
+        "[server]\nadmin_listen = \"localhost:9091\"",
+        "server.admin_listen",
+        "invalid socket address",
+    );
+    let c = Config::from_toml_str("[server]\nadmin_listen = \"0.0.0.0:9091\"\nadmin_token = \"t\"")
+        .unwrap();
+    assert_eq!(c.server.admin_listen.to_string(), "0.0.0.0:9091");
+    // The token from the environment, as Kubernetes and Compose give it.
+    let c = env(&[
+        ("SEND_GATEWAY__SERVER__ADMIN_LISTEN", "0.0.0.0:9091"),
+        ("SEND_GATEWAY__SERVER__ADMIN_TOKEN", "from-a-secret"),
+    ])
+    .load()
+    .unwrap();
+    assert_eq!(c.server.admin_token.as_deref(), Some("from-a-secret"));
+    // The address from the environment without a token: blamed on the variable.
+    let e = env_err(&[("SEND_GATEWAY__SERVER__ADMIN_LISTEN", "0.0.0.0:9091")]);
+    assert!(
+        e.to_string()
+            .starts_with("SEND_GATEWAY__SERVER__ADMIN_LISTEN: "),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("server.admin_token must be set"),
+        "{e}"
+    );
+}
+
+#[test]
+fn protect_metrics_needs_a_token_and_defaults_to_off() {
+    assert!(!Config::default().server.protect_metrics);
+    assert_err(
+        "[server]\nprotect_metrics = true",
+        "server.protect_metrics",
+        "needs server.admin_token",
+    );
+    let c = Config::from_toml_str("[server]\nprotect_metrics = true\nadmin_token = \"t\"").unwrap();
+    assert!(c.server.protect_metrics);
+    assert!(c.to_masked_toml().contains("protect_metrics = true"));
+}

@@ -69,6 +69,7 @@ impl Config {
                 format!("must differ from server.listen ({listen})"),
             ));
         }
+        self.check_admin_exposure()?;
         if let Some(hooks) = self.webhooks.listen
             && hooks.port() != 0
             && (hooks == listen || hooks == admin_listen)
@@ -96,6 +97,33 @@ impl Config {
         }
         if let Some(name) = &self.domains.profile {
             self.check_profile_exists("domains.profile", name)?;
+        }
+        Ok(())
+    }
+
+    /// An admin listener off loopback needs the admin token: without it anyone who reaches
+    /// the port could reset usage or change profiles. `protect_metrics` needs a token to
+    /// check.
+    fn check_admin_exposure(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.admin_token.is_some() {
+            return Ok(());
+        }
+        if !s.admin_on_loopback() {
+            return Err(ConfigError::new(
+                "server.admin_listen",
+                format!(
+                    "{} is not a loopback address, so server.admin_token must be set \
+                     (e.g. with SEND_GATEWAY__SERVER__ADMIN_TOKEN); or listen on 127.0.0.1 or [::1]",
+                    s.admin_listen
+                ),
+            ));
+        }
+        if s.protect_metrics {
+            return Err(ConfigError::new(
+                "server.protect_metrics",
+                "needs server.admin_token (without a token there is nothing to check)",
+            ));
         }
         Ok(())
     }

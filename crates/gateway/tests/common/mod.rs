@@ -89,10 +89,20 @@ impl Gateway {
             .body(serde_json::to_vec(message).expect("json"))
     }
 
+    /// `GET {admin}{path}`, with the admin token when one is configured (as an operator
+    /// would call it).
+    pub fn admin_get(&self, path: &str) -> reqwest::RequestBuilder {
+        let request = client().get(format!("{}{path}", self.admin));
+        match self.state.config().server.admin_token.as_deref() {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
     /// `GET /v1/quota/{grant}` on the admin listener.
     pub async fn quota(&self, grant: &str) -> Value {
-        let resp = client()
-            .get(format!("{}/v1/quota/{grant}", self.admin))
+        let resp = self
+            .admin_get(&format!("/v1/quota/{grant}"))
             .send()
             .await
             .expect("quota request");
@@ -112,8 +122,7 @@ impl Gateway {
 
     /// The admin `/metrics` text.
     pub async fn metrics(&self) -> String {
-        client()
-            .get(format!("{}/metrics", self.admin))
+        self.admin_get("/metrics")
             .send()
             .await
             .expect("metrics")
