@@ -87,8 +87,8 @@ impl Record<'_> {
         out.extend_from_slice(&[0; FRAME]);
         self.payload(&mut Enc(out));
         let len = u32::try_from(out.len() - start - FRAME).unwrap_or(u32::MAX);
-        let crc = crc32fast::hash(&out[start + FRAME..]);
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        let crc = frame_crc(&out[start..start + 4], &out[start + FRAME..]);
         out[start + 4..start + FRAME].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -289,30 +289,67 @@ pub(crate) fn records(bytes: &[u8]) -> io::Result<(Vec<Record<'_>>, usize)> {
 }
 
 /// The record at `pos` and where the next starts; `None` for a torn last record.
+///
+/// A bad or short record is a torn tail only when nothing valid follows it: a crash cuts
+/// the last write short, or leaves zeros where it never landed, but never writes a whole
+/// record after a damaged one. A damaged length is caught the same way.
 fn frame_at(body: &[u8], pos: usize) -> io::Result<Option<(Record<'_>, usize)>> {
-    let offset = MAGIC.len() + pos;
-    let Some(head) = body.get(pos..pos + FRAME) else {
-        return Ok(None);
+    let rest = &body[pos..];
+    match frame(rest) {
+        Frame::Record(rec, used) => Ok(Some((rec, pos + used))),
+        _ if is_torn_tail(rest) => Ok(None),
+        Frame::Short => Err(corrupt(
+            MAGIC.len() + pos,
+            "a record runs past the records after it",
+        )),
+        Frame::Bad => Err(corrupt(MAGIC.len() + pos, "a record fails its checksum")),
+    }
+}
+
+/// What the bytes at the start of `rest` hold.
+enum Frame<'a> {
+    /// A whole, valid record, and its length with the frame.
+    Record(Record<'a>, usize),
+    /// The start of a record whose end is missing.
+    Short,
+    /// A damaged record: an empty or impossible length, or a failed checksum.
+    Bad,
+}
+
+fn frame(rest: &[u8]) -> Frame<'_> {
+    let Some(head) = rest.get(..FRAME) else {
+        return Frame::Short;
     };
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
     let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    let end = pos + FRAME + len;
-    let Some(payload) = body.get(pos + FRAME..end).filter(|_| len <= MAX_RECORD) else {
-        // Runs past the end: the write a crash cut short.
-        return if len > MAX_RECORD && end < body.len() {
-            Err(corrupt(offset, "a record has an impossible length"))
-        } else {
-            Ok(None)
-        };
-    };
-    let rec = (crc32fast::hash(payload) == crc)
-        .then(|| Record::decode(payload))
-        .flatten();
-    match rec {
-        Some(rec) => Ok(Some((rec, end))),
-        None if end == body.len() => Ok(None),
-        None => Err(corrupt(offset, "a record fails its checksum")),
+    if len == 0 || len > MAX_RECORD {
+        return Frame::Bad;
     }
+    let Some(payload) = rest.get(FRAME..FRAME + len) else {
+        return Frame::Short;
+    };
+    match (frame_crc(&head[..4], payload) == crc)
+        .then(|| Record::decode(payload))
+        .flatten()
+    {
+        Some(rec) => Frame::Record(rec, FRAME + len),
+        None => Frame::Bad,
+    }
+}
+
+/// The checksum of a frame: its length field and its payload, so a damaged length fails.
+fn frame_crc(len: &[u8], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(len);
+    h.update(payload);
+    h.finalize()
+}
+
+/// Whether `rest` (starting with a bad or short record) is what a crash leaves: zeros, or
+/// bytes in which no whole valid record starts.
+fn is_torn_tail(rest: &[u8]) -> bool {
+    rest.iter().all(|&b| b == 0)
+        || !(1..rest.len()).any(|i| matches!(frame(&rest[i..]), Frame::Record(..)))
 }
 
 fn corrupt(offset: usize, what: &str) -> io::Error {
@@ -332,6 +369,9 @@ pub(crate) struct Journal {
     file: File,
     len: u64,
     sync_each_write: bool,
+    /// Why the journal takes no more writes: a failed write could not be cut back, or a
+    /// sync failed (the kernel may have dropped the pages, so nothing written is sure).
+    broken: Option<String>,
     /// Held for the store's life: a second process on the same directory is refused.
     lock: File,
 }
@@ -368,20 +408,39 @@ impl Journal {
             len: good as u64,
             file,
             sync_each_write,
+            broken: None,
             lock,
         };
         Ok((journal, bytes))
     }
 
     /// Writes `bytes` (encoded records) in one write, and syncs when every write is synced.
+    /// A failed write is cut back off the file, so that the caller may write the same bytes
+    /// again; when that fails too, or a sync fails, every later write fails.
     ///
     /// # Errors
-    /// The write failed (the disk is full, say).
+    /// The write failed (the disk is full, say), or the journal is broken.
     pub(crate) fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)?;
+        if let Some(why) = &self.broken {
+            return Err(io::Error::other(why.clone()));
+        }
+        if let Err(e) = self.file.write_all(bytes) {
+            if let Err(cut) = self.file.set_len(self.len) {
+                self.broken = Some(format!(
+                    "a failed write ({e}) could not be cut back ({cut}); \
+                     the journal takes no more writes"
+                ));
+            }
+            return Err(e);
+        }
         self.len += bytes.len() as u64;
-        if self.sync_each_write {
-            self.file.sync_data()?;
+        if self.sync_each_write
+            && let Err(e) = self.file.sync_data()
+        {
+            self.broken = Some(format!(
+                "a sync failed ({e}); the journal takes no more writes"
+            ));
+            return Err(e);
         }
         Ok(())
     }
@@ -413,24 +472,34 @@ impl Journal {
     }
 
     /// Replaces the journal with `snapshot` (the records of everything live), atomically:
-    /// a crash leaves either the old journal or the new one.
+    /// a crash leaves either the old journal or the new one. `Ok(Some(_))` says the new
+    /// journal is in use but the directory could not be synced, so a crash may still
+    /// bring back the old one (which holds the same state, only longer).
     ///
     /// # Errors
     /// The new file could not be written; the old journal is kept and stays in use.
-    pub(crate) fn rewrite(&mut self, snapshot: &[u8]) -> io::Result<()> {
+    pub(crate) fn rewrite(&mut self, snapshot: &[u8]) -> io::Result<Option<io::Error>> {
         let tmp = self.dir.join("journal.tmp");
-        let mut out = File::create(&tmp)?;
-        out.write_all(MAGIC)?;
-        out.write_all(snapshot)?;
-        out.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join("journal"))?;
-        File::open(&self.dir)?.sync_all()?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(self.dir.join("journal"))?;
+        let written = (|| {
+            let mut out = File::create(&tmp)?;
+            out.write_all(MAGIC)?;
+            out.write_all(snapshot)?;
+            out.sync_all()?;
+            // Opened before the rename, so that nothing can fail between it and the switch.
+            let file = OpenOptions::new().append(true).open(&tmp)?;
+            std::fs::rename(&tmp, self.dir.join("journal"))?;
+            Ok(file)
+        })();
+        let file = match written {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         self.file = file;
         self.len = (MAGIC.len() + snapshot.len()) as u64;
-        Ok(())
+        Ok(File::open(&self.dir).and_then(|d| d.sync_all()).err())
     }
 }
 
@@ -517,6 +586,34 @@ mod tests {
         let err = records(&bytes).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
         assert!(records(b"not a journal at all").is_err());
+    }
+
+    #[test]
+    fn zeros_where_the_last_write_never_landed_are_a_torn_tail() {
+        let two = file_of(&sample()[..2]);
+        for zeros in [1, FRAME, FRAME + 1, 4096] {
+            let mut bytes = two.clone();
+            bytes.resize(two.len() + zeros, 0);
+            let (read, good) = records(&bytes).unwrap();
+            assert_eq!(read, sample()[..2], "{zeros} zeros");
+            assert_eq!(good, two.len());
+        }
+    }
+
+    #[test]
+    fn a_damaged_length_is_refused_not_read_as_a_torn_tail() {
+        // The first record's length made longer, still within the file: the records after
+        // it would be lost as a "torn tail" if the length were trusted.
+        let mut bytes = file_of(&sample());
+        let at = MAGIC.len();
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        for damaged in [len + 1, len + 40, (bytes.len() - at) as u32 + 10] {
+            bytes[at..at + 4].copy_from_slice(&damaged.to_le_bytes());
+            assert!(records(&bytes).is_err(), "length {damaged} of {len}");
+        }
+        // A zero length is never a record either.
+        bytes[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+        assert!(records(&bytes).is_err());
     }
 
     #[test]

@@ -902,8 +902,11 @@ impl QuotaStore for MemoryStore {
         let key = (scope.to_owned(), name.to_owned());
         if let dashmap::Entry::Occupied(entry) = self.meta.entry(key) {
             // Logged while the entry is still locked, so it cannot pass a later write.
-            self.log(&[Record::MetaDelete { scope, name }], Write::Now)?;
+            // Removed even when the write fails: the record stays buffered, to be written
+            // by the next attempt, and memory must say what the journal will.
+            let logged = self.log(&[Record::MetaDelete { scope, name }], Write::Now);
             entry.remove();
+            logged?;
         }
         Ok(())
     }
@@ -924,8 +927,8 @@ impl QuotaStore for MemoryStore {
         if v != value || exp.is_some_and(|e| e <= now) {
             return Ok(false);
         }
-        self.log(&[Record::MetaDelete { scope, name }], Write::Now)?;
+        let logged = self.log(&[Record::MetaDelete { scope, name }], Write::Now);
         entry.remove();
-        Ok(true)
+        logged.map(|()| true)
     }
 }

@@ -168,13 +168,22 @@ impl MemoryStore {
     }
 
     /// Taken by every change before it locks its scope; `None` for a store in memory only.
-    /// Runs a compaction first when one is due.
+    /// Runs a compaction first when one is due. A compaction that fails is logged and tried
+    /// again once the journal has doubled; changes go on being appended meanwhile.
     pub(super) fn gate(&self) -> Result<Option<RwLockReadGuard<'_, ()>>, StoreError> {
         let Some(p) = &self.persist else {
             return Ok(None);
         };
-        if p.compact_due.load(Ordering::Relaxed) {
-            self.compact()?;
+        if p.compact_due.load(Ordering::Relaxed)
+            && let Err(e) = self.compact()
+        {
+            tracing::warn!(
+                error = %e,
+                "the quota journal could not be compacted; it is tried again when it doubles"
+            );
+            let len = p.journal().len();
+            p.compact_at.store(p.base.max(2 * len), Ordering::Relaxed);
+            p.compact_due.store(false, Ordering::Relaxed);
         }
         Ok(Some(p.gate.read().unwrap_or_else(PoisonError::into_inner)))
     }
@@ -218,11 +227,19 @@ impl MemoryStore {
         let mut journal = p.journal();
         // What is buffered is in the snapshot already: every change in it was made.
         let buffered = std::mem::take(&mut *p.pending());
-        if let Err(e) = journal.rewrite(&snapshot) {
-            let mut pending = p.pending();
-            let later = std::mem::replace(&mut *pending, buffered);
-            pending.extend_from_slice(&later);
-            return Err(journal_failed(&e));
+        match journal.rewrite(&snapshot) {
+            Err(e) => {
+                let mut pending = p.pending();
+                let later = std::mem::replace(&mut *pending, buffered);
+                pending.extend_from_slice(&later);
+                return Err(journal_failed(&e));
+            }
+            // In use already, so what was buffered must not be written again.
+            Ok(Some(e)) => tracing::warn!(
+                error = %e,
+                "the compacted quota journal is in use, but its directory could not be synced"
+            ),
+            Ok(None) => {}
         }
         let handle = journal.sync_handle().map_err(|e| journal_failed(&e))?;
         *p.sync_handle.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(handle);
