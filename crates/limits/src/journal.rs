@@ -445,6 +445,11 @@ impl Journal {
         Ok(())
     }
 
+    /// Why the journal takes no more writes, once it does not.
+    pub(crate) fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
     /// Lets another process open the directory (this one writes no more).
     pub(crate) fn unlock(&mut self) {
         let _ = self.lock.unlock();

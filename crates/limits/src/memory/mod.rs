@@ -846,6 +846,7 @@ impl QuotaStore for MemoryStore {
     }
 
     async fn health(&self) -> Result<crate::store::StoreHealth, StoreError> {
+        self.journal_health()?;
         Ok(crate::store::StoreHealth {
             persistent: Some(self.is_persistent()),
             run_id: None,

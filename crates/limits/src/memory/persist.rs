@@ -204,6 +204,18 @@ impl MemoryStore {
         }
     }
 
+    /// An outage while the journal takes no more writes (see [`Journal::write`]), so that
+    /// readiness reports what every send that must be written first is answered.
+    pub(super) fn journal_health(&self) -> Result<(), StoreError> {
+        match &self.persist {
+            Some(p) => match p.journal().broken() {
+                Some(why) => Err(StoreError::Unavailable(format!("the quota journal: {why}"))),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
     /// Writes out every buffered record (see [`crate::QuotaStore::durable`]).
     pub(super) fn write_buffered(&self) -> Result<(), StoreError> {
         match &self.persist {
