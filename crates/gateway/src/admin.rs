@@ -47,6 +47,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // that sets or changes it (or `protect_metrics`) applies at once.
     let quota_api = Router::new()
         .route("/v1/quota/{grant}", get(quota).delete(reset))
+        .route("/v1/clients/{name}/quota", get(client_quota))
         .route(
             "/v1/grants/{grant}/profile",
             put(set_override).delete(clear_override),
@@ -244,37 +245,78 @@ async fn quota(
         .usage(Scope::grant(&id).as_str(), profile)
         .await
         .map_err(store_failed)?;
-    let windows: Vec<_> = usage
-            .windows
-            .iter()
-            .map(|w| {
-                let mut o = json!({
-                    "period": &*w.label,
-                    "resets_in_seconds": w.next_free.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
-                });
-                for m in &w.metrics {
-                    o[m.metric.as_str()] = json!({
-                        "limit": m.limit,
-                        "used": m.used,
-                        "scheduled": m.scheduled,
-                        "remaining": m.remaining,
-                    });
-                }
-                o
-            })
-            .collect();
+    let windows = windows_json(&usage);
     Ok(axum::Json(json!({
         "grant_id": id,
         "profile": profile.name(),
         "profile_source": selection.source.as_str(),
         "provider": selection.provider,
-        "per_message": {
-            "max_recipients": profile.max_recipients_per_message().map(|v| v.get()),
-            "max_message_size": profile.max_message_size().map(|v| v.get()),
-        },
+        "per_message": per_message_json(profile),
         "windows": windows,
     }))
     .into_response())
+}
+
+/// `GET /v1/clients/{name}/quota`: the usage of a client's own quota
+/// (`[[clients]] profile`).
+async fn client_quota(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Response, GatewayError> {
+    let config = state.config();
+    let client = config
+        .clients
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| GatewayError::NotFound(format!("no client named {name:?}")))?;
+    let Some(profile) = client.profile.as_deref().and_then(|p| config.profile(p)) else {
+        return Err(GatewayError::NotFound(format!(
+            "client {name:?} has no profile of its own"
+        )));
+    };
+    let usage = state
+        .store
+        .usage(Scope::client(&client.name).as_str(), profile)
+        .await
+        .map_err(store_failed)?;
+    Ok(axum::Json(json!({
+        "client": client.name,
+        "profile": profile.name(),
+        "per_message": per_message_json(profile),
+        "windows": windows_json(&usage),
+    }))
+    .into_response())
+}
+
+fn per_message_json(profile: &limits::Profile) -> serde_json::Value {
+    json!({
+        "max_recipients": profile.max_recipients_per_message().map(|v| v.get()),
+        "max_message_size": profile.max_message_size().map(|v| v.get()),
+    })
+}
+
+/// Per window: its period, when its next used unit frees, and per metric the limit, what
+/// is used, scheduled and remaining.
+fn windows_json(usage: &limits::Usage) -> Vec<serde_json::Value> {
+    usage
+        .windows
+        .iter()
+        .map(|w| {
+            let mut o = json!({
+                "period": &*w.label,
+                "resets_in_seconds": w.next_free.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+            });
+            for m in &w.metrics {
+                o[m.metric.as_str()] = json!({
+                    "limit": m.limit,
+                    "used": m.used,
+                    "scheduled": m.scheduled,
+                    "remaining": m.remaining,
+                });
+            }
+            o
+        })
+        .collect()
 }
 
 #[derive(Debug, serde::Deserialize)]

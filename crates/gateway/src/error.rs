@@ -76,6 +76,12 @@ pub enum GatewayError {
     /// An admin request without the right token.
     #[error("a valid admin token is required")]
     Unauthorized,
+    /// A proxy request without the token of a configured client (`[[clients]]`).
+    #[error("a valid client token is required (Authorization: Bearer <token>)")]
+    ClientUnauthenticated,
+    /// A client asked for a grant, domain or endpoint its `[[clients]]` entry does not allow.
+    #[error("{0}")]
+    ClientForbidden(String),
     /// A webhook notification whose `X-Nylas-Signature` is missing or does not match.
     #[error("the X-Nylas-Signature header does not match the body")]
     WebhookSignature,
@@ -109,7 +115,10 @@ impl GatewayError {
             }
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Unauthorized | GatewayError::WebhookSignature => StatusCode::UNAUTHORIZED,
+            GatewayError::Unauthorized
+            | GatewayError::ClientUnauthenticated
+            | GatewayError::WebhookSignature => StatusCode::UNAUTHORIZED,
+            GatewayError::ClientForbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
             GatewayError::InvalidAdminRequest(_) | GatewayError::BadTarget => {
                 StatusCode::BAD_REQUEST
@@ -131,7 +140,8 @@ impl GatewayError {
             GatewayError::QuotaStoreFull => "quota_store_full",
             GatewayError::UpstreamUnavailable(_) => "upstream_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
-            GatewayError::Unauthorized => "unauthorized",
+            GatewayError::Unauthorized | GatewayError::ClientUnauthenticated => "unauthorized",
+            GatewayError::ClientForbidden(_) => "forbidden",
             GatewayError::WebhookSignature => "webhook_signature",
             GatewayError::InvalidWebhook(_) => "invalid_webhook",
             GatewayError::InvalidAdminRequest(_) | GatewayError::BadTarget => {
@@ -169,6 +179,10 @@ impl GatewayError {
         if let GatewayError::DraftBusy | GatewayError::QuotaUnavailable(_) = &self {
             // A store that failed is looked at again within a second (the breaker's probe).
             extra_headers.push((header::RETRY_AFTER, HeaderValue::from(1)));
+        }
+        if let GatewayError::ClientUnauthenticated = &self {
+            let challenge = HeaderValue::from_static("Bearer realm=\"send-gateway\"");
+            extra_headers.push((header::WWW_AUTHENTICATE, challenge));
         }
         if let GatewayError::QuotaStoreFull = &self {
             // Room comes back as other accounts' counts expire: minutes to hours.

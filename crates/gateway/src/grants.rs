@@ -1,15 +1,16 @@
 //! Canonical grant ids: every identifier form of one grant shares one quota.
 //!
-//! A grant id (a UUID, with or without `grant:`, in any of the spellings
-//! [`grant_ref`] reads) needs no look-up: it is canonicalised to the lowercase
-//! hyphenated UUID. An email, `email:...`, `external:...` or
-//! `me` is resolved once through `GET /v3/grants/{identifier}` with the caller's
-//! credentials and cached for `[grants] cache_ttl`. `me` depends on the caller's token, so
-//! its cache entry is keyed by a hash of the token (never the token itself). Anything
-//! else is refused before any look-up, so it creates no store key and no upstream call.
+//! Every identifier is looked up through `GET /v3/grants/{identifier}` with the caller's
+//! credentials before anything is charged: a grant id (a UUID, with or without `grant:`,
+//! in any of the spellings [`grant_ref`] reads, sent in its lowercase hyphenated form),
+//! an email, `email:...`, `external:...` or `me`. A grant Nylas does not know (404) or a
+//! caller it refuses (401/403) is answered with Nylas's own answer and charges nothing, so
+//! a stranger can neither create quota keys nor hold a grant's quota. An answer is cached
+//! for `[grants] cache_ttl` under the identifier and a SHA-256 of the caller's
+//! credentials (never the credentials themselves): one caller's look-up never vouches for
+//! another caller. Anything else is refused before any look-up.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use axum::response::Response;
 use http::HeaderValue;
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
+use crate::config::{TokenDigest, token_digest};
 use crate::error::GatewayError;
 use crate::send::{GrantRef, grant_ref};
 use crate::upstream::{Upstream, relay_buffered};
@@ -59,27 +61,37 @@ fn invalid_identifier() -> GatewayError {
     )
 }
 
-/// The `data.id` of a grant look-up answer; a UUID in its canonical form.
-fn answered_id(body: &[u8]) -> Option<String> {
-    let value = serde_json::from_slice::<serde_json::Value>(body).ok()?;
-    let id = value
-        .pointer("/data/id")?
-        .as_str()
-        .filter(|id| !id.is_empty())?;
-    match grant_ref(id) {
+/// The `data.id` of a grant look-up answer (a UUID in its canonical form), and its
+/// `data.provider` (lowercased), each when present.
+fn answered(body: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (None, None);
+    };
+    let text = |pointer: &str| {
+        value
+            .pointer(pointer)
+            .and_then(serde_json::Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    };
+    let id = text("/data/id").map(|id| match grant_ref(id) {
         // The same UUID spelled in another case is the same grant.
-        GrantRef::Id(canonical) => Some(canonical),
-        _ => Some(id.to_owned()),
-    }
+        GrantRef::Id(canonical) => canonical,
+        _ => id.to_owned(),
+    });
+    (id, text("/data/provider").map(str::to_ascii_lowercase))
 }
 
 /// Resolves and caches grant identifiers.
 #[derive(Debug)]
 pub struct GrantResolver {
     ttl: Duration,
-    cache: Mutex<HashMap<String, (String, Instant)>>,
-    hasher: std::collections::hash_map::RandomState,
+    cache: Mutex<HashMap<CacheKey, (String, Instant)>>,
 }
+
+/// An identifier's canonical spelling and the SHA-256 of the credentials it was looked
+/// up with.
+type CacheKey = (String, TokenDigest);
 
 impl GrantResolver {
     /// A resolver whose answers live for `ttl`.
@@ -87,27 +99,28 @@ impl GrantResolver {
         GrantResolver {
             ttl,
             cache: Mutex::new(HashMap::new()),
-            hasher: Default::default(),
         }
     }
 
-    /// The cache entry of an identifier that needs resolving: `me` by a hash of the
-    /// caller's token, an email (with or without `email:`) ASCII-lowercased, an
-    /// `external:` id as it is (external ids are the application's, case included).
-    fn cache_key(&self, identifier: &str, authorization: Option<&HeaderValue>) -> String {
-        if identifier.eq_ignore_ascii_case("me") {
-            let mut h = self.hasher.build_hasher();
-            h.write(authorization.map_or(&b""[..], |a| a.as_bytes()));
-            return format!("me#{:016x}", h.finish());
-        }
+    /// The cache entry of an identifier for a caller: the identifier in its canonical
+    /// spelling (a grant id lowercased and hyphenated, an email, with or without `email:`,
+    /// ASCII-lowercased, an `external:` id as it is, since external ids are the
+    /// application's, case included) and the SHA-256 of the caller's credentials, so that
+    /// one caller's successful look-up never vouches for another's.
+    fn cache_key(identifier: &str, authorization: Option<&HeaderValue>) -> CacheKey {
+        let credential = token_digest(authorization.map_or(&b""[..], |a| a.as_bytes()));
         let (prefix, rest) = identifier.split_at(identifier.find(':').map_or(0, |i| i + 1));
-        if prefix.eq_ignore_ascii_case("external:") {
+        let name = if identifier.eq_ignore_ascii_case("me") {
+            "me".to_owned()
+        } else if prefix.eq_ignore_ascii_case("external:") {
             format!("external:{rest}")
         } else if prefix.eq_ignore_ascii_case("email:") {
             format!("email:{}", rest.to_ascii_lowercase())
         } else {
-            format!("email:{}", identifier.to_ascii_lowercase())
-        }
+            // A canonical grant id or a bare email; neither contains `:`.
+            identifier.to_ascii_lowercase()
+        };
+        (name, credential)
     }
 
     /// The canonical id of `identifier`.
@@ -122,17 +135,36 @@ impl GrantResolver {
         identifier: &str,
         authorization: Option<&HeaderValue>,
     ) -> Result<Resolution, GatewayError> {
-        let ident = match grant_ref(identifier) {
-            GrantRef::Id(id) => return Ok(Resolution::Grant(id)),
-            GrantRef::NeedsResolution(ident) => ident,
+        let (resolution, _) = self
+            .resolve_seen(upstream, identifier, authorization)
+            .await?;
+        Ok(resolution)
+    }
+
+    /// [`GrantResolver::resolve`], and the grant's provider when Nylas was just asked and
+    /// named it (so that learning the provider costs no second look-up).
+    ///
+    /// # Errors
+    /// As [`GrantResolver::resolve`].
+    pub async fn resolve_seen(
+        &self,
+        upstream: &Upstream,
+        identifier: &str,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<(Resolution, Option<String>), GatewayError> {
+        // A grant id is looked up too: a grant Nylas does not know, or a caller it refuses,
+        // must be answered before any charge. A 2xx confirms it; the id is its own.
+        let (ident, known) = match grant_ref(identifier) {
+            GrantRef::Id(id) => (id.clone(), Some(id)),
+            GrantRef::NeedsResolution(ident) => (ident, None),
             GrantRef::Invalid => return Err(invalid_identifier()),
         };
-        let key = self.cache_key(&ident, authorization);
+        let key = Self::cache_key(&ident, authorization);
         let now = Instant::now();
         if let Some((id, at)) = self.lock().get(&key)
             && now.duration_since(*at) < self.ttl
         {
-            return Ok(Resolution::Grant(id.clone()));
+            return Ok((Resolution::Grant(id.clone()), None));
         }
         let path = format!("/v3/grants/{}", utf8_percent_encode(&ident, SEGMENT));
         let (status, headers, body) = upstream
@@ -140,9 +172,11 @@ impl GrantResolver {
             .await
             .map_err(|e| GatewayError::upstream("grant look-up", &e))?;
         if !status.is_success() {
-            return Ok(Resolution::Refused(relay_buffered(status, &headers, body)));
+            let refused = Resolution::Refused(relay_buffered(status, &headers, body));
+            return Ok((refused, None));
         }
-        let id = answered_id(&body).ok_or_else(|| {
+        let (answered_id, provider) = answered(&body);
+        let id = known.or(answered_id).ok_or_else(|| {
             GatewayError::UpstreamUnavailable("grant look-up answer has no data.id".into())
         })?;
         let mut cache = self.lock();
@@ -154,10 +188,10 @@ impl GrantResolver {
             }
         }
         cache.insert(key, (id.clone(), now));
-        Ok(Resolution::Grant(id))
+        Ok((Resolution::Grant(id), provider))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, (String, Instant)>> {
         // A panic while holding the lock cannot leave the map inconsistent.
         self.cache
             .lock()

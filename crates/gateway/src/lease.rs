@@ -30,6 +30,8 @@ struct Armed {
     profile: Profile,
     usage: Usage,
     request_id: RequestId,
+    /// A second charge settled with this one: the client's own quota.
+    companion: Option<(Reservation, Profile)>,
 }
 
 /// What a kept lease charged in the end, and the usage after it.
@@ -58,8 +60,18 @@ impl Lease {
                 profile,
                 usage,
                 request_id: RequestId::current(),
+                companion: None,
             }),
         }
+    }
+
+    /// Settles `reservation` (made under `profile` in the same store) with this lease:
+    /// kept, corrected and released with it, and kept when it is dropped.
+    pub fn with_companion(mut self, reservation: Reservation, profile: Profile) -> Self {
+        if let Some(armed) = &mut self.armed {
+            armed.companion = Some((reservation, profile));
+        }
+        self
     }
 
     /// What the reservation charged.
@@ -72,6 +84,13 @@ impl Lease {
     /// The reservation (none once settled).
     pub fn reservation(&self) -> Option<&Reservation> {
         self.armed.as_ref().map(|a| &a.reservation)
+    }
+
+    /// The companion's reservation (the client's own quota), while armed.
+    pub fn companion(&self) -> Option<&Reservation> {
+        self.armed
+            .as_ref()
+            .and_then(|a| a.companion.as_ref().map(|(r, _)| r))
     }
 
     /// The usage the reservation left.
@@ -105,6 +124,13 @@ impl Lease {
         let at = Some(armed.reservation.at());
         let result = armed.store.charge(scope, &armed.profile, extra, at).await;
         armed.metrics.store_call("charge", started.elapsed());
+        if let Some((r, profile)) = &armed.companion {
+            let started = Instant::now();
+            if let Err(e) = armed.store.charge(r.scope(), profile, extra, at).await {
+                tracing::error!(request_id = %armed.request_id, error = %e, "could not charge the client's quota the difference Nylas reported");
+            }
+            armed.metrics.store_call("charge", started.elapsed());
+        }
         let usage = match result {
             Ok(usage) => {
                 for m in Metric::ALL.into_iter().filter(|m| extra.get(*m) > 0) {
@@ -138,6 +164,13 @@ impl Lease {
         armed.metrics.store_call("release", started.elapsed());
         if let Err(e) = result {
             tracing::error!(request_id = %armed.request_id, error = %e, "release failed; the charge stays");
+        }
+        if let Some((r, _)) = &armed.companion {
+            let started = Instant::now();
+            if let Err(e) = armed.store.release(r).await {
+                tracing::error!(request_id = %armed.request_id, error = %e, "release of the client's charge failed; it stays");
+            }
+            armed.metrics.store_call("release", started.elapsed());
         }
     }
 

@@ -9,6 +9,8 @@
 //! - [`server`]: the listeners, the layers around them, signals and the drain.
 //! - [`request_id`]: the outermost layer: one id, one span, one log line per gateway error.
 //! - [`proxy`]: routes a request: a send goes through the [`pipeline`], the rest is relayed.
+//! - [`clients`]: with `[[clients]]`, who the caller is (401 otherwise), what it may use
+//!   (403 otherwise), and the gateway's Nylas key in place of its token.
 //! - [`pipeline`]: the send path, one phase per file: who is charged → what it costs →
 //!   admit → forward → settle → report.
 //! - [`lease`]: an admitted charge that must be kept or released.
@@ -34,6 +36,7 @@
 //! (Nylas's outcome webhooks for scheduled sends).
 
 pub mod admin;
+pub mod clients;
 pub mod config;
 pub mod drafts;
 pub mod error;

@@ -90,6 +90,12 @@ struct OpLabel {
     op: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    client: String,
+    outcome: &'static str,
+}
+
 /// The gateway's metrics and their registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -107,6 +113,7 @@ pub struct Metrics {
     thresholds: Family<LevelLabel, Counter>,
     event_webhooks: Family<ResultLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    clients: Family<ClientLabels, Counter>,
     store: StoreFamilies,
 }
 
@@ -256,6 +263,7 @@ impl Default for Metrics {
         );
         let store = StoreFamilies::new(&mut registry);
         Metrics {
+            clients: client_family(&mut registry),
             store,
             thresholds,
             event_webhooks,
@@ -273,6 +281,15 @@ impl Default for Metrics {
             in_flight,
         }
     }
+}
+
+fn client_family(registry: &mut Registry) -> Family<ClientLabels, Counter> {
+    registered(
+        registry,
+        "client_requests",
+        "Proxy requests by configured client and outcome: authorized, unauthenticated (client \"-\"), forbidden",
+        Family::<ClientLabels, Counter>::default(),
+    )
 }
 
 /// The families that count sends: decisions, units, settlements, corrections, schedules.
@@ -331,6 +348,16 @@ impl Metrics {
             .get_or_create(&DecisionLabels {
                 outcome: outcome.as_str(),
                 reason,
+            })
+            .inc();
+    }
+
+    /// Counts a proxy request of a configured client (`-` when none matched) by outcome.
+    pub fn client_request(&self, client: &str, outcome: &'static str) {
+        self.clients
+            .get_or_create(&ClientLabels {
+                client: client.to_owned(),
+                outcome,
             })
             .inc();
     }
@@ -501,6 +528,7 @@ impl Metrics {
         m.store_restart();
         m.store_scopes(0);
         m.store_scope_refused();
+        m.client_request("-", "unauthenticated");
         m
     }
 }

@@ -9,6 +9,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header;
 
+use crate::clients;
 use crate::config::OnUnavailable;
 use crate::drafts::{DraftLock, LOCK_WAIT, LockError};
 use crate::error::GatewayError;
@@ -40,6 +41,11 @@ pub async fn handle(State(state): State<Arc<AppState>>, mut req: Request) -> Res
     for name in METHOD_OVERRIDES {
         req.headers_mut().remove(name);
     }
+    // Before anything else is asked of the store or of Nylas.
+    let caller = match clients::authenticate(&state, &mut req) {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
     let target = req
         .uri()
         .path_and_query()
@@ -48,6 +54,12 @@ pub async fn handle(State(state): State<Arc<AppState>>, mut req: Request) -> Res
     match state.upstream.normalise_target(&target) {
         Some(pq) => *req.uri_mut() = pq.into(),
         None => return GatewayError::BadTarget.into_response(),
+    }
+    if let Some(caller) = &caller {
+        let auth = req.headers().get(header::AUTHORIZATION).cloned();
+        if let Err(resp) = clients::permit(&state, caller, req.uri(), auth.as_ref()).await {
+            return resp;
+        }
     }
     if let Some(route) = classify_draft_change(req.method(), req.uri()) {
         return draft_change(&state, route, req).await;

@@ -20,7 +20,7 @@ use limits::{Clock, QuotaStore, Reservation, StoreError, SystemClock};
 use crate::error::GatewayError;
 use crate::grants::Resolution;
 use crate::scope::Scope;
-use crate::send::ScheduleCancel;
+use crate::send::{GrantRef, ScheduleCancel, grant_ref};
 use crate::state::AppState;
 
 /// What Nylas says became of a scheduled send.
@@ -42,7 +42,14 @@ fn name(schedule_id: &str) -> String {
     format!("schedule:{schedule_id}")
 }
 
-/// Remembers `reservation` as the charge of the scheduled send `schedule_id` of `scope`.
+/// The setting that remembers the client's own charge of a scheduled send, beside the
+/// grant's: `<client scope> <reservation record>`.
+fn companion_name(schedule_id: &str) -> String {
+    format!("schedule-client:{schedule_id}")
+}
+
+/// Remembers `reservation` as the charge of the scheduled send `schedule_id` of `scope`,
+/// and `companion`, the client's own charge of it, beside it.
 ///
 /// # Errors
 /// The store failed; the charge stays, it just cannot be given back.
@@ -51,6 +58,7 @@ pub async fn remember(
     scope: &Scope,
     schedule_id: &str,
     reservation: &Reservation,
+    companion: Option<&Reservation>,
 ) -> Result<(), StoreError> {
     if schedule_id.is_empty() || schedule_id.len() > MAX_ID {
         return Err(StoreError::Invalid("unusable schedule id".into()));
@@ -62,7 +70,34 @@ pub async fn remember(
     let record = reservation.to_record();
     store
         .meta_set(scope.as_str(), &name(schedule_id), &record, Some(ttl))
-        .await
+        .await?;
+    if let Some(c) = companion {
+        let record = format!("{} {}", c.scope(), c.to_record());
+        let key = companion_name(schedule_id);
+        store
+            .meta_set(scope.as_str(), &key, &record, Some(ttl))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Gives back the client's own charge remembered beside a scheduled send's, if any.
+async fn refund_companion(
+    store: &dyn QuotaStore,
+    scope: &Scope,
+    schedule_id: &str,
+) -> Result<(), StoreError> {
+    let key = companion_name(schedule_id);
+    let Some(record) = store.meta_get(scope.as_str(), &key).await? else {
+        return Ok(());
+    };
+    let parsed = record
+        .split_once(' ')
+        .and_then(|(client, r)| Reservation::from_record(client, r));
+    if let Some(reservation) = parsed {
+        store.release(&reservation).await?;
+    }
+    store.meta_delete(scope.as_str(), &key).await
 }
 
 /// Gives back the charge of the scheduled send `schedule_id` of `scope`; true when one was
@@ -79,6 +114,8 @@ pub async fn refund(
     let Some(record) = store.meta_get(scope.as_str(), &key).await? else {
         return Ok(false);
     };
+    // The client's first: once the grant's record is gone, a retry finds nothing.
+    refund_companion(store, scope, schedule_id).await?;
     if let Some(reservation) = Reservation::from_record(scope.as_str(), &record) {
         store.release(&reservation).await?;
     }
@@ -106,6 +143,9 @@ pub async fn settle(
             let key = name(schedule_id);
             let found = store.meta_get(scope.as_str(), &key).await?.is_some();
             store.meta_delete(scope.as_str(), &key).await?;
+            store
+                .meta_delete(scope.as_str(), &companion_name(schedule_id))
+                .await?;
             found
         }
     };
@@ -130,11 +170,18 @@ pub async fn cancel(state: &AppState, cancel: ScheduleCancel, req: Request) -> R
     if !resp.status().is_success() {
         return resp;
     }
-    let grant = match state
-        .grants
-        .resolve(&state.upstream, &cancel.grant, auth.as_ref())
-        .await
-    {
+    // Nylas accepted the cancel, so it knows the grant and the caller: a grant id needs
+    // no look-up here.
+    let known = match grant_ref(&cancel.grant) {
+        GrantRef::Id(id) => Ok(Resolution::Grant(id)),
+        _ => {
+            state
+                .grants
+                .resolve(&state.upstream, &cancel.grant, auth.as_ref())
+                .await
+        }
+    };
+    let grant = match known {
         Ok(Resolution::Grant(id)) => id,
         Ok(Resolution::Refused(_)) | Err(_) => {
             tracing::warn!(schedule_id = %cancel.schedule_id, "a cancelled schedule's grant could not be resolved; its charge stays");

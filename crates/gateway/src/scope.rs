@@ -3,7 +3,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-/// What a send is charged to: one grant, or one sending domain. The store treats it as
+/// What a send is charged to: one grant, or one sending domain (and, for a client with a
+/// profile of its own, that client too). The store treats it as
 /// an opaque name; every key of one scope shares its Redis hash tag.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Scope(Arc<str>);
@@ -18,6 +19,12 @@ impl Scope {
     /// `Example.com.` and ` example.com` share the quota of `example.com`.
     pub fn domain(domain: &str) -> Self {
         Scope(format!("domain:{}", canonical_domain(domain)).into())
+    }
+
+    /// The scope of a configured client's own quota (`[[clients]] profile`); client names
+    /// never contain `:`, so it cannot be mistaken for a grant's or a domain's.
+    pub fn client(name: &str) -> Self {
+        Scope(format!("client:{name}").into())
     }
 
     /// The store's name for it.

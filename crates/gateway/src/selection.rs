@@ -90,6 +90,28 @@ impl Selector {
         bounded_insert(&mut lock(&self.overrides), grant.to_owned(), name);
     }
 
+    /// Records the provider a grant look-up just named (the look-up every send's grant
+    /// gets), and shares it through `store` as a look-up of its own would, so that
+    /// learning it costs no second one, here or on another replica.
+    pub async fn learn_provider(
+        &self,
+        store: &dyn QuotaStore,
+        config: &Config,
+        grant: &str,
+        provider: String,
+    ) {
+        let ttl = config.grants.provider_cache_ttl;
+        let scope = Scope::grant(grant);
+        if let Err(e) = store
+            .meta_set(scope.as_str(), META_PROVIDER, &provider, Some(ttl))
+            .await
+        {
+            tracing::warn!(grant, error = %e, "could not share the grant's provider");
+        }
+        let entry = (Some(provider), Instant::now());
+        bounded_insert(&mut lock(&self.providers), grant.to_owned(), entry);
+    }
+
     /// Forgets cached providers (after a reload changed the mapping or its TTL).
     pub fn forget_providers(&self) {
         lock(&self.providers).clear();

@@ -41,19 +41,6 @@ async fn every_spelling_of_a_grant_id_shares_one_quota() {
     assert_eq!(nylas.delivered().len(), forms.len());
 }
 
-/// The keys in `redis`, through `redis-cli`.
-fn redis_keys(redis: &RedisServer) -> Vec<String> {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "--scan"])
-        .output()
-        .expect("redis-cli runs");
-    assert!(out.status.success(), "redis-cli: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 #[tokio::test]
 async fn an_identifier_that_names_no_grant_is_refused_uncounted_and_unsent() {
     let redis = RedisServer::start();

@@ -33,6 +33,7 @@
 //! Figment's own TOML and env providers are not used (their features stay off): the first
 //! would pull in a second, older `toml`, the second reads the process environment directly.
 
+mod clients;
 mod error;
 mod profiles;
 mod sources;
@@ -41,6 +42,7 @@ mod tests;
 mod validate;
 mod values;
 
+pub use clients::{ClientConfig, TokenDigest, digest as token_digest};
 pub use error::ConfigError;
 pub use sources::{ENV_PREFIX, Sources};
 pub use values::{Secret, Share};
@@ -124,6 +126,10 @@ pub struct Config {
     pub events: EventsConfig,
     /// `[webhooks]`: Nylas's outcome webhooks for scheduled sends.
     pub webhooks: WebhooksConfig,
+    /// `[[clients]]`: the applications allowed to use the proxy (none: anyone who reaches
+    /// it, with their own Nylas credentials).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<ClientConfig>,
     /// Every profile by name: the built-ins, replaced or joined by `[profiles.<name>]`.
     #[serde(serialize_with = "profiles::serialize")]
     pub profiles: BTreeMap<String, Profile>,
@@ -550,7 +556,7 @@ impl Config {
     /// assert_eq!(err.key(), "store.timeout");
     /// ```
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        resolve(parse_toml(text, "toml")?, &[])
+        resolve(parse_toml(text, "toml")?, &[])?.resolve_client_tokens(&[])
     }
 
     /// Reads, parses and validates a file.
@@ -560,7 +566,7 @@ impl Config {
     ///
     /// The file alone: for the environment and flags too, use [`Sources::load`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        resolve(read_toml_file(path)?, &[])
+        resolve(read_toml_file(path)?, &[])?.resolve_client_tokens(&[])
     }
 
     /// The whole configuration as a TOML document, defaults included: every section, every

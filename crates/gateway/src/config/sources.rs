@@ -123,7 +123,7 @@ impl Sources {
         for (key, value) in &self.overrides {
             assignments.push(Assignment::from_flag(key, value)?);
         }
-        resolve(base, &assignments)
+        resolve(base, &assignments)?.resolve_client_tokens(&self.env)
     }
 }
 

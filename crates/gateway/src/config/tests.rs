@@ -1472,3 +1472,132 @@ fn protect_metrics_needs_a_token_and_defaults_to_off() {
     assert!(c.server.protect_metrics);
     assert!(c.to_masked_toml().contains("protect_metrics = true"));
 }
+
+/// The hex SHA-256 of `token`.
+fn sha256_hex(token: &str) -> String {
+    token_digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn clients_take_a_digest_or_an_environment_variable() {
+    assert!(Config::default().clients.is_empty());
+    let hex = sha256_hex("app-one-token");
+    let text = format!(
+        "[upstream]\napi_key = \"nyk_k\"\n[profiles.small]\n[[profiles.small.windows]]\n\
+         period = \"1d\"\nmessages = 5\n\
+         [[clients]]\nname = \"billing\"\ntoken_sha256 = \"{}\"\ngrants = [\"a@corp.example\"]\n\
+         profile = \"small\"\n[[clients]]\nname = \"crm.v2\"\ntoken_env = \"CRM_TOKEN\"\n",
+        hex.to_ascii_uppercase()
+    );
+    let path = std::env::temp_dir().join(format!("clients-{}.toml", std::process::id()));
+    std::fs::write(&path, &text).unwrap();
+    let sources = Sources {
+        file: Some(path.clone()),
+        env: vec![("CRM_TOKEN".into(), "crm-token".into())],
+        ..Sources::default()
+    };
+    let c = sources.load().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(c.clients[0].digest, Some(token_digest(b"app-one-token")));
+    assert_eq!(c.clients[0].profile.as_deref(), Some("small"));
+    assert!(c.clients[0].is_restricted() && !c.clients[1].is_restricted());
+    assert_eq!(c.clients[1].digest, Some(token_digest(b"crm-token")));
+    let printed = c.to_masked_toml();
+    assert!(
+        printed.contains("[[clients]]") && !printed.contains("crm-token"),
+        "{printed}"
+    );
+    assert!(!format!("{c:?}").contains("crm-token"));
+    // Without the variable, the file alone does not load.
+    assert_err_of(
+        Config::from_toml_str(&text),
+        "clients[1].token_env",
+        "$CRM_TOKEN is not set",
+    );
+}
+
+#[track_caller]
+fn assert_err_of(result: Result<Config, ConfigError>, key: &str, needle: &str) {
+    let e = result.expect_err("an error");
+    assert_eq!(e.key(), key, "{e}");
+    assert!(e.message().contains(needle), "{e} lacks {needle:?}");
+}
+
+#[test]
+fn client_entries_are_checked() {
+    let hex = sha256_hex("t");
+    let key = "[upstream]\napi_key = \"k\"\n";
+    let one = |rest: &str| format!("{key}[[clients]]\nname = \"app\"\n{rest}\n");
+    assert_err(
+        &format!("[[clients]]\nname = \"app\"\ntoken_sha256 = \"{hex}\""),
+        "upstream.api_key",
+        "must be set",
+    );
+    assert_err(&one(""), "clients[0].token_sha256", "exactly one");
+    assert_err(
+        &one(&format!("token_sha256 = \"{hex}\"\ntoken_env = \"X\"")),
+        "clients[0].token_sha256",
+        "exactly one",
+    );
+    assert_err(
+        &one("token_sha256 = \"abc\""),
+        "clients[0].token_sha256",
+        "64 hex",
+    );
+    let zz = "z".repeat(64);
+    assert_err(
+        &one(&format!("token_sha256 = \"{zz}\"")),
+        "clients[0].token_sha256",
+        "64 hex",
+    );
+    let with = |extra: &str| one(&format!("token_sha256 = \"{hex}\"\n{extra}"));
+    assert_err(
+        &with("profile = \"nope\""),
+        "clients[0].profile",
+        "no profile named",
+    );
+    assert_err(
+        &with("grants = [\"me\"]"),
+        "clients[0].grants[0]",
+        "not `me`",
+    );
+    assert_err(
+        &with("grants = [\" \"]"),
+        "clients[0].grants[0]",
+        "grant id",
+    );
+    assert_err(
+        &with("domains = [\"a b\"]"),
+        "clients[0].domains[0]",
+        "domain",
+    );
+    assert_err(&with("tokn = \"x\""), "clients[0].tokn", "unknown");
+    for bad in ["", "-app", "a b", "a:b", &"a".repeat(65)] {
+        let text = format!("{key}[[clients]]\nname = \"{bad}\"\ntoken_sha256 = \"{hex}\"");
+        assert_err(&text, "clients[0].name", "client name");
+    }
+    let two = |second: &str| {
+        format!("{key}[[clients]]\nname = \"a\"\ntoken_sha256 = \"{hex}\"\n[[clients]]\n{second}")
+    };
+    let other = sha256_hex("u");
+    assert_err(
+        &two(&format!("name = \"a\"\ntoken_sha256 = \"{other}\"")),
+        "clients[1].name",
+        "names two clients",
+    );
+    assert_err(
+        &two(&format!("name = \"b\"\ntoken_sha256 = \"{hex}\"")),
+        "clients[1].token_sha256",
+        "same token as client \"a\"",
+    );
+    let ok =
+        Config::from_toml_str(&two(&format!("name = \"b\"\ntoken_sha256 = \"{other}\""))).unwrap();
+    // The printed configuration reads back as the same one.
+    assert_eq!(
+        Config::from_toml_str(&ok.to_masked_toml().replace("\"***\"", "\"k\"")).unwrap(),
+        ok
+    );
+}

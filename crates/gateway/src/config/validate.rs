@@ -13,8 +13,8 @@ use serde::Deserialize;
 use super::error::key_segment;
 use super::profiles::ProfileTable;
 use super::{
-    Config, ConfigError, DomainsConfig, EventsConfig, GrantsConfig, LogConfig, ServerConfig,
-    StoreBackend, StoreConfig, UpstreamConfig, WebhooksConfig,
+    ClientConfig, Config, ConfigError, DomainsConfig, EventsConfig, GrantsConfig, LogConfig,
+    ServerConfig, StoreBackend, StoreConfig, UpstreamConfig, WebhooksConfig,
 };
 
 /// The whole file: [`Config`]'s sections as they are, and profiles as their tables, not yet
@@ -30,6 +30,7 @@ pub(super) struct Document {
     log: LogConfig,
     events: EventsConfig,
     webhooks: WebhooksConfig,
+    clients: Vec<ClientConfig>,
     profiles: BTreeMap<String, ProfileTable>,
 }
 
@@ -45,7 +46,7 @@ impl Config {
             let profile = table.into_spec().build(&name)?;
             profiles.insert(name, profile);
         }
-        let config = Config {
+        let mut config = Config {
             server: doc.server,
             upstream: doc.upstream,
             store: doc.store,
@@ -54,9 +55,11 @@ impl Config {
             log: doc.log,
             events: doc.events,
             webhooks: doc.webhooks,
+            clients: doc.clients,
             profiles,
         };
         config.validate()?;
+        config.check_clients()?;
         Ok(config)
     }
 
@@ -170,7 +173,7 @@ impl Config {
         Ok(())
     }
 
-    fn check_profile_exists(&self, key: &str, name: &str) -> Result<(), ConfigError> {
+    pub(super) fn check_profile_exists(&self, key: &str, name: &str) -> Result<(), ConfigError> {
         if self.profiles.contains_key(name) {
             return Ok(());
         }

@@ -60,6 +60,11 @@ pub(super) async fn admit(
         cost.recipients,
         bytes_to_charge(&charged.profile, cost, ask.size_known),
     );
+    if let Some(client) = &mut charged.client {
+        per_message(&client.profile, cost).map_err(|e| ctx.reject(e))?;
+        let bytes = bytes_to_charge(&client.profile, cost, ask.size_known);
+        client.charge = Cost::new(1, cost.recipients, bytes);
+    }
     // Every request is charged, idempotency key or not: a repeat whose key Nylas has
     // stored comes back with `Idempotent-Response: true` and is released then. Trusting the
     // key here would let a bigger message, or a retry after a failure Nylas did not store,
@@ -101,13 +106,18 @@ pub(super) async fn admit(
 
 fn admitted(
     state: &AppState,
-    charged: &Charged,
+    charged: &mut Charged,
     a: Allowance,
     deferred_to: Option<u64>,
 ) -> Admitted {
     let (store, metrics) = (state.store.clone(), state.metrics.clone());
     let profile = charged.profile.clone();
-    let lease = Lease::new(store, metrics, a.reservation, profile, a.usage);
+    let mut lease = Lease::new(store, metrics, a.reservation, profile, a.usage);
+    if let Some(client) = &mut charged.client
+        && let Some(reservation) = client.reservation.take()
+    {
+        lease = lease.with_companion(reservation, client.profile.clone());
+    }
     Admitted {
         lease: Some(lease),
         deferred_to,
@@ -161,6 +171,9 @@ pub(super) async fn reserve(
         };
         state.metrics.store_call("reserve", started.elapsed());
         match result {
+            Ok(Guarded::Decided(Decision::Allowed(a))) => {
+                return Ok(client_too(state, charged, at, a).await);
+            }
             Ok(Guarded::Decided(d)) => return Ok(Ok(d)),
             Ok(Guarded::CoolingDown(left)) => {
                 ctx.decide(Outcome::Denied, "provider_throttled");
@@ -178,6 +191,44 @@ pub(super) async fn reserve(
     Ok(Err(StoreError::Protocol(
         "profile override kept changing".into(),
     )))
+}
+
+/// Charges the client's own quota too, when it has one, after the grant's (a Redis
+/// Cluster keeps the two scopes on different slots, so they cannot share one script).
+/// All or nothing: when the client's is refused, or fails, the grant's charge goes back.
+/// Neither is ever over-charged; a send racing this one may see the grant's charge for the
+/// moment it lasts and be refused.
+async fn client_too(
+    state: &AppState,
+    charged: &mut Charged,
+    at: Option<Millis>,
+    a: Allowance,
+) -> Result<Decision, StoreError> {
+    let Some(client) = &mut charged.client else {
+        return Ok(Decision::Allowed(a));
+    };
+    let started = Instant::now();
+    let result = state
+        .store
+        .reserve_at(
+            client.scope.as_str(),
+            &client.profile,
+            client.charge,
+            at,
+            None,
+        )
+        .await;
+    state.metrics.store_call("reserve", started.elapsed());
+    if let Ok(Decision::Allowed(c)) = result {
+        client.reservation = Some(c.reservation);
+        return Ok(Decision::Allowed(a));
+    }
+    let started = Instant::now();
+    if let Err(e) = state.store.release(&a.reservation).await {
+        tracing::error!(error = %e, "the grant's charge of a send its client's quota refused could not be given back");
+    }
+    state.metrics.store_call("release", started.elapsed());
+    result
 }
 
 async fn reselect(state: &AppState, ctx: &SendCtx, charged: &mut Charged, name: Option<String>) {

@@ -2,7 +2,7 @@
 //! canonical id, so every spelling of one grant shares one quota) or the sending domain,
 //! and the profile it is charged under.
 
-use limits::Profile;
+use limits::{Cost, Profile, Reservation};
 
 use crate::selection::Selection;
 
@@ -22,6 +22,19 @@ pub(super) struct Charged {
     pub grant: Option<String>,
     /// The override the store is believed to hold for the grant.
     pub override_name: Option<String>,
+    /// The client's own quota, when its `[[clients]]` entry names a profile.
+    pub client: Option<ClientCharge>,
+}
+
+/// What a client with a profile of its own is charged, besides the grant or domain.
+#[derive(Debug)]
+pub(super) struct ClientCharge {
+    pub scope: Scope,
+    pub profile: Profile,
+    /// What it is charged (set when the send is priced).
+    pub charge: Cost,
+    /// Its reservation, once the grant's and its own were both made.
+    pub reservation: Option<Reservation>,
 }
 
 /// Resolves who `route` charges. Nylas refusing the look-up ends the send with its answer.
@@ -30,7 +43,7 @@ pub(super) async fn who(
     ctx: &mut SendCtx,
     route: &SendRoute,
 ) -> Result<Charged, Stop> {
-    let charged = match route {
+    let mut charged = match route {
         SendRoute::Domain { domain } => {
             // The router relays domain sends when `[domains] profile` is unset.
             let profile = ctx.config.domain_profile().cloned().ok_or_else(|| {
@@ -48,12 +61,14 @@ pub(super) async fn who(
                 profile,
                 grant: None,
                 override_name: None,
+                client: None,
             }
         }
         SendRoute::Message { grant }
         | SendRoute::Mime { grant }
         | SendRoute::Draft { grant, .. } => grant_charged(state, ctx, grant).await?,
     };
+    charged.client = client_charge(ctx);
     Ok(charged)
 }
 
@@ -62,14 +77,22 @@ async fn grant_charged(
     ctx: &mut SendCtx,
     identifier: &str,
 ) -> Result<Charged, Stop> {
-    let resolution = state
+    let (resolution, provider) = state
         .grants
-        .resolve(&state.upstream, identifier, ctx.authorization.as_ref())
+        .resolve_seen(&state.upstream, identifier, ctx.authorization.as_ref())
         .await?;
     let id = match resolution {
         Resolution::Grant(id) => id,
         Resolution::Refused(resp) => return Err(Stop::Relay(Box::new(resp))),
     };
+    // Known from now on, without a look-up of its own (only needed when it picks profiles).
+    if let Some(provider) = provider.filter(|_| ctx.config.grants.resolve_provider) {
+        let store = state.store.as_ref();
+        state
+            .selector
+            .learn_provider(store, &ctx.config, &id, provider)
+            .await;
+    }
     ctx.record.subject = Some(id.clone());
     let cached = state.selector.cached_override(&id);
     let selection = select(state, ctx, &id, cached).await;
@@ -78,6 +101,19 @@ async fn grant_charged(
         profile: selection.profile,
         grant: Some(id),
         override_name: selection.override_name,
+        client: None,
+    })
+}
+
+/// The client's own quota, when it has one (validation made sure its profile exists).
+fn client_charge(ctx: &SendCtx) -> Option<ClientCharge> {
+    let client = ctx.client.as_ref()?.client();
+    let profile = ctx.config.profile(client.profile.as_deref()?)?.clone();
+    Some(ClientCharge {
+        scope: Scope::client(&client.name),
+        profile,
+        charge: Cost::default(),
+        reservation: None,
     })
 }
 

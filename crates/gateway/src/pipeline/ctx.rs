@@ -7,6 +7,7 @@ use axum::response::Response;
 use http::{HeaderValue, header};
 
 use super::report::Record;
+use crate::clients::Caller;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::metrics::Outcome;
@@ -37,6 +38,8 @@ pub(crate) struct SendCtx {
     pub config: Arc<Config>,
     /// The caller's credentials, for look-ups made on its behalf.
     pub authorization: Option<HeaderValue>,
+    /// The configured client it came from (none without `[[clients]]`).
+    pub client: Option<Caller>,
     /// What the send's log line and metric will say (reported once, also when the send's
     /// future is dropped).
     pub record: Record,
@@ -49,10 +52,14 @@ impl SendCtx {
             .get::<RequestId>()
             .copied()
             .unwrap_or_else(RequestId::current);
+        let client = req.extensions().get::<Caller>().cloned();
+        let mut record = Record::new(request_id, route.kind(), Arc::clone(&state.metrics));
+        record.client = client.as_ref().map(|c| c.name().to_owned());
         SendCtx {
+            client,
             config: state.config(),
             authorization: req.headers().get(header::AUTHORIZATION).cloned(),
-            record: Record::new(request_id, route.kind(), Arc::clone(&state.metrics)),
+            record,
         }
     }
 

@@ -37,6 +37,8 @@ pub(crate) struct Record {
     pub kind: SendKind,
     /// Who is charged: the canonical grant id or the domain.
     pub subject: Option<String>,
+    /// The configured client that sent it, by name.
+    pub client: Option<String>,
     pub decision: Option<(Outcome, &'static str)>,
     pub upstream: Option<UpstreamSeen>,
     pub settlement: Option<Settlement>,
@@ -54,6 +56,7 @@ impl Record {
             request_id,
             kind,
             subject: None,
+            client: None,
             decision: None,
             upstream: None,
             settlement: None,
@@ -88,6 +91,7 @@ impl Record {
         tracing::info!(
             request_id = %self.request_id,
             grant = self.subject(),
+            client = self.client.as_deref(),
             kind = self.kind.as_str(),
             decision = outcome.as_str(),
             reason,

@@ -161,6 +161,7 @@ async fn keep(
 ) -> Result<(Response, Option<Kept>), Stop> {
     ctx.record.settlement = Some(Settlement::Kept);
     let reservation = lease.reservation().cloned();
+    let companion = lease.companion().cloned();
     if !resp.status().is_success() || !is_json(resp.headers()) {
         let kept = lease.keep();
         also_now(state, ctx, charged, reservation.as_ref()).await;
@@ -187,7 +188,7 @@ async fn keep(
                         .get("schedule_id")
                         .is_some_and(serde_json::Value::is_string) =>
                 {
-                    remember_schedule(state, ctx, charged, data, r).await;
+                    remember_schedule(state, ctx, charged, data, (r, companion.as_ref())).await;
                 }
                 _ => also_now(state, ctx, charged, reservation.as_ref()).await,
             }
@@ -270,13 +271,14 @@ async fn remember_schedule(
     ctx: &SendCtx,
     charged: &Charged,
     data: &serde_json::Value,
-    reservation: &limits::Reservation,
+    (reservation, companion): (&limits::Reservation, Option<&limits::Reservation>),
 ) {
     let Some(id) = data.get("schedule_id").and_then(serde_json::Value::as_str) else {
         return;
     };
     let started = std::time::Instant::now();
-    let result = schedules::remember(state.store.as_ref(), &charged.scope, id, reservation).await;
+    let store = state.store.as_ref();
+    let result = schedules::remember(store, &charged.scope, id, reservation, companion).await;
     state.metrics.store_call("remember", started.elapsed());
     match result {
         Ok(()) => state.metrics.scheduled("remembered"),
@@ -298,6 +300,16 @@ async fn also_now(
     let Some(r) = reservation.filter(|_| ctx.record.scheduled_for.is_some()) else {
         return;
     };
+    if let Some(client) = &charged.client {
+        let scope = client.scope.as_str();
+        if let Err(e) = state
+            .store
+            .charge(scope, &client.profile, r.cost(), None)
+            .await
+        {
+            tracing::error!(request_id = %ctx.record.request_id, error = %e, "could not count an unconfirmed scheduled send against its client now");
+        }
+    }
     let scope = charged.scope.as_str();
     match state
         .store

@@ -61,6 +61,6 @@ pub use inspect::{
     DEFAULT_JSON_LIMIT, DEFAULT_MAX_HEAD, InspectError, InspectOptions, Inspected, inspect,
 };
 pub use route::{
-    GrantRef, ScheduleCancel, SendKind, SendRoute, classify, classify_draft_change,
-    classify_schedule_cancel, grant_ref, query_names_a_counted_field,
+    GrantRef, PathSubject, ScheduleCancel, SendKind, SendRoute, classify, classify_draft_change,
+    classify_schedule_cancel, grant_ref, path_subjects, query_names_a_counted_field,
 };

@@ -192,6 +192,57 @@ pub fn classify_schedule_cancel(method: &Method, uri: &Uri) -> Option<ScheduleCa
     })
 }
 
+/// What a request's path is about, for a client that may use only some grants or domains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathSubject {
+    /// `/v3/grants/{identifier}/...`: one grant (the identifier percent-decoded).
+    Grant(String),
+    /// `/v3/domains/{domain}/...`: one sending domain.
+    Domain(String),
+    /// Anything else: the application's own endpoints (`GET /v3/grants`, webhooks, ...).
+    Application,
+}
+
+/// Every reading of a path, as generously as [`classify`] reads it: segment by segment,
+/// and decoded whole before splitting (a front end that reads it the second way must not
+/// reach another grant than the one checked).
+///
+/// # Examples
+///
+/// ```
+/// use gateway::send::{PathSubject, path_subjects};
+///
+/// let uri = "/v3/grants/a%2F..%2F..%2Fdomains%2Fb/messages".parse().unwrap();
+/// assert_eq!(
+///     path_subjects(&uri),
+///     [PathSubject::Grant("a/../../domains/b".into()), PathSubject::Domain("b".into())]
+/// );
+/// assert_eq!(path_subjects(&"/v3/webhooks".parse().unwrap()), [PathSubject::Application]);
+/// ```
+pub fn path_subjects(uri: &Uri) -> Vec<PathSubject> {
+    let raw_path = uri.path();
+    let subject = |segments: &[String]| {
+        let lit = |i: usize, want: &str| segments[i].eq_ignore_ascii_case(want);
+        match segments.len() {
+            n if n >= 3 && lit(0, "v3") && lit(1, "grants") => {
+                PathSubject::Grant(segments[2].clone())
+            }
+            n if n >= 3 && lit(0, "v3") && lit(1, "domains") => {
+                PathSubject::Domain(segments[2].clone())
+            }
+            _ => PathSubject::Application,
+        }
+    };
+    let first = subject(&normalize(raw_path.split('/').map(decode)));
+    let whole = decode(raw_path);
+    let second = subject(&normalize(whole.split('/').map(str::to_owned)));
+    if first == second {
+        vec![first]
+    } else {
+        vec![first, second]
+    }
+}
+
 fn match_segments(segments: &[String], uri: &Uri, raw_path: &str) -> Option<SendRoute> {
     let lit = |i: usize, want: &str| {
         segments

@@ -278,6 +278,19 @@ pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
         })
 }
 
+/// The keys in `redis`, through `redis-cli`.
+pub fn redis_keys(redis: &testkit::RedisServer) -> Vec<String> {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "--scan"])
+        .output()
+        .expect("redis-cli runs");
+    assert!(out.status.success(), "redis-cli: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A Redis-backed `[store]` table for `redis`.
 pub fn redis_store(redis: &testkit::RedisServer) -> String {
     format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())
