@@ -19,6 +19,7 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, Uri, header};
+use limits::Profile;
 
 use crate::config::{ClientConfig, Config, TokenDigest, token_digest};
 use crate::error::GatewayError;
@@ -44,6 +45,12 @@ impl Caller {
     /// Its name.
     pub fn name(&self) -> &str {
         &self.client().name
+    }
+
+    /// The profile of its own quota, if it has one, from the configuration it was
+    /// authenticated under (a reload meanwhile changes nothing for this request).
+    pub fn profile(&self) -> Option<&Profile> {
+        self.config.profile(self.client().profile.as_deref()?)
     }
 }
 
@@ -110,7 +117,8 @@ fn matching(clients: &[ClientConfig], given: &TokenDigest) -> Option<usize> {
 /// the look-ups.
 ///
 /// # Errors
-/// The 403 answer; or Nylas's answer when the path's grant cannot be looked up.
+/// The 403 answer (also for an identifier Nylas does not know); 400 for one that names
+/// no grant; 502/504 when Nylas cannot be asked.
 pub async fn permit(
     state: &AppState,
     caller: &Caller,
@@ -172,7 +180,9 @@ async fn grant_allowed(
         .await
     {
         Ok(Resolution::Grant(id)) => id,
-        Ok(Resolution::Refused(resp)) => return Err(resp),
+        // Not one of its grants either way; Nylas's 404 would tell it which identifiers
+        // are the application's grants.
+        Ok(Resolution::Refused(_)) => return Ok(false),
         Err(e) => return Err(e.into_response()),
     };
     let mut failed = None;

@@ -68,14 +68,19 @@ pub async fn handle(State(state): State<Arc<AppState>>, mut req: Request) -> Res
         return schedules::cancel(&state, cancel, req).await;
     }
     match classify(req.method(), req.uri()) {
-        Some(route) if counted(&state, &route) => pipeline::send(&state, route, req).await,
+        Some(route) if counted(&state, &route, caller.as_ref()) => {
+            pipeline::send(&state, route, req).await
+        }
         _ => relay(&state, req).await,
     }
 }
 
-/// Whether a send is counted: domain sends only when `[domains] profile` is set.
-fn counted(state: &AppState, route: &SendRoute) -> bool {
-    !matches!(route, SendRoute::Domain { .. }) || state.config().domain_profile().is_some()
+/// Whether a send is counted: domain sends only when `[domains] profile` is set, or when
+/// the client has a quota of its own.
+fn counted(state: &AppState, route: &SendRoute, caller: Option<&clients::Caller>) -> bool {
+    !matches!(route, SendRoute::Domain { .. })
+        || state.config().domain_profile().is_some()
+        || caller.is_some_and(|c| c.profile().is_some())
 }
 
 /// Relays a request that is not a counted send, byte for byte, and its answer likewise.

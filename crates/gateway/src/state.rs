@@ -132,6 +132,11 @@ impl AppState {
                 "configuration change needs a restart; keeping the running value"
             );
         }
+        if new.clients.is_empty() && !old.clients.is_empty() {
+            tracing::warn!(
+                "the reload removed every [[clients]] entry: the proxy takes any caller with its own Nylas credentials again"
+            );
+        }
         *self
             .config
             .write()

@@ -51,6 +51,15 @@ async fn billing_used(gw: &Gateway) -> u64 {
     usage.windows[0].used.messages
 }
 
+/// A domain send of `mail.example` through `gw` with `token`.
+fn domain_send(gw: &Gateway, token: &str) -> reqwest::RequestBuilder {
+    client()
+        .post(format!("{}/v3/domains/mail.example/messages/send", gw.url))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(simple().to_string())
+}
+
 fn send(gw: &Gateway, grant: &str, token: Option<&str>) -> reqwest::RequestBuilder {
     let req = client()
         .post(format!("{}/v3/grants/{grant}/messages/send", gw.url))
@@ -312,4 +321,89 @@ async fn a_cancelled_schedule_gives_the_client_charge_back_too() {
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     let q = gw.quota(DEMO_GRANT_ID).await;
     assert_eq!(q["windows"][0]["messages"]["scheduled"], 2, "{q}");
+}
+
+#[tokio::test]
+async fn the_binary_reads_a_client_token_from_its_environment() {
+    let nylas = fake().await;
+    nylas.set_api_key(Some(API_KEY.into()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let toml = config(
+        &nylas.url(),
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [[clients]]\nname = \"worker\"\ntoken_env = \"WORKER_GATEWAY_TOKEN\"\n",
+    );
+    std::fs::write(&path, toml).unwrap();
+    let env = [
+        ("WORKER_GATEWAY_TOKEN", "worker-secret"),
+        ("SEND_GATEWAY__UPSTREAM__API_KEY", API_KEY),
+    ];
+    let gw = Process::spawn_with_env(&path, &env);
+    let url = format!("{}/v3/grants/{DEMO_GRANT_ID}/messages/send", gw.url);
+    let post = |token: &str| {
+        client()
+            .post(&url)
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(simple().to_string())
+    };
+    let resp = post("worker-secret").send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(post("other").send().await.unwrap().status(), 401);
+    let sent = nylas.delivered();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].header("authorization"),
+        Some(&*format!("Bearer {API_KEY}"))
+    );
+}
+
+#[tokio::test]
+async fn a_client_with_a_quota_of_its_own_is_held_to_it_on_domain_sends_too() {
+    let nylas = fake().await;
+    // No `[domains] profile`: domain sends are counted only against the client's quota.
+    let gw = Gateway::start(&with_clients(&nylas.url(), DEMO_GRANT_ID, "")).await;
+    let toml = gw.state.config();
+    assert!(toml.domain_profile().is_none());
+    // `billing` may use only its grant: no domain at all.
+    let resp = domain_send(&gw, BILLING).send().await.unwrap();
+    gateway_error(resp, 403, "forbidden").await;
+    drop(gw);
+    let toml = with_clients(&nylas.url(), DEMO_GRANT_ID, "").replace(
+        &format!("grants = [\"{DEMO_GRANT_ID}\"]\n"),
+        "domains = [\"Mail.Example.\"]\n",
+    );
+    let gw = Gateway::start(&toml).await;
+    for _ in 0..2 {
+        let resp = domain_send(&gw, BILLING).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    }
+    let resp = domain_send(&gw, BILLING).send().await.unwrap();
+    gateway_error(resp, 429, "quota_exceeded").await;
+    assert_eq!(billing_used(&gw).await, 2);
+    // A client without a quota of its own: relayed uncounted, as before.
+    for _ in 0..3 {
+        assert_eq!(domain_send(&gw, CRM).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(nylas.delivered().len(), 5);
+}
+
+#[tokio::test]
+async fn a_restricted_client_learns_nothing_of_other_identifiers() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&with_clients(&nylas.url(), DEMO_GRANT_ID, "")).await;
+    for grant in [
+        "nobody@corp.example",
+        "0d3c9f2e-8b1a-4c5d-9e6f-7a8b9c0d1e2f",
+    ] {
+        let resp = send(&gw, grant, Some(BILLING)).send().await.unwrap();
+        gateway_error(resp, 403, "forbidden").await;
+    }
+    // The unrestricted client gets Nylas's own answer.
+    let resp = send(&gw, "nobody@corp.example", Some(CRM))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
 }

@@ -109,6 +109,19 @@ impl Config {
                  in place of the client's token",
             ));
         }
+        let key_is_a_header = |k: &str| k.bytes().all(|b| b.is_ascii_graphic());
+        if !self.clients.is_empty()
+            && !self
+                .upstream
+                .api_key
+                .as_deref()
+                .is_some_and(key_is_a_header)
+        {
+            return Err(ConfigError::new(
+                "upstream.api_key",
+                "must be printable ASCII: it is sent as `Authorization: Bearer <api_key>`",
+            ));
+        }
         for i in 0..self.clients.len() {
             self.check_client(i)?;
         }
@@ -123,10 +136,13 @@ impl Config {
                 "a client name is 1 to 64 of A-Z, a-z, 0-9, '_', '.' and '-', starting with a letter or digit",
             ));
         }
-        if self.clients[..i].iter().any(|o| o.name == c.name) {
+        if self.clients[..i]
+            .iter()
+            .any(|o| o.name.eq_ignore_ascii_case(&c.name))
+        {
             return Err(ConfigError::new(
                 key(i, "name"),
-                format!("{:?} names two clients", c.name),
+                format!("{:?} names two clients (names compare in any case)", c.name),
             ));
         }
         if let Some(profile) = &c.profile {
@@ -153,6 +169,10 @@ impl Config {
                 ));
             }
         };
+        if digest == Some(self::digest(b"")) {
+            let msg = "is the SHA-256 of an empty token, which no request can present";
+            return Err(ConfigError::new(key(i, "token_sha256"), msg));
+        }
         self.clients[i].digest = digest;
         Ok(())
     }

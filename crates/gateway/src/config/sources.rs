@@ -60,7 +60,8 @@ pub struct Sources {
     /// Environment variables as `(name, value)`; names without the [`ENV_PREFIX`] (in any
     /// case) are ignored. `SEND_GATEWAY__STORE__URL` sets `store.url`; names are
     /// case-insensitive and `__` separates levels; a window is addressed by its index
-    /// (`SEND_GATEWAY__PROFILES__X__WINDOWS__0__MESSAGES`).
+    /// (`SEND_GATEWAY__PROFILES__X__WINDOWS__0__MESSAGES`). Any variable, prefixed or
+    /// not, can be named by a client's `token_env`.
     pub env: Vec<(String, String)>,
     /// Command-line overrides as `(dotted key, value)`: `("store.url", "redis://h")`,
     /// `("profiles.x.windows[0].messages", "5")`. Applied in order, after the environment.
@@ -81,13 +82,13 @@ impl fmt::Debug for Sources {
 }
 
 impl Sources {
-    /// The file and overrides given, with the process's `SEND_GATEWAY__*` variables.
+    /// The file and overrides given, with the process's environment: its
+    /// `SEND_GATEWAY__*` variables set keys, and any variable may hold a client's token
+    /// (`[[clients]] token_env`). Read once: a running process's environment does not
+    /// change, so a reload reads the same values.
     pub fn from_process(file: Option<PathBuf>, overrides: Vec<(String, String)>) -> Sources {
         let env = std::env::vars_os()
-            .filter_map(|(name, value)| {
-                let name = name.into_string().ok()?;
-                has_prefix(&name).then(|| (name, value.to_string_lossy().into_owned()))
-            })
+            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
             .collect();
         Sources {
             file,

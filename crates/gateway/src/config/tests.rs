@@ -1098,13 +1098,16 @@ fn precedence_is_file_then_environment_then_flags() {
 }
 
 #[test]
-fn from_process_reads_only_prefixed_variables() {
+fn from_process_keeps_the_environment_and_only_prefixed_variables_set_keys() {
     let s = Sources::from_process(Some("gw.toml".into()), vec![("a.b".into(), "c".into())]);
-    assert!(
-        s.env
-            .iter()
-            .all(|(k, _)| k.to_ascii_uppercase().starts_with(ENV_PREFIX))
-    );
+    // Every variable is kept (a client's `token_env` may name any of them)...
+    let readable = std::env::vars_os()
+        .filter(|(k, v)| k.to_str().is_some() && v.to_str().is_some())
+        .count();
+    assert_eq!(s.env.len(), readable);
+    // ...but only prefixed ones set keys: an unknown unprefixed name is no error.
+    let loaded = env(&[("NOT_OURS__STORE__URL", "x"), ("HOME", "/root")]).load();
+    assert_eq!(loaded.unwrap(), Config::default());
     assert_eq!(s.file.as_deref(), Some(std::path::Path::new("gw.toml")));
     assert_eq!(s.overrides, [("a.b".to_owned(), "c".to_owned())]);
 }
@@ -1599,5 +1602,31 @@ fn client_entries_are_checked() {
     assert_eq!(
         Config::from_toml_str(&ok.to_masked_toml().replace("\"***\"", "\"k\"")).unwrap(),
         ok
+    );
+}
+
+#[test]
+fn client_tokens_and_names_that_cannot_work_are_refused() {
+    let key = "[upstream]\napi_key = \"k\"\n";
+    let client = |name: &str, token: &str| {
+        format!(
+            "[[clients]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\n",
+            sha256_hex(token)
+        )
+    };
+    assert_err(
+        &format!("{key}{}", client("a", "")),
+        "clients[0].token_sha256",
+        "empty token",
+    );
+    assert_err(
+        &format!("{key}{}{}", client("App", "t"), client("app", "u")),
+        "clients[1].name",
+        "names two clients",
+    );
+    assert_err(
+        &format!("[upstream]\napi_key = \"kéy\"\n{}", client("a", "t")),
+        "upstream.api_key",
+        "printable ASCII",
     );
 }

@@ -172,7 +172,8 @@ pub(super) async fn reserve(
         state.metrics.store_call("reserve", started.elapsed());
         match result {
             Ok(Guarded::Decided(Decision::Allowed(a))) => {
-                return Ok(client_too(state, charged, at, a).await);
+                let on_unavailable = ctx.config.store.on_unavailable;
+                return Ok(client_too(state, charged, (at, on_unavailable), a).await);
             }
             Ok(Guarded::Decided(d)) => return Ok(Ok(d)),
             Ok(Guarded::CoolingDown(left)) => {
@@ -195,33 +196,37 @@ pub(super) async fn reserve(
 
 /// Charges the client's own quota too, when it has one, after the grant's (a Redis
 /// Cluster keeps the two scopes on different slots, so they cannot share one script).
-/// All or nothing: when the client's is refused, or fails, the grant's charge goes back.
-/// Neither is ever over-charged; a send racing this one may see the grant's charge for the
-/// moment it lasts and be refused.
+/// All or nothing: when the client's refuses, the grant's charge goes back. Neither is
+/// ever over-charged; a send racing this one may see the grant's charge for the moment it
+/// lasts and be refused. When the client's scope fails alone, `on_unavailable` decides
+/// for it: `reject` gives the grant's charge back and refuses; otherwise the send goes on
+/// charged to the grant only.
 async fn client_too(
     state: &AppState,
     charged: &mut Charged,
-    at: Option<Millis>,
+    (at, on_unavailable): (Option<Millis>, OnUnavailable),
     a: Allowance,
 ) -> Result<Decision, StoreError> {
     let Some(client) = &mut charged.client else {
         return Ok(Decision::Allowed(a));
     };
     let started = Instant::now();
+    let (scope, profile) = (client.scope.as_str(), &client.profile);
     let result = state
         .store
-        .reserve_at(
-            client.scope.as_str(),
-            &client.profile,
-            client.charge,
-            at,
-            None,
-        )
+        .reserve_at(scope, profile, client.charge, at, None)
         .await;
     state.metrics.store_call("reserve", started.elapsed());
-    if let Ok(Decision::Allowed(c)) = result {
-        client.reservation = Some(c.reservation);
-        return Ok(Decision::Allowed(a));
+    match result {
+        Ok(Decision::Allowed(c)) => {
+            client.reservation = Some(c.reservation);
+            return Ok(Decision::Allowed(a));
+        }
+        Err(e) if on_unavailable != OnUnavailable::Reject => {
+            tracing::warn!(error = %e, scope, "the client's quota could not be charged; the send is charged to the grant only");
+            return Ok(Decision::Allowed(a));
+        }
+        _ => {}
     }
     let started = Instant::now();
     if let Err(e) = state.store.release(&a.reservation).await {

@@ -43,33 +43,48 @@ pub(super) async fn who(
     ctx: &mut SendCtx,
     route: &SendRoute,
 ) -> Result<Charged, Stop> {
-    let mut charged = match route {
-        SendRoute::Domain { domain } => {
-            // The router relays domain sends when `[domains] profile` is unset.
-            let profile = ctx.config.domain_profile().cloned().ok_or_else(|| {
-                GatewayError::InvalidSendRequest("domain sends are not counted".into())
-            })?;
-            if canonical_domain(domain).is_empty() {
-                return Err(GatewayError::InvalidSendRequest(
-                    "the domain in the path is empty".into(),
-                )
-                .into());
-            }
-            ctx.record.subject = Some(domain.clone());
-            Charged {
-                scope: Scope::domain(domain),
-                profile,
-                grant: None,
-                override_name: None,
-                client: None,
-            }
-        }
+    // A domain send without `[domains] profile` is charged to the client's own quota
+    // alone (see `domain_charged`); anything else to it as well, when it has one.
+    let (mut charged, own_quota_only) = match route {
+        SendRoute::Domain { domain } => (
+            domain_charged(ctx, domain)?,
+            ctx.config.domain_profile().is_none(),
+        ),
         SendRoute::Message { grant }
         | SendRoute::Mime { grant }
-        | SendRoute::Draft { grant, .. } => grant_charged(state, ctx, grant).await?,
+        | SendRoute::Draft { grant, .. } => (grant_charged(state, ctx, grant).await?, false),
     };
-    charged.client = client_charge(ctx);
+    if !own_quota_only {
+        charged.client = client_charge(ctx);
+    }
     Ok(charged)
+}
+
+/// A domain send: charged to the domain under `[domains] profile`; without one (the
+/// router counts it then only for a client with a profile of its own), to the client's
+/// own quota alone.
+fn domain_charged(ctx: &mut SendCtx, domain: &str) -> Result<Charged, Stop> {
+    if canonical_domain(domain).is_empty() {
+        let what = "the domain in the path is empty";
+        return Err(GatewayError::InvalidSendRequest(what.into()).into());
+    }
+    ctx.record.subject = Some(domain.to_owned());
+    let (scope, profile) = match ctx.config.domain_profile() {
+        Some(profile) => (Scope::domain(domain), profile.clone()),
+        None => {
+            let own = client_charge(ctx).ok_or_else(|| {
+                GatewayError::InvalidSendRequest("domain sends are not counted".into())
+            })?;
+            (own.scope, own.profile)
+        }
+    };
+    Ok(Charged {
+        scope,
+        profile,
+        grant: None,
+        override_name: None,
+        client: None,
+    })
 }
 
 async fn grant_charged(
@@ -105,13 +120,12 @@ async fn grant_charged(
     })
 }
 
-/// The client's own quota, when it has one (validation made sure its profile exists).
+/// The client's own quota, when it has one.
 fn client_charge(ctx: &SendCtx) -> Option<ClientCharge> {
-    let client = ctx.client.as_ref()?.client();
-    let profile = ctx.config.profile(client.profile.as_deref()?)?.clone();
+    let caller = ctx.client.as_ref()?;
     Some(ClientCharge {
-        scope: Scope::client(&client.name),
-        profile,
+        scope: Scope::client(caller.name()),
+        profile: caller.profile()?.clone(),
         charge: Cost::default(),
         reservation: None,
     })

@@ -238,7 +238,7 @@ fn correction(
     };
     let recipients = answer_recipients(data).saturating_sub(cost.recipients);
     let bytes = match cost_from_message_json(data) {
-        Ok(sent) if limits_bytes(&charged.profile) && ctx.record.kind != SendKind::Mime => {
+        Ok(sent) if counts_bytes(charged) && ctx.record.kind != SendKind::Mime => {
             sent.size.saturating_sub(cost.bytes)
         }
         _ => 0,
@@ -253,6 +253,15 @@ fn correction(
         );
     }
     Cost::new(0, recipients, bytes)
+}
+
+/// Whether a window of the grant's profile, or of the client's own, limits bytes.
+fn counts_bytes(charged: &Charged) -> bool {
+    limits_bytes(&charged.profile)
+        || charged
+            .client
+            .as_ref()
+            .is_some_and(|c| limits_bytes(&c.profile))
 }
 
 /// The `data` object of a send answer.

@@ -308,8 +308,13 @@ pub struct Process {
 impl Process {
     /// Starts the binary on `config` and reads the two addresses it prints on stdout.
     pub fn spawn(config: &Path) -> Process {
+        Process::spawn_with_env(config, &[])
+    }
+
+    /// [`Process::spawn`], with these environment variables set in the child.
+    pub fn spawn_with_env(config: &Path, env: &[(&str, &str)]) -> Process {
         let mut cmd = testkit::process::send_gateway(env!("CARGO_BIN_EXE_send-gateway"), config);
-        cmd.stderr(Stdio::inherit());
+        cmd.stderr(Stdio::inherit()).envs(env.iter().copied());
         let server = Server::spawn(&mut cmd, "send-gateway", Expect::ListeningAndAdmin, WAIT);
         Process {
             url: server.url().to_owned(),
