@@ -82,6 +82,10 @@ pub enum GatewayError {
     /// A webhook request that cannot be read.
     #[error("{0}")]
     InvalidWebhook(String),
+    /// The request body went `[server] body_timeout` without a byte (a send still being
+    /// counted is charged nothing; one being forwarded has its charge given back).
+    #[error("the request body stopped arriving before its end")]
+    BodyTimeout,
     /// A request target that cannot form an upstream URL.
     #[error("the request target is not a valid path")]
     BadTarget,
@@ -103,6 +107,7 @@ impl GatewayError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             GatewayError::InvalidSendRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::DraftBusy => StatusCode::CONFLICT,
             GatewayError::QuotaUnavailable(_) | GatewayError::QuotaStoreFull => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -126,6 +131,7 @@ impl GatewayError {
             GatewayError::QuotaExceeded(_) => "quota_exceeded",
             GatewayError::ProviderThrottled { .. } => "provider_throttled",
             GatewayError::InvalidSendRequest(_) => "invalid_send_request",
+            GatewayError::BodyTimeout => "body_timeout",
             GatewayError::DraftBusy => "draft_busy",
             GatewayError::QuotaUnavailable(_) => "quota_unavailable",
             GatewayError::QuotaStoreFull => "quota_store_full",
@@ -142,8 +148,12 @@ impl GatewayError {
     }
 
     /// The answer to an upstream call that produced no response: 504 when it timed out,
-    /// else 502. `what` names the call in the logged cause.
+    /// 408 when the client's body stalled on its way up, else 502. `what` names the call in
+    /// the logged cause.
     pub fn upstream(what: &str, e: &UpstreamError) -> Self {
+        if e.is_body_stall() {
+            return GatewayError::BodyTimeout;
+        }
         let cause = format!("{what}: {e}");
         if e.is_timeout() {
             GatewayError::UpstreamTimeout(cause)

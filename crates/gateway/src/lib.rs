@@ -8,6 +8,7 @@
 //! A request's way, in order:
 //! - [`server`]: the listeners, the layers around them, signals and the drain.
 //! - [`request_id`]: the outermost layer: one id, one span, one log line per gateway error.
+//! - [`body_timeout`]: the next layer: a request body that stalls fails.
 //! - [`proxy`]: routes a request: a send goes through the [`pipeline`], the rest is relayed.
 //! - [`pipeline`]: the send path, one phase per file: who is charged → what it costs →
 //!   admit → forward → settle → report.
@@ -34,6 +35,7 @@
 //! (Nylas's outcome webhooks for scheduled sends).
 
 pub mod admin;
+pub mod body_timeout;
 pub mod config;
 pub mod drafts;
 pub mod error;

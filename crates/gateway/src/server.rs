@@ -9,21 +9,31 @@ use tokio::net::TcpListener;
 
 use crate::config::{self, Config};
 use crate::state::AppState;
-use crate::{admin, proxy, request_id, webhooks};
+use crate::{admin, body_timeout, proxy, request_id, webhooks};
 
 /// The proxy router. Layers, outermost first: the request id (with its span and the one
-/// log line of a gateway error). Everything else is the proxy handler's.
+/// log line of a gateway error), then the body idle timeout (so that every reader of the
+/// body, counting or forwarding, sees a stall). Everything else is the proxy handler's.
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .fallback(proxy::handle)
-        .with_state(state)
+        .with_state(Arc::clone(&state))
+        .layer(axum::middleware::map_request_with_state(
+            state,
+            body_timeout::layer,
+        ))
         .layer(axum::middleware::from_fn(request_id::layer))
 }
 
-/// The router of `[webhooks] listen`: Nylas's webhook endpoint alone.
+/// The router of `[webhooks] listen`: Nylas's webhook endpoint alone, with the same layers
+/// as the proxy's.
 pub fn webhooks_app(state: Arc<AppState>) -> Router {
     webhooks::routes()
-        .with_state(state)
+        .with_state(Arc::clone(&state))
+        .layer(axum::middleware::map_request_with_state(
+            state,
+            body_timeout::layer,
+        ))
         .layer(axum::middleware::from_fn(request_id::layer))
 }
 

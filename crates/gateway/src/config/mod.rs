@@ -68,6 +68,9 @@ pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 /// Default `server.max_json_body` (4 MiB): Nylas refuses JSON send bodies over 3 MB anyway.
 pub const DEFAULT_MAX_JSON_BODY: usize = 4 * 1024 * 1024;
+/// Default `server.body_timeout`: the longest a request body may go without a byte
+/// arriving before the request ends (and a send's charge is given back).
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `upstream.url`: Nylas's US region.
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.us.nylas.com";
 /// Default `upstream.timeout`: a send waits on the provider behind Nylas, which can be slow.
@@ -152,6 +155,11 @@ pub struct ServerConfig {
     /// Largest JSON send body buffered for inspection, in bytes.
     #[serde(with = "body_size")]
     pub max_json_body: usize,
+    /// Longest a request body may go without a byte arriving: a send still being counted
+    /// is answered 408 with no charge, one already charged is cut off upstream and its
+    /// charge released.
+    #[serde(with = "nonzero_duration")]
+    pub body_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -163,6 +171,7 @@ impl Default for ServerConfig {
             protect_metrics: false,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_json_body: DEFAULT_MAX_JSON_BODY,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
     }
 }

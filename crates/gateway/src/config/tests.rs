@@ -65,6 +65,7 @@ fn every_key_is_read() {
         admin_token = "s3cret"
         shutdown_grace = "0s"
         max_json_body = 3000000
+        body_timeout = "5s"
         [upstream]
         url = "http://127.0.0.1:4000/nylas/"
         timeout = "2m"
@@ -87,6 +88,7 @@ fn every_key_is_read() {
     assert_eq!(c.server.admin_token.as_deref(), Some("s3cret"));
     assert_eq!(c.server.shutdown_grace, Duration::ZERO);
     assert_eq!(c.server.max_json_body, 3_000_000);
+    assert_eq!(c.server.body_timeout, Duration::from_secs(5));
     assert_eq!(c.upstream.url.as_str(), "http://127.0.0.1:4000/nylas");
     assert_eq!(c.upstream.timeout, Duration::from_secs(120));
     assert_eq!(c.store.backend, StoreBackend::Redis);
@@ -1186,6 +1188,7 @@ fn masked_toml_reads_back_to_the_same_configuration() {
         admin_listen = "[::1]:9000"
         shutdown_grace = "1m 30s"
         max_json_body = 3000001
+        body_timeout = "1500ms"
         [upstream]
         url = "http://127.0.0.1:4000/nylas/"
         timeout = "1500ms"
@@ -1471,4 +1474,16 @@ fn protect_metrics_needs_a_token_and_defaults_to_off() {
     let c = Config::from_toml_str("[server]\nprotect_metrics = true\nadmin_token = \"t\"").unwrap();
     assert!(c.server.protect_metrics);
     assert!(c.to_masked_toml().contains("protect_metrics = true"));
+}
+
+#[test]
+fn body_timeout_defaults_to_30s_and_is_never_zero() {
+    let c = Config::default();
+    assert_eq!(c.server.body_timeout, Duration::from_secs(30));
+    assert!(c.to_masked_toml().contains("body_timeout = \"30s\""));
+    assert_err(
+        "[server]\nbody_timeout = \"0s\"",
+        "server.body_timeout",
+        "greater than zero",
+    );
 }
