@@ -86,6 +86,20 @@ pub enum GatewayError {
     /// counted is charged nothing; one being forwarded has its charge given back).
     #[error("the request body stopped arriving before its end")]
     BodyTimeout,
+    /// `[server] max_in_flight_sends` sends are in flight; this one is shed before any
+    /// store call.
+    #[error("the gateway is handling as many sends as it is configured to; try again shortly")]
+    Overloaded,
+    /// The request head is larger than `[server] max_header_bytes`.
+    #[error(
+        "the request's headers are larger than the gateway accepts ({size} bytes; the limit is {limit})"
+    )]
+    HeadersTooLarge {
+        /// The head's size, as counted.
+        size: usize,
+        /// `[server] max_header_bytes`.
+        limit: usize,
+    },
     /// A request target that cannot form an upstream URL.
     #[error("the request target is not a valid path")]
     BadTarget,
@@ -109,9 +123,10 @@ impl GatewayError {
             GatewayError::InvalidSendRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::DraftBusy => StatusCode::CONFLICT,
-            GatewayError::QuotaUnavailable(_) | GatewayError::QuotaStoreFull => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::QuotaUnavailable(_)
+            | GatewayError::QuotaStoreFull
+            | GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized | GatewayError::WebhookSignature => StatusCode::UNAUTHORIZED,
@@ -135,6 +150,8 @@ impl GatewayError {
             GatewayError::DraftBusy => "draft_busy",
             GatewayError::QuotaUnavailable(_) => "quota_unavailable",
             GatewayError::QuotaStoreFull => "quota_store_full",
+            GatewayError::Overloaded => "overloaded",
+            GatewayError::HeadersTooLarge { .. } => "headers_too_large",
             GatewayError::UpstreamUnavailable(_) => "upstream_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::Unauthorized => "unauthorized",
@@ -176,8 +193,12 @@ impl GatewayError {
     pub fn into_response_with_id(self, request_id: &str) -> Response {
         let mut error = json!({ "type": self.error_type(), "message": self.to_string() });
         let mut extra_headers = Vec::new();
-        if let GatewayError::DraftBusy | GatewayError::QuotaUnavailable(_) = &self {
-            // A store that failed is looked at again within a second (the breaker's probe).
+        if let GatewayError::DraftBusy
+        | GatewayError::QuotaUnavailable(_)
+        | GatewayError::Overloaded = &self
+        {
+            // A store that failed is looked at again within a second (the breaker's probe);
+            // a shed send finds room as soon as others finish.
             extra_headers.push((header::RETRY_AFTER, HeaderValue::from(1)));
         }
         if let GatewayError::QuotaStoreFull = &self {

@@ -7,6 +7,7 @@
 //! # Layout
 //! A request's way, in order:
 //! - [`server`]: the listeners, the layers around them, signals and the drain.
+//! - `listener`: each listener's accept loop, with the limits on a request's head.
 //! - [`request_id`]: the outermost layer: one id, one span, one log line per gateway error.
 //! - [`body_timeout`]: the next layer: a request body that stalls fails.
 //! - [`proxy`]: routes a request: a send goes through the [`pipeline`], the rest is relayed.
@@ -43,6 +44,7 @@ pub mod events;
 pub mod grants;
 pub mod health;
 pub mod lease;
+mod listener;
 pub mod metrics;
 pub mod pipeline;
 pub mod proxy;

@@ -8,31 +8,34 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config};
+use crate::listener::{self, Listener};
 use crate::state::AppState;
 use crate::{admin, body_timeout, proxy, request_id, webhooks};
 
 /// The proxy router. Layers, outermost first: the request id (with its span and the one
-/// log line of a gateway error), then the body idle timeout (so that every reader of the
-/// body, counting or forwarding, sees a stall). Everything else is the proxy handler's.
+/// log line of a gateway error), the head limit (431 in the envelope past `[server]
+/// max_header_bytes`), then the body idle timeout (so that every reader of the body,
+/// counting or forwarding, sees a stall). Everything else is the proxy handler's.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .fallback(proxy::handle)
-        .with_state(Arc::clone(&state))
-        .layer(axum::middleware::map_request_with_state(
-            state,
-            body_timeout::layer,
-        ))
-        .layer(axum::middleware::from_fn(request_id::layer))
+    layered(Router::new().fallback(proxy::handle), state)
 }
 
 /// The router of `[webhooks] listen`: Nylas's webhook endpoint alone, with the same layers
 /// as the proxy's.
 pub fn webhooks_app(state: Arc<AppState>) -> Router {
-    webhooks::routes()
+    layered(webhooks::routes(), state)
+}
+
+fn layered(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    router
         .with_state(Arc::clone(&state))
         .layer(axum::middleware::map_request_with_state(
-            state,
+            Arc::clone(&state),
             body_timeout::layer,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            listener::head_limit,
         ))
         .layer(axum::middleware::from_fn(request_id::layer))
 }
@@ -67,19 +70,18 @@ pub async fn run_with_webhooks(
     let grace = state.config().server.shutdown_grace;
     let (stop_proxy, proxy_rx) = tokio::sync::watch::channel(false);
     let (stop_admin, admin_rx) = tokio::sync::watch::channel(false);
-    let proxy =
-        axum::serve(listener, app(Arc::clone(&state))).with_graceful_shutdown(wait(proxy_rx));
+    let on = |tcp, router, name, stop| {
+        let listener = Listener { tcp, router, name };
+        tokio::spawn(listener::serve(listener, Arc::clone(&state), stop))
+    };
+    let proxy = on(listener, app(Arc::clone(&state)), "proxy", proxy_rx);
     let hooks = webhooks.map(|l| {
-        let serve = axum::serve(l, webhooks_app(Arc::clone(&state)))
-            .with_graceful_shutdown(wait(admin_rx.clone()));
-        tokio::spawn(async move { serve.await })
+        let router = webhooks_app(Arc::clone(&state));
+        on(l, router, "webhooks", admin_rx.clone())
     });
-    // With the caller's address, which the admin API logs for every change and refusal.
-    let admin_app = admin::router(Arc::clone(&state))
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let admin = axum::serve(admin, admin_app).with_graceful_shutdown(wait(admin_rx));
-    let proxy = tokio::spawn(async move { proxy.await });
-    let admin = tokio::spawn(async move { admin.await });
+    // Every connection carries the caller's address, which the admin API logs for every
+    // change and refusal.
+    let admin = on(admin, admin::router(Arc::clone(&state)), "admin", admin_rx);
     let watch = tokio::spawn(crate::health::watch(Arc::clone(&state)));
     shutdown.await;
     watch.abort();
@@ -199,8 +201,4 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
-}
-
-async fn wait(mut rx: tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
 }

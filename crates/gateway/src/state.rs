@@ -14,6 +14,7 @@ use crate::events::Reporter;
 use crate::grants::GrantResolver;
 use crate::health::StoreWatch;
 use crate::metrics::Metrics;
+use crate::pipeline::SendSlots;
 use crate::selection::Selector;
 use crate::upstream::Upstream;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     pub selector: Selector,
     /// Threshold events.
     pub events: Reporter,
+    /// Sends in flight, against `[server] max_in_flight_sends`.
+    pub sends: SendSlots,
     shutting_down: AtomicBool,
 }
 
@@ -102,6 +105,7 @@ impl AppState {
             upstream,
             metrics,
             selector: Selector::default(),
+            sends: SendSlots::default(),
             shutting_down: AtomicBool::new(false),
         })
     }

@@ -1,5 +1,5 @@
-//! End to end: what the listeners do about slow and stalled clients (`[server]
-//! body_timeout`).
+//! End to end: what the listeners do about slow, stalled and greedy clients (`[server]
+//! body_timeout`, `header_timeout`, `max_header_bytes`, `max_in_flight_sends`).
 //!
 //! Timings here are bounds, never measurements: every wait is a poll with a generous limit.
 
@@ -7,8 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Gateway, TOKEN, WAIT, attachment, config, fake, message, metric_value};
-use fake_nylas::DEMO_GRANT_ID;
+use common::{
+    Gateway, TOKEN, WAIT, attachment, client, config, eventually, fake, gateway_error, message,
+    metric_value, simple,
+};
+use fake_nylas::{DEMO_GRANT_ID, Rule};
 use testkit::multipart::Multipart;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,6 +43,14 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 async fn in_flight(gw: &Gateway) -> f64 {
     let m = gw.metrics().await;
     sample(&m, "sendgw_requests_in_flight").expect("the in-flight gauge")
+}
+
+/// One ordinary JSON send through `gw`.
+async fn send(gw: &Gateway) -> reqwest::Response {
+    gw.send_json(&client(), DEMO_GRANT_ID, &simple())
+        .send()
+        .await
+        .expect("an answer")
 }
 
 fn send_head(content_type: &str, length: usize) -> String {
@@ -124,4 +135,130 @@ async fn a_multipart_send_that_stalls_after_its_charge_is_released_at_once() {
         "Nylas never had the whole message"
     );
     assert_eq!(in_flight(&gw).await, 0.0);
+}
+
+#[tokio::test]
+async fn clients_stalled_inside_their_headers_are_cut_off_and_hold_nothing() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&config(&nylas.url(), "[server]\nheader_timeout = \"1s\"")).await;
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for i in 0..20 {
+        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+        // Half the clients stop inside a header line, the other half send nothing at all.
+        if i % 2 == 0 {
+            let partial = format!(
+                "POST /v3/grants/{DEMO_GRANT_ID}/messages/send HTTP/1.1\r\nHost: x\r\nX-Pa"
+            );
+            s.write_all(partial.as_bytes()).await.expect("write");
+        }
+        stalled.push(s);
+    }
+    eventually("the gateway sees the 20 connections", || async {
+        metric_value(
+            &gw.metrics().await,
+            "sendgw_connections",
+            "listener=\"proxy\"",
+        ) >= 20.0
+    })
+    .await;
+    for mut s in stalled {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+        assert!(
+            read.is_ok(),
+            "a stalled client was not disconnected within {WAIT:?}"
+        );
+        let answer = String::from_utf8_lossy(&out);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{answer}"
+        );
+    }
+    println!(
+        "20 stalled clients all disconnected after {:?} (header_timeout 1s)",
+        started.elapsed()
+    );
+    eventually("no connection or request is left open", || async {
+        let m = gw.metrics().await;
+        metric_value(&m, "sendgw_connections", "listener=\"proxy\"") == 0.0
+            && sample(&m, "sendgw_requests_in_flight") == Some(0.0)
+    })
+    .await;
+    assert!(nylas.requests().is_empty());
+    // The listener still serves.
+    let resp = send(&gw).await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_send_beyond_max_in_flight_sends_is_shed_with_503_before_the_store() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&config(&nylas.url(), "[server]\nmax_in_flight_sends = 1")).await;
+    nylas
+        .add_rule(
+            Rule::delay(Duration::from_secs(2))
+                .path("/messages/send")
+                .times(1),
+        )
+        .expect("delay rule");
+    let first = {
+        let req = gw.send_json(&client(), DEMO_GRANT_ID, &simple());
+        tokio::spawn(async move { req.send().await.expect("an answer").status().as_u16() })
+    };
+    eventually("the first send reached Nylas", || async {
+        !nylas.requests().is_empty()
+    })
+    .await;
+    let resp = send(&gw).await;
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    gateway_error(resp, 503, "overloaded").await;
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(
+        nylas.delivered().len(),
+        1,
+        "the shed send never went upstream"
+    );
+    assert_eq!(
+        gw.used(DEMO_GRANT_ID).await,
+        (1, 1),
+        "and was never charged"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(sample(&m, "sendgw_sends_shed_total"), Some(1.0), "{m}");
+    // With the first one done there is room again.
+    let resp = send(&gw).await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_header_block_over_max_header_bytes_gets_431_in_the_envelope() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&config(
+        &nylas.url(),
+        "[server]\nmax_header_bytes = \"16KiB\"",
+    ))
+    .await;
+    let resp = gw
+        .send_json(&client(), DEMO_GRANT_ID, &simple())
+        .header("x-padding", "a".repeat(20 * 1024))
+        .send()
+        .await
+        .unwrap();
+    gateway_error(resp, 431, "headers_too_large").await;
+    assert!(nylas.requests().is_empty());
+    assert_eq!(gw.used(DEMO_GRANT_ID).await, (0, 0));
+    // Just under the limit is served.
+    let resp = gw
+        .send_json(&client(), DEMO_GRANT_ID, &simple())
+        .header("x-padding", "a".repeat(15 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
 }

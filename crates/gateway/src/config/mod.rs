@@ -71,6 +71,15 @@ pub const DEFAULT_MAX_JSON_BODY: usize = 4 * 1024 * 1024;
 /// Default `server.body_timeout`: the longest a request body may go without a byte
 /// arriving before the request ends (and a send's charge is given back).
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `server.header_timeout`: the longest a client may take to send a request's
+/// head (and, with TLS, its handshake).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `server.max_header_bytes` (64 KiB): a request head larger than this is refused
+/// with 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default `server.max_in_flight_sends`: counted sends handled at once; more are shed with
+/// 503 before any store call.
+pub const DEFAULT_MAX_IN_FLIGHT_SENDS: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
 /// Default `upstream.url`: Nylas's US region.
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.us.nylas.com";
 /// Default `upstream.timeout`: a send waits on the provider behind Nylas, which can be slow.
@@ -160,6 +169,16 @@ pub struct ServerConfig {
     /// charge released.
     #[serde(with = "nonzero_duration")]
     pub body_timeout: Duration,
+    /// Longest a client may take to send a request's head (and, with TLS, its handshake);
+    /// the connection is closed then.
+    #[serde(with = "nonzero_duration")]
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers) answered; a larger one gets 431.
+    #[serde(with = "body_size")]
+    pub max_header_bytes: usize,
+    /// Most counted sends handled at once; a send beyond it is answered 503 with
+    /// `Retry-After: 1` before any store call.
+    pub max_in_flight_sends: NonZeroUsize,
 }
 
 impl Default for ServerConfig {
@@ -172,6 +191,9 @@ impl Default for ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_json_body: DEFAULT_MAX_JSON_BODY,
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_in_flight_sends: DEFAULT_MAX_IN_FLIGHT_SENDS,
         }
     }
 }

@@ -66,6 +66,9 @@ fn every_key_is_read() {
         shutdown_grace = "0s"
         max_json_body = 3000000
         body_timeout = "5s"
+        header_timeout = "2s"
+        max_header_bytes = "16KiB"
+        max_in_flight_sends = 7
         [upstream]
         url = "http://127.0.0.1:4000/nylas/"
         timeout = "2m"
@@ -89,6 +92,9 @@ fn every_key_is_read() {
     assert_eq!(c.server.shutdown_grace, Duration::ZERO);
     assert_eq!(c.server.max_json_body, 3_000_000);
     assert_eq!(c.server.body_timeout, Duration::from_secs(5));
+    assert_eq!(c.server.header_timeout, Duration::from_secs(2));
+    assert_eq!(c.server.max_header_bytes, 16 * 1024);
+    assert_eq!(c.server.max_in_flight_sends.get(), 7);
     assert_eq!(c.upstream.url.as_str(), "http://127.0.0.1:4000/nylas");
     assert_eq!(c.upstream.timeout, Duration::from_secs(120));
     assert_eq!(c.store.backend, StoreBackend::Redis);
@@ -1189,6 +1195,9 @@ fn masked_toml_reads_back_to_the_same_configuration() {
         shutdown_grace = "1m 30s"
         max_json_body = 3000001
         body_timeout = "1500ms"
+        header_timeout = "3s"
+        max_header_bytes = 20000
+        max_in_flight_sends = 3
         [upstream]
         url = "http://127.0.0.1:4000/nylas/"
         timeout = "1500ms"
@@ -1485,5 +1494,36 @@ fn body_timeout_defaults_to_30s_and_is_never_zero() {
         "[server]\nbody_timeout = \"0s\"",
         "server.body_timeout",
         "greater than zero",
+    );
+}
+
+#[test]
+fn slow_client_limits_have_defaults_and_refuse_zero() {
+    let c = Config::default();
+    assert_eq!(c.server.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.max_header_bytes, 64 * 1024);
+    assert_eq!(c.server.max_in_flight_sends.get(), 1024);
+    let shown = c.to_masked_toml();
+    for line in [
+        "header_timeout = \"10s\"",
+        "max_header_bytes = \"64KiB\"",
+        "max_in_flight_sends = 1024",
+    ] {
+        assert!(shown.contains(line), "{line} in {shown}");
+    }
+    assert_err(
+        "[server]\nheader_timeout = \"0s\"",
+        "server.header_timeout",
+        "greater than zero",
+    );
+    assert_err(
+        "[server]\nmax_header_bytes = 0",
+        "server.max_header_bytes",
+        "greater than zero",
+    );
+    assert_err(
+        "[server]\nmax_in_flight_sends = 0",
+        "server.max_in_flight_sends",
+        "",
     );
 }
