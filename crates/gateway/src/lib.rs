@@ -8,6 +8,7 @@
 //! A request's way, in order:
 //! - [`server`]: the listeners, the layers around them, signals and the drain.
 //! - `listener`: each listener's accept loop, with the limits on a request's head.
+//! - [`tls`]: the listeners' HTTPS (rustls), its certificate reloaded on SIGHUP.
 //! - [`request_id`]: the outermost layer: one id, one span, one log line per gateway error.
 //! - [`body_timeout`]: the next layer: a request body that stalls fails.
 //! - [`proxy`]: routes a request: a send goes through the [`pipeline`], the rest is relayed.
@@ -56,6 +57,7 @@ pub mod selection;
 pub mod send;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod webhooks;
 

@@ -35,6 +35,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::config::ServerConfig;
@@ -48,12 +49,12 @@ const BEFORE_HYPER: Duration = Duration::from_secs(1);
 /// The least read buffer hyper takes.
 const HYPER_MIN_BUF: usize = 8 * 1024;
 
-/// A bound socket, what it serves, and its name in metrics and logs.
-#[derive(Debug)]
+/// A bound socket, what it serves, its name in metrics and logs, and its TLS when on.
 pub(crate) struct Listener {
     pub tcp: TcpListener,
     pub router: Router,
     pub name: &'static str,
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// Accepts connections on `listener` until `stop` turns true (or its sender goes), then
@@ -82,6 +83,7 @@ pub(crate) async fn serve(
             state: Arc::clone(&state),
             name: listener.name,
             peer,
+            tls: listener.tls.clone(),
         };
         tokio::spawn(conn.serve(tcp, graceful.watcher()));
     }
@@ -110,6 +112,7 @@ struct Conn {
     state: Arc<AppState>,
     name: &'static str,
     peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Conn {
@@ -118,6 +121,26 @@ impl Conn {
         let _ = tcp.set_nodelay(true);
         let config = self.state.config();
         let server = &config.server;
+        let Some(tls) = self.tls.clone() else {
+            return self.http(TokioIo::new(tcp), server, watcher).await;
+        };
+        // The handshake gets `header_timeout` too: a client that opens a connection and
+        // says nothing holds it no longer over TLS than without.
+        match tokio::time::timeout(server.header_timeout, tls.accept(tcp)).await {
+            Ok(Ok(stream)) => self.http(TokioIo::new(stream), server, watcher).await,
+            Ok(Err(e)) => {
+                tracing::debug!(listener = self.name, error = %e, "TLS handshake failed");
+            }
+            Err(_) => tracing::debug!(listener = self.name, "TLS handshake timed out"),
+        }
+    }
+
+    /// Serves HTTP on `io` until the connection ends, the drain closes it, or no request
+    /// has begun in time.
+    async fn http<I>(self, io: TokioIo<I>, server: &ServerConfig, watcher: Watcher)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let builder = builder(server);
         let started = Arc::new(AtomicBool::new(false));
         let (router, peer, begun) = (self.router, self.peer, Arc::clone(&started));
@@ -127,8 +150,7 @@ impl Conn {
             req.extensions_mut().insert(ConnectInfo(peer));
             router.clone().oneshot(req)
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-        let conn = watcher.watch(conn);
+        let conn = watcher.watch(builder.serve_connection_with_upgrades(io, service));
         tokio::pin!(conn);
         tokio::select! {
             _ = &mut conn => return,

@@ -70,8 +70,18 @@ pub async fn run_with_webhooks(
     let grace = state.config().server.shutdown_grace;
     let (stop_proxy, proxy_rx) = tokio::sync::watch::channel(false);
     let (stop_admin, admin_rx) = tokio::sync::watch::channel(false);
+    let tls = match &state.tls {
+        Some(certs) => Some(certs.acceptor()?),
+        None => None,
+    };
     let on = |tcp, router, name, stop| {
-        let listener = Listener { tcp, router, name };
+        let tls = tls.clone();
+        let listener = Listener {
+            tcp,
+            router,
+            name,
+            tls,
+        };
         tokio::spawn(listener::serve(listener, Arc::clone(&state), stop))
     };
     let proxy = on(listener, app(Arc::clone(&state)), "proxy", proxy_rx);
@@ -112,7 +122,8 @@ pub async fn run_with_webhooks(
 
 /// Binds the configured listeners, prints `send-gateway listening on http://ADDR` and
 /// `send-gateway admin on http://ADDR` (and, with `[webhooks] listen`, `send-gateway
-/// webhooks on http://ADDR`) on stdout (scripts read them when binding port 0),
+/// webhooks on http://ADDR`; `https://` with `[server] tls_cert_file`) on stdout (scripts
+/// read them when binding port 0),
 /// and serves until SIGTERM or Ctrl-C. SIGHUP calls `reload` and applies the result (see
 /// [`AppState::reload`]); a configuration that fails to load is logged and counted, and
 /// the running one stays.
@@ -130,14 +141,19 @@ where
         None => None,
     };
     let state = Arc::new(AppState::new(config).await?);
-    // Ready lines only once the state is built: a bad upstream URL or store fails first.
+    // Ready lines only once the state is built: a bad upstream URL, store or certificate
+    // fails first.
+    let scheme = if state.tls.is_some() { "https" } else { "http" };
     println!(
-        "send-gateway listening on http://{}",
+        "send-gateway listening on {scheme}://{}",
         listener.local_addr()?
     );
-    println!("send-gateway admin on http://{}", admin.local_addr()?);
+    println!("send-gateway admin on {scheme}://{}", admin.local_addr()?);
     if let Some(hooks) = &hooks {
-        println!("send-gateway webhooks on http://{}", hooks.local_addr()?);
+        println!(
+            "send-gateway webhooks on {scheme}://{}",
+            hooks.local_addr()?
+        );
     }
     let config = state.config();
     tracing::info!(

@@ -1,5 +1,6 @@
 //! End to end: what the listeners do about slow, stalled and greedy clients (`[server]
-//! body_timeout`, `header_timeout`, `max_header_bytes`, `max_in_flight_sends`).
+//! body_timeout`, `header_timeout`, `max_header_bytes`, `max_in_flight_sends`), and HTTPS
+//! on them (`tls_cert_file`, `tls_key_file`).
 //!
 //! Timings here are bounds, never measurements: every wait is a poll with a generous limit.
 
@@ -261,4 +262,146 @@ async fn a_header_block_over_max_header_bytes_gets_431_in_the_envelope() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+}
+
+/// A gateway serving HTTPS with a fresh test certificate for 127.0.0.1 in `dir`.
+async fn tls_gateway(nylas: &fake_nylas::FakeNylas, dir: &std::path::Path) -> Gateway {
+    let certs = testkit::TestCerts::generate(dir);
+    let toml = config(
+        &nylas.url(),
+        &format!(
+            "[server]\ntls_cert_file = {:?}\ntls_key_file = {:?}",
+            certs.server_cert, certs.server_key
+        ),
+    );
+    Gateway::start(&toml).await
+}
+
+/// A client that trusts only the CA in `dir`; HTTP/1.1 only when `http1`.
+fn tls_client(dir: &std::path::Path, http1: bool) -> reqwest::Client {
+    let ca = std::fs::read(dir.join("ca.pem")).expect("ca");
+    let builder = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca pem"));
+    let builder = if http1 { builder.http1_only() } else { builder };
+    builder.build().expect("client")
+}
+
+async fn https_send(gw: &Gateway, c: &reqwest::Client) -> reqwest::Result<reqwest::Response> {
+    c.post(format!(
+        "https://{}/v3/grants/{DEMO_GRANT_ID}/messages/send",
+        gw.addr
+    ))
+    .bearer_auth(TOKEN)
+    .json(&simple())
+    .send()
+    .await
+}
+
+#[tokio::test]
+async fn https_sends_are_counted_over_h2_and_http_1_1_and_admin_speaks_https() {
+    let nylas = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(&nylas, dir.path()).await;
+    let resp = https_send(&gw, &tls_client(dir.path(), false))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.version(),
+        reqwest::Version::HTTP_2,
+        "h2 chosen by ALPN"
+    );
+    let resp = https_send(&gw, &tls_client(dir.path(), true))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    assert_eq!(nylas.delivered().len(), 2, "both reached Nylas");
+    let admin = gw.admin.replace("http://", "https://");
+    let health = tls_client(dir.path(), false)
+        .get(format!("{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let quota: serde_json::Value = tls_client(dir.path(), false)
+        .get(format!("{admin}/v1/quota/{DEMO_GRANT_ID}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(quota["windows"][0]["messages"]["used"], 2, "{quota}");
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let plain = client()
+        .get(format!("http://{}/v3/grants", gw.addr))
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
+}
+
+#[tokio::test]
+async fn a_reload_serves_a_renewed_certificate_and_keeps_the_old_on_a_bad_one() {
+    let nylas = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(&nylas, dir.path()).await;
+    let old_ca = tls_client(dir.path(), true);
+    assert_eq!(https_send(&gw, &old_ca).await.unwrap().status(), 200);
+    let config = (*gw.state.config()).clone();
+    // A broken file at the same path: the running certificate stays (new connection).
+    std::fs::write(dir.path().join("server.pem"), "not a certificate").unwrap();
+    gw.state.reload(config.clone());
+    let fresh = tls_client(dir.path(), true);
+    assert_eq!(https_send(&gw, &fresh).await.unwrap().status(), 200);
+    // A renewed certificate (from another CA) at the same paths: served from now on.
+    let renewed = tempfile::tempdir().unwrap();
+    testkit::TestCerts::generate(renewed.path());
+    for file in ["server.pem", "server.key"] {
+        std::fs::copy(renewed.path().join(file), dir.path().join(file)).unwrap();
+    }
+    gw.state.reload(config);
+    let new_ca = tls_client(renewed.path(), true);
+    assert_eq!(https_send(&gw, &new_ca).await.unwrap().status(), 200);
+    // A fresh client (a pooled connection would still be the old handshake's).
+    let old_ca = tls_client(dir.path(), true);
+    assert!(
+        https_send(&gw, &old_ca).await.is_err(),
+        "the old certificate is no longer served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_prints_https_ready_lines_and_sighup_rolls_the_certificate() {
+    let nylas = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = testkit::TestCerts::generate(dir.path());
+    let path = dir.path().join("gateway.toml");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         tls_cert_file = {:?}\ntls_key_file = {:?}\n[upstream]\nurl = \"{}\"\n",
+        certs.server_cert,
+        certs.server_key,
+        nylas.url()
+    );
+    std::fs::write(&path, toml).unwrap();
+    let gw = common::Process::spawn(&path);
+    assert!(gw.url.starts_with("https://127.0.0.1:"), "{}", gw.url);
+    assert!(gw.admin.starts_with("https://127.0.0.1:"), "{}", gw.admin);
+    let healthz = |c: reqwest::Client| {
+        let url = format!("{}/healthz", gw.admin);
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(healthz(tls_client(dir.path(), true)).await.unwrap(), 200);
+    let renewed = tempfile::tempdir().unwrap();
+    testkit::TestCerts::generate(renewed.path());
+    for file in ["server.pem", "server.key"] {
+        std::fs::copy(renewed.path().join(file), dir.path().join(file)).unwrap();
+    }
+    gw.signal("HUP");
+    eventually("the renewed certificate is served", || async {
+        healthz(tls_client(renewed.path(), true)).await.ok() == Some(200)
+    })
+    .await;
 }

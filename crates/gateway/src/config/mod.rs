@@ -179,6 +179,13 @@ pub struct ServerConfig {
     /// Most counted sends handled at once; a send beyond it is answered 503 with
     /// `Retry-After: 1` before any store call.
     pub max_in_flight_sends: NonZeroUsize,
+    /// A PEM certificate chain: with `tls_key_file`, every listener serves HTTPS (HTTP/2 or
+    /// HTTP/1.1 by ALPN). Reloaded on SIGHUP.
+    #[serde(with = "optional")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `tls_cert_file`.
+    #[serde(with = "optional")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -194,11 +201,20 @@ impl Default for ServerConfig {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_in_flight_sends: DEFAULT_MAX_IN_FLIGHT_SENDS,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 impl ServerConfig {
+    /// The listeners' certificate and key files, when TLS is on.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        self.tls_cert_file
+            .as_deref()
+            .zip(self.tls_key_file.as_deref())
+    }
+
     /// Whether `admin_listen` is a loopback address (`127.0.0.0/8`, `[::1]`, or either
     /// IPv4-mapped): the only place the admin API may listen without `admin_token`.
     pub fn admin_on_loopback(&self) -> bool {

@@ -1527,3 +1527,43 @@ fn slow_client_limits_have_defaults_and_refuse_zero() {
         "",
     );
 }
+
+#[test]
+fn listener_tls_files_go_together_and_must_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = testkit::TestCerts::generate(dir.path());
+    let text = |cert: &std::path::Path, key: &std::path::Path| {
+        format!("[server]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}")
+    };
+    let c = Config::from_toml_str(&text(&certs.server_cert, &certs.server_key)).unwrap();
+    assert_eq!(
+        c.server.tls_files(),
+        Some((certs.server_cert.as_path(), certs.server_key.as_path()))
+    );
+    let shown = c.to_masked_toml();
+    assert_eq!(Config::from_toml_str(&shown).unwrap(), c, "{shown}");
+    assert_eq!(Config::default().server.tls_files(), None);
+    assert_err(
+        &format!("[server]\ntls_cert_file = {:?}", certs.server_cert),
+        "server.tls_key_file",
+        "go together",
+    );
+    assert_err(
+        &format!("[server]\ntls_key_file = {:?}", certs.server_key),
+        "server.tls_cert_file",
+        "go together",
+    );
+    let missing = dir.path().join("missing.pem");
+    assert_err(
+        &text(&missing, &certs.server_key),
+        "server.tls_cert_file",
+        "cannot read",
+    );
+    assert_err(
+        &text(&certs.server_cert, &certs.client_key),
+        "server.tls_key_file",
+        "is not the key of",
+    );
+    // The Redis client's TLS keys are another thing: no rediss:// needed for these.
+    assert!(c.store.tls_cert_file.is_none());
+}
