@@ -405,3 +405,37 @@ async fn the_binary_prints_https_ready_lines_and_sighup_rolls_the_certificate() 
     })
     .await;
 }
+
+/// Writes `request` whole and reads the answer until the gateway closes the connection.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What the docs say hyper answers itself, before any request exists to carry an id: pinned
+/// here so that a change in hyper shows up as a failing test rather than stale docs.
+#[tokio::test]
+async fn heads_hyper_refuses_itself_get_its_bare_answers() {
+    let nylas = fake().await;
+    let toml = config(&nylas.url(), "[server]\nmax_header_bytes = \"16KiB\"");
+    let gw = Gateway::start(&toml).await;
+    // Over twice max_header_bytes: hyper's read buffer is full before the head ends.
+    let huge = format!(
+        "GET /v3/grants HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(33 * 1024)
+    );
+    let malformed = "GET /v3/grants HTTP/1.1\r\nHost x\r\n\r\n";
+    for (request, status) in [(huge.as_str(), 431), (malformed, 400)] {
+        let answer = raw_exchange(gw.addr, request).await.to_ascii_lowercase();
+        assert!(
+            answer.starts_with(&format!("http/1.1 {status} ")),
+            "{answer}"
+        );
+        assert!(answer.contains("content-length: 0\r\n"), "{answer}");
+        assert!(!answer.contains("x-request-id"), "{answer}");
+    }
+    assert!(nylas.requests().is_empty());
+}
