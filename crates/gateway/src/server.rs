@@ -90,8 +90,12 @@ pub async fn run_with_webhooks(
         on(l, router, "webhooks", admin_rx.clone())
     });
     // Every connection carries the caller's address, which the admin API logs for every
-    // change and refusal.
-    let admin = on(admin, admin::router(Arc::clone(&state)), "admin", admin_rx);
+    // change and refusal. Its bodies (profile changes, Nylas's webhooks when they have no
+    // listener of their own) get the body idle timeout too.
+    let admin_app = admin::router(Arc::clone(&state)).layer(
+        axum::middleware::map_request_with_state(Arc::clone(&state), body_timeout::layer),
+    );
+    let admin = on(admin, admin_app, "admin", admin_rx);
     let watch = tokio::spawn(crate::health::watch(Arc::clone(&state)));
     shutdown.await;
     watch.abort();

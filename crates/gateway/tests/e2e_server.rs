@@ -139,6 +139,22 @@ async fn a_multipart_send_that_stalls_after_its_charge_is_released_at_once() {
 }
 
 #[tokio::test]
+async fn a_stalled_admin_body_is_cut_off_too() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&config(&nylas.url(), "[server]\nbody_timeout = \"1s\"")).await;
+    let admin: std::net::SocketAddr = gw.admin.trim_start_matches("http://").parse().unwrap();
+    let head = format!(
+        "PUT /v1/grants/{DEMO_GRANT_ID}/profile HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+    );
+    let (answer, took) = stall_after(admin, &head, b"{\"profile\":").await;
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    println!("stalled admin body answered after {took:?} (body_timeout 1s)");
+    let q = gw.quota(DEMO_GRANT_ID).await;
+    assert_ne!(q["profile_source"], "override", "nothing was changed: {q}");
+}
+
+#[tokio::test]
 async fn clients_stalled_inside_their_headers_are_cut_off_and_hold_nothing() {
     let nylas = fake().await;
     let gw = Gateway::start(&config(&nylas.url(), "[server]\nheader_timeout = \"1s\"")).await;
