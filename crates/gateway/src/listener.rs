@@ -9,12 +9,14 @@
 //!   its own bare 408 and closes). Before hyper's clock runs (a client that sends nothing,
 //!   or too little to tell HTTP/1 from HTTP/2; an HTTP/2 client that opens no stream), the
 //!   connection is closed when no request has begun `header_timeout` + 1 s after it was
-//!   accepted.
+//!   accepted (with TLS: after its handshake, which has `header_timeout` of its own).
 //! - `max_header_bytes`: the router answers a head over it with 431 in the Nylas envelope
 //!   ([`head_limit`]). hyper buffers at most twice that (at least 8 KiB) while it reads a
 //!   head; a head larger still gets hyper's own 431, without a body or `X-Request-Id` (no
 //!   request exists yet to give one), and the connection is closed. The same holds for a
-//!   request hyper cannot parse (400) and for more than 100 headers (431).
+//!   request hyper cannot parse (400) and for more than 100 headers (431). Over HTTP/2 the
+//!   header list is capped at the same twice, beyond which the h2 crate refuses the stream
+//!   itself.
 //!
 //! Every connection counts in `sendgw_connections{listener}` while it is open, and carries
 //! the peer's address as [`ConnectInfo`] (the admin API logs it).
