@@ -2,7 +2,7 @@
 //! `quota` subcommands, which talk to a running gateway's admin API.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -56,7 +56,8 @@ pub enum QuotaCommand {
 pub struct QuotaArgs {
     /// The grant id (or `grant:<id>`).
     pub grant: String,
-    /// The admin API [default: http://<server.admin_listen> from the configuration]
+    /// The admin API [default: http://<server.admin_listen> from the configuration, or
+    /// https:// with server.tls_cert_file, whose certificates are then trusted too]
     #[arg(long, value_name = "URL")]
     pub admin: Option<String>,
     /// The admin token [default: server.admin_token from the configuration]
@@ -176,9 +177,9 @@ fn run_quota(
         QuotaCommand::Show(args) => (args, false),
         QuotaCommand::Reset(args) => (args, true),
     };
-    let (admin, token) = admin_and_token(&args, config)?;
+    let (admin, token, trust) = admin_and_token(&args, config)?;
     let url = quota_url(&admin, &args.grant)?;
-    let body = call_admin(&admin, url, reset, token.as_deref())?;
+    let body = call_admin(&admin, url, reset, token.as_deref(), trust.as_deref())?;
     let grant = &args.grant;
     if reset {
         return Ok(if args.json {
@@ -199,11 +200,14 @@ fn run_quota(
 }
 
 /// The admin API's base URL and the token to send: from `--admin` and `--token`, else
-/// from the configuration, which is loaded only when one of them is missing.
+/// from the configuration, which is loaded only when one of them is missing. With the
+/// configuration loaded and its listeners on TLS, also the certificate file to trust
+/// besides the system's roots (the listeners' own chain: enough for a self-signed
+/// certificate, or a chain that carries its CA).
 fn admin_and_token(
     args: &QuotaArgs,
     config: impl FnOnce() -> Result<Config, ConfigError>,
-) -> Result<(Url, Option<String>), QuotaError> {
+) -> Result<(Url, Option<String>, Option<PathBuf>), QuotaError> {
     let config = if args.admin.is_none() || args.token.is_none() {
         Some(config().map_err(QuotaError::Config)?)
     } else {
@@ -211,15 +215,17 @@ fn admin_and_token(
     };
     let admin = match (&args.admin, &config) {
         (Some(url), _) => parse_admin_url(url)?,
-        (None, Some(c)) => admin_url_for(c.server.admin_listen),
+        (None, Some(c)) => admin_url_for(c.server.admin_listen, c.server.tls_files().is_some()),
         (None, None) => unreachable!("the configuration is loaded when --admin is missing"),
     };
-    let token = args
-        .token
-        .clone()
-        .filter(|t| !t.is_empty())
-        .or_else(|| config.and_then(|c| c.server.admin_token).map(String::from));
-    Ok((admin, token))
+    let token = args.token.clone().filter(|t| !t.is_empty()).or_else(|| {
+        config
+            .as_ref()
+            .and_then(|c| c.server.admin_token.clone())
+            .map(String::from)
+    });
+    let trust = config.and_then(|c| c.server.tls_cert_file);
+    Ok((admin, token, trust))
 }
 
 /// `<admin>/v1/quota/<grant>`.
@@ -238,12 +244,24 @@ fn call_admin(
     url: Url,
     reset: bool,
     token: Option<&str>,
+    trust: Option<&Path>,
 ) -> Result<String, QuotaError> {
     // The admin listener is internal (loopback, a pod, a port-forward): never through a
     // proxy picked up from HTTP_PROXY.
-    let client = Client::builder()
+    let mut builder = Client::builder()
         .no_proxy()
-        .timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(10));
+    if let Some(path) = trust {
+        let pem = std::fs::read(path)
+            .map_err(|e| QuotaError::Failed(format!("cannot read {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            QuotaError::Failed(format!("{}: not a PEM certificate: {e}", path.display()))
+        })?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    let client = builder
         .build()
         .map_err(|e| QuotaError::Failed(format!("cannot start the HTTP client: {e}")))?;
     let mut request = if reset {
@@ -317,8 +335,9 @@ fn parse_admin_url(text: &str) -> Result<Url, QuotaError> {
     Ok(url)
 }
 
-/// `http://<admin_listen>`, with a wildcard address (`0.0.0.0`, `[::]`) replaced by loopback.
-fn admin_url_for(addr: std::net::SocketAddr) -> Url {
+/// `http://<admin_listen>` (`https://` with `tls`), with a wildcard address (`0.0.0.0`,
+/// `[::]`) replaced by loopback.
+fn admin_url_for(addr: std::net::SocketAddr, tls: bool) -> Url {
     let mut addr = addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
@@ -326,7 +345,8 @@ fn admin_url_for(addr: std::net::SocketAddr) -> Url {
             std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    Url::parse(&format!("http://{addr}")).expect("a socket address makes a URL")
+    let scheme = if tls { "https" } else { "http" };
+    Url::parse(&format!("{scheme}://{addr}")).expect("a socket address makes a URL")
 }
 
 /// `error sending request: connection refused`, not just the outer layer.
@@ -640,16 +660,16 @@ mod tests {
     #[test]
     fn admin_urls() {
         assert_eq!(
-            admin_url_for("0.0.0.0:9090".parse().unwrap()).as_str(),
+            admin_url_for("0.0.0.0:9090".parse().unwrap(), false).as_str(),
             "http://127.0.0.1:9090/"
         );
         assert_eq!(
-            admin_url_for("[::]:9090".parse().unwrap()).as_str(),
+            admin_url_for("[::]:9090".parse().unwrap(), false).as_str(),
             "http://[::1]:9090/"
         );
         assert_eq!(
-            admin_url_for("10.0.0.2:9000".parse().unwrap()).as_str(),
-            "http://10.0.0.2:9000/"
+            admin_url_for("10.0.0.2:9000".parse().unwrap(), true).as_str(),
+            "https://10.0.0.2:9000/"
         );
         assert_eq!(
             parse_admin_url("127.0.0.1:9090").unwrap().as_str(),

@@ -88,6 +88,24 @@ pub enum GatewayError {
     /// A webhook request that cannot be read.
     #[error("{0}")]
     InvalidWebhook(String),
+    /// The request body went `[server] body_timeout` without a byte (a send still being
+    /// counted is charged nothing; one being forwarded has its charge given back).
+    #[error("the request body stopped arriving before its end")]
+    BodyTimeout,
+    /// `[server] max_in_flight_sends` sends are in flight; this one is shed before any
+    /// store call.
+    #[error("the gateway is handling as many sends as it is configured to; try again shortly")]
+    Overloaded,
+    /// The request head is larger than `[server] max_header_bytes`.
+    #[error(
+        "the request's headers are larger than the gateway accepts ({size} bytes; the limit is {limit})"
+    )]
+    HeadersTooLarge {
+        /// The head's size, as counted.
+        size: usize,
+        /// `[server] max_header_bytes`.
+        limit: usize,
+    },
     /// A request target that cannot form an upstream URL.
     #[error("the request target is not a valid path")]
     BadTarget,
@@ -109,10 +127,12 @@ impl GatewayError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             GatewayError::InvalidSendRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::DraftBusy => StatusCode::CONFLICT,
-            GatewayError::QuotaUnavailable(_) | GatewayError::QuotaStoreFull => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::QuotaUnavailable(_)
+            | GatewayError::QuotaStoreFull
+            | GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized
@@ -135,9 +155,12 @@ impl GatewayError {
             GatewayError::QuotaExceeded(_) => "quota_exceeded",
             GatewayError::ProviderThrottled { .. } => "provider_throttled",
             GatewayError::InvalidSendRequest(_) => "invalid_send_request",
+            GatewayError::BodyTimeout => "body_timeout",
             GatewayError::DraftBusy => "draft_busy",
             GatewayError::QuotaUnavailable(_) => "quota_unavailable",
             GatewayError::QuotaStoreFull => "quota_store_full",
+            GatewayError::Overloaded => "overloaded",
+            GatewayError::HeadersTooLarge { .. } => "headers_too_large",
             GatewayError::UpstreamUnavailable(_) => "upstream_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::Unauthorized | GatewayError::ClientUnauthenticated => "unauthorized",
@@ -152,8 +175,12 @@ impl GatewayError {
     }
 
     /// The answer to an upstream call that produced no response: 504 when it timed out,
-    /// else 502. `what` names the call in the logged cause.
+    /// 408 when the client's body stalled on its way up, else 502. `what` names the call in
+    /// the logged cause.
     pub fn upstream(what: &str, e: &UpstreamError) -> Self {
+        if e.is_body_stall() {
+            return GatewayError::BodyTimeout;
+        }
         let cause = format!("{what}: {e}");
         if e.is_timeout() {
             GatewayError::UpstreamTimeout(cause)
@@ -176,8 +203,12 @@ impl GatewayError {
     pub fn into_response_with_id(self, request_id: &str) -> Response {
         let mut error = json!({ "type": self.error_type(), "message": self.to_string() });
         let mut extra_headers = Vec::new();
-        if let GatewayError::DraftBusy | GatewayError::QuotaUnavailable(_) = &self {
-            // A store that failed is looked at again within a second (the breaker's probe).
+        if let GatewayError::DraftBusy
+        | GatewayError::QuotaUnavailable(_)
+        | GatewayError::Overloaded = &self
+        {
+            // A store that failed is looked at again within a second (the breaker's probe);
+            // a shed send finds room as soon as others finish.
             extra_headers.push((header::RETRY_AFTER, HeaderValue::from(1)));
         }
         if let GatewayError::ClientUnauthenticated = &self {

@@ -7,7 +7,10 @@
 //! # Layout
 //! A request's way, in order:
 //! - [`server`]: the listeners, the layers around them, signals and the drain.
+//! - `listener`: each listener's accept loop, with the limits on a request's head.
+//! - [`tls`]: the listeners' HTTPS (rustls), its certificate reloaded on SIGHUP.
 //! - [`request_id`]: the outermost layer: one id, one span, one log line per gateway error.
+//! - [`body_timeout`]: the next layer: a request body that stalls fails.
 //! - [`proxy`]: routes a request: a send goes through the [`pipeline`], the rest is relayed.
 //! - [`clients`]: with `[[clients]]`, who the caller is (401 otherwise), what it may use
 //!   (403 otherwise), and the gateway's Nylas key in place of its token.
@@ -36,6 +39,7 @@
 //! (Nylas's outcome webhooks for scheduled sends).
 
 pub mod admin;
+pub mod body_timeout;
 pub mod clients;
 pub mod config;
 pub mod drafts;
@@ -44,6 +48,7 @@ pub mod events;
 pub mod grants;
 pub mod health;
 pub mod lease;
+mod listener;
 pub mod metrics;
 pub mod pipeline;
 pub mod proxy;
@@ -55,6 +60,7 @@ pub mod selection;
 pub mod send;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod webhooks;
 

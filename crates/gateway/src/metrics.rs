@@ -115,6 +115,38 @@ pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     clients: Family<ClientLabels, Counter>,
     store: StoreFamilies,
+    server: ServerFamilies,
+}
+
+/// The families that watch the listeners: connections open, sends shed.
+#[derive(Debug, Clone)]
+struct ServerFamilies {
+    connections: Family<ListenerLabel, Gauge>,
+    shed: Counter,
+}
+
+impl ServerFamilies {
+    fn new(registry: &mut Registry) -> Self {
+        ServerFamilies {
+            connections: registered(
+                registry,
+                "connections",
+                "Connections open, by listener (proxy, admin, webhooks); a client stalled in its request head is closed after server.header_timeout",
+                Family::<ListenerLabel, Gauge>::default(),
+            ),
+            shed: registered(
+                registry,
+                "sends_shed",
+                "Sends answered 503 before any store call because server.max_in_flight_sends were in flight",
+                Counter::default(),
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
 }
 
 /// The families that watch the quota store.
@@ -262,9 +294,11 @@ impl Default for Metrics {
             Family::<ResultLabel, Counter>::default(),
         );
         let store = StoreFamilies::new(&mut registry);
+        let server = ServerFamilies::new(&mut registry);
         Metrics {
             clients: client_family(&mut registry),
             store,
+            server,
             thresholds,
             event_webhooks,
             reloads,
@@ -490,6 +524,22 @@ impl Metrics {
         self.store.scopes_refused.inc();
     }
 
+    /// A send was shed: `server.max_in_flight_sends` were in flight.
+    pub fn send_shed(&self) {
+        self.server.shed.inc();
+    }
+
+    /// Marks a connection of `listener` open until the guard drops.
+    pub fn connection(&self, listener: &'static str) -> InFlight {
+        let gauge = self
+            .server
+            .connections
+            .get_or_create(&ListenerLabel { listener })
+            .clone();
+        gauge.inc();
+        InFlight(gauge)
+    }
+
     /// Marks a request in flight until the guard drops.
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();
@@ -529,11 +579,13 @@ impl Metrics {
         m.store_scopes(0);
         m.store_scope_refused();
         m.client_request("-", "unauthenticated");
+        m.send_shed();
+        drop(m.connection("proxy"));
         m
     }
 }
 
-/// Decrements the in-flight gauge when dropped.
+/// Decrements an in-flight gauge (requests, connections) when dropped.
 #[derive(Debug)]
 pub struct InFlight(Gauge);
 

@@ -8,22 +8,35 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config};
+use crate::listener::{self, Listener};
 use crate::state::AppState;
-use crate::{admin, proxy, request_id, webhooks};
+use crate::{admin, body_timeout, proxy, request_id, webhooks};
 
 /// The proxy router. Layers, outermost first: the request id (with its span and the one
-/// log line of a gateway error). Everything else is the proxy handler's.
+/// log line of a gateway error), the head limit (431 in the envelope past `[server]
+/// max_header_bytes`), then the body idle timeout (so that every reader of the body,
+/// counting or forwarding, sees a stall). Everything else is the proxy handler's.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .fallback(proxy::handle)
-        .with_state(state)
-        .layer(axum::middleware::from_fn(request_id::layer))
+    layered(Router::new().fallback(proxy::handle), state)
 }
 
-/// The router of `[webhooks] listen`: Nylas's webhook endpoint alone.
+/// The router of `[webhooks] listen`: Nylas's webhook endpoint alone, with the same layers
+/// as the proxy's.
 pub fn webhooks_app(state: Arc<AppState>) -> Router {
-    webhooks::routes()
-        .with_state(state)
+    layered(webhooks::routes(), state)
+}
+
+fn layered(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    router
+        .with_state(Arc::clone(&state))
+        .layer(axum::middleware::map_request_with_state(
+            Arc::clone(&state),
+            body_timeout::layer,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            listener::head_limit,
+        ))
         .layer(axum::middleware::from_fn(request_id::layer))
 }
 
@@ -57,19 +70,32 @@ pub async fn run_with_webhooks(
     let grace = state.config().server.shutdown_grace;
     let (stop_proxy, proxy_rx) = tokio::sync::watch::channel(false);
     let (stop_admin, admin_rx) = tokio::sync::watch::channel(false);
-    let proxy =
-        axum::serve(listener, app(Arc::clone(&state))).with_graceful_shutdown(wait(proxy_rx));
+    let tls = match &state.tls {
+        Some(certs) => Some(certs.acceptor()?),
+        None => None,
+    };
+    let on = |tcp, router, name, stop| {
+        let tls = tls.clone();
+        let listener = Listener {
+            tcp,
+            router,
+            name,
+            tls,
+        };
+        tokio::spawn(listener::serve(listener, Arc::clone(&state), stop))
+    };
+    let proxy = on(listener, app(Arc::clone(&state)), "proxy", proxy_rx);
     let hooks = webhooks.map(|l| {
-        let serve = axum::serve(l, webhooks_app(Arc::clone(&state)))
-            .with_graceful_shutdown(wait(admin_rx.clone()));
-        tokio::spawn(async move { serve.await })
+        let router = webhooks_app(Arc::clone(&state));
+        on(l, router, "webhooks", admin_rx.clone())
     });
-    // With the caller's address, which the admin API logs for every change and refusal.
-    let admin_app = admin::router(Arc::clone(&state))
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let admin = axum::serve(admin, admin_app).with_graceful_shutdown(wait(admin_rx));
-    let proxy = tokio::spawn(async move { proxy.await });
-    let admin = tokio::spawn(async move { admin.await });
+    // Every connection carries the caller's address, which the admin API logs for every
+    // change and refusal. Its bodies (profile changes, Nylas's webhooks when they have no
+    // listener of their own) get the body idle timeout too.
+    let admin_app = admin::router(Arc::clone(&state)).layer(
+        axum::middleware::map_request_with_state(Arc::clone(&state), body_timeout::layer),
+    );
+    let admin = on(admin, admin_app, "admin", admin_rx);
     let watch = tokio::spawn(crate::health::watch(Arc::clone(&state)));
     shutdown.await;
     watch.abort();
@@ -100,7 +126,8 @@ pub async fn run_with_webhooks(
 
 /// Binds the configured listeners, prints `send-gateway listening on http://ADDR` and
 /// `send-gateway admin on http://ADDR` (and, with `[webhooks] listen`, `send-gateway
-/// webhooks on http://ADDR`) on stdout (scripts read them when binding port 0),
+/// webhooks on http://ADDR`; `https://` with `[server] tls_cert_file`) on stdout (scripts
+/// read them when binding port 0),
 /// and serves until SIGTERM or Ctrl-C. SIGHUP calls `reload` and applies the result (see
 /// [`AppState::reload`]); a configuration that fails to load is logged and counted, and
 /// the running one stays.
@@ -118,14 +145,19 @@ where
         None => None,
     };
     let state = Arc::new(AppState::new(config).await?);
-    // Ready lines only once the state is built: a bad upstream URL or store fails first.
+    // Ready lines only once the state is built: a bad upstream URL, store or certificate
+    // fails first.
+    let scheme = if state.tls.is_some() { "https" } else { "http" };
     println!(
-        "send-gateway listening on http://{}",
+        "send-gateway listening on {scheme}://{}",
         listener.local_addr()?
     );
-    println!("send-gateway admin on http://{}", admin.local_addr()?);
+    println!("send-gateway admin on {scheme}://{}", admin.local_addr()?);
     if let Some(hooks) = &hooks {
-        println!("send-gateway webhooks on http://{}", hooks.local_addr()?);
+        println!(
+            "send-gateway webhooks on {scheme}://{}",
+            hooks.local_addr()?
+        );
     }
     let config = state.config();
     tracing::info!(
@@ -189,8 +221,4 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
-}
-
-async fn wait(mut rx: tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
 }

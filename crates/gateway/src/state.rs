@@ -14,7 +14,9 @@ use crate::events::Reporter;
 use crate::grants::GrantResolver;
 use crate::health::StoreWatch;
 use crate::metrics::Metrics;
+use crate::pipeline::SendSlots;
 use crate::selection::Selector;
+use crate::tls::Certs;
 use crate::upstream::Upstream;
 
 /// Everything a request handler needs.
@@ -41,6 +43,10 @@ pub struct AppState {
     pub selector: Selector,
     /// Threshold events.
     pub events: Reporter,
+    /// Sends in flight, against `[server] max_in_flight_sends`.
+    pub sends: SendSlots,
+    /// The listeners' certificate, when `[server] tls_cert_file` is set.
+    pub tls: Option<Arc<Certs>>,
     shutting_down: AtomicBool,
 }
 
@@ -88,6 +94,10 @@ impl AppState {
     pub fn with_store(config: Config, store: Arc<dyn QuotaStore>) -> anyhow::Result<Self> {
         let upstream = Upstream::new(&config.upstream.url, config.upstream.timeout)?;
         let metrics = Arc::new(Metrics::default());
+        let tls = match config.server.tls_files() {
+            Some((cert, key)) => Some(Arc::new(Certs::load(cert, key)?)),
+            None => None,
+        };
         let local = (config.store.on_unavailable == OnUnavailable::Local)
             .then(|| Arc::new(LocalBudget::new(config.store.local_budget.get())));
         Ok(AppState {
@@ -102,6 +112,8 @@ impl AppState {
             upstream,
             metrics,
             selector: Selector::default(),
+            sends: SendSlots::default(),
+            tls,
             shutting_down: AtomicBool::new(false),
         })
     }
@@ -118,14 +130,16 @@ impl AppState {
 
     /// Applies a reloaded configuration: profiles, grant and domain settings, events, the
     /// admin token and request limits take effect at once; usage is untouched (keys never
-    /// name a limit). Listeners, the upstream and the store need a restart: their old values
-    /// stay, with a warning. Returns the keys that were not applied.
+    /// name a limit). The listeners' certificate files are read again. Listeners (and TLS
+    /// on or off), the upstream and the store need a restart: their old values stay, with a
+    /// warning. Returns the keys that were not applied.
     pub fn reload(&self, mut new: Config) -> Vec<&'static str> {
         let old = self.config();
         let kept = keep_restart_only(&old, &mut new);
         if new.grants != old.grants {
             self.selector.forget_providers();
         }
+        self.reload_certificate(&new);
         for key in &kept {
             tracing::warn!(
                 key,
@@ -144,6 +158,22 @@ impl AppState {
         self.metrics.reload(true);
         tracing::info!("configuration reloaded");
         kept
+    }
+
+    /// Loads the listeners' certificate files again (also when their paths are unchanged:
+    /// that is how a renewed certificate is rolled out). A file that fails to load is
+    /// logged and counted as a failed reload; the running certificate stays.
+    fn reload_certificate(&self, new: &Config) {
+        let (Some(certs), Some((cert, key))) = (&self.tls, new.server.tls_files()) else {
+            return;
+        };
+        match certs.reload(cert, key) {
+            Ok(()) => tracing::info!("listener certificate reloaded"),
+            Err(e) => {
+                self.metrics.reload(false);
+                tracing::error!(error = %e, "listener certificate reload refused; keeping the running certificate");
+            }
+        }
     }
 
     /// Whether the gateway is draining.
@@ -198,6 +228,12 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         kept.push("upstream");
         new.upstream.url = old.upstream.url.clone();
         new.upstream.timeout = old.upstream.timeout;
+    }
+    // TLS on or off changes what the listeners speak; new files for it are loaded.
+    if new.server.tls_files().is_some() != old.server.tls_files().is_some() {
+        kept.push("server.tls_cert_file");
+        new.server.tls_cert_file = old.server.tls_cert_file.clone();
+        new.server.tls_key_file = old.server.tls_key_file.clone();
     }
     if new.store != old.store {
         kept.push("store");

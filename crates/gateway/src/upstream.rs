@@ -308,6 +308,15 @@ impl UpstreamError {
             _ => false,
         }
     }
+
+    /// Whether the request failed because the client's body stalled (`[server]
+    /// body_timeout`) while it was streaming upstream.
+    pub fn is_body_stall(&self) -> bool {
+        match self {
+            UpstreamError::Http(e) => crate::body_timeout::is_stall(e),
+            _ => false,
+        }
+    }
 }
 
 /// A client error's kind and innermost cause, without the URL (which could carry an

@@ -367,3 +367,31 @@ async fn quota_without_a_gateway_says_so() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn quota_show_reaches_an_https_admin_listener_from_the_configuration() {
+    let nylas = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = testkit::TestCerts::generate(dir.path());
+    // A chain that carries its CA, as the listeners serve it: what the CLI then trusts.
+    let mut chain = std::fs::read(&certs.server_cert).unwrap();
+    chain.extend(std::fs::read(&certs.ca).unwrap());
+    let chain_path = dir.path().join("chain.pem");
+    std::fs::write(&chain_path, chain).unwrap();
+    let tls = format!(
+        "tls_cert_file = {chain_path:?}\ntls_key_file = {:?}\n",
+        certs.server_key
+    );
+    let gw = Gateway::start(&config(&nylas.url(), &format!("[server]\n{tls}"))).await;
+    let admin = gw.admin.trim_start_matches("http://");
+    let file = write(
+        dir.path(),
+        "gw.toml",
+        &format!("[server]\nadmin_listen = \"{admin}\"\n{tls}"),
+    );
+    let (code, stdout, stderr) =
+        run(bin().args(["quota", "show", DEMO_GRANT_ID, "--config", &file])).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("24h"), "{stdout}");
+    gw.shutdown().await;
+}

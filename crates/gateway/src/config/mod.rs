@@ -70,6 +70,18 @@ pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 /// Default `server.max_json_body` (4 MiB): Nylas refuses JSON send bodies over 3 MB anyway.
 pub const DEFAULT_MAX_JSON_BODY: usize = 4 * 1024 * 1024;
+/// Default `server.body_timeout`: the longest a request body may go without a byte
+/// arriving before the request ends (and a send's charge is given back).
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `server.header_timeout`: the longest a client may take to send a request's
+/// head (and, with TLS, its handshake).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `server.max_header_bytes` (64 KiB): a request head larger than this is refused
+/// with 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default `server.max_in_flight_sends`: counted sends handled at once; more are shed with
+/// 503 before any store call.
+pub const DEFAULT_MAX_IN_FLIGHT_SENDS: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
 /// Default `upstream.url`: Nylas's US region.
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.us.nylas.com";
 /// Default `upstream.timeout`: a send waits on the provider behind Nylas, which can be slow.
@@ -158,6 +170,28 @@ pub struct ServerConfig {
     /// Largest JSON send body buffered for inspection, in bytes.
     #[serde(with = "body_size")]
     pub max_json_body: usize,
+    /// Longest a request body may go without a byte arriving: a send still being counted
+    /// is answered 408 with no charge, one already charged is cut off upstream and its
+    /// charge released.
+    #[serde(with = "nonzero_duration")]
+    pub body_timeout: Duration,
+    /// Longest a client may take to send a request's head (and, with TLS, its handshake);
+    /// the connection is closed then.
+    #[serde(with = "nonzero_duration")]
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers) answered; a larger one gets 431.
+    #[serde(with = "body_size")]
+    pub max_header_bytes: usize,
+    /// Most counted sends handled at once; a send beyond it is answered 503 with
+    /// `Retry-After: 1` before any store call.
+    pub max_in_flight_sends: NonZeroUsize,
+    /// A PEM certificate chain: with `tls_key_file`, every listener serves HTTPS (HTTP/2 or
+    /// HTTP/1.1 by ALPN). Reloaded on SIGHUP.
+    #[serde(with = "optional")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `tls_cert_file`.
+    #[serde(with = "optional")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -169,11 +203,24 @@ impl Default for ServerConfig {
             protect_metrics: false,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_json_body: DEFAULT_MAX_JSON_BODY,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_in_flight_sends: DEFAULT_MAX_IN_FLIGHT_SENDS,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 impl ServerConfig {
+    /// The listeners' certificate and key files, when TLS is on.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        self.tls_cert_file
+            .as_deref()
+            .zip(self.tls_key_file.as_deref())
+    }
+
     /// Whether `admin_listen` is a loopback address (`127.0.0.0/8`, `[::1]`, or either
     /// IPv4-mapped): the only place the admin API may listen without `admin_token`.
     pub fn admin_on_loopback(&self) -> bool {

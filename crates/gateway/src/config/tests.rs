@@ -65,6 +65,10 @@ fn every_key_is_read() {
         admin_token = "s3cret"
         shutdown_grace = "0s"
         max_json_body = 3000000
+        body_timeout = "5s"
+        header_timeout = "2s"
+        max_header_bytes = "16KiB"
+        max_in_flight_sends = 7
         [upstream]
         url = "http://127.0.0.1:4000/nylas/"
         timeout = "2m"
@@ -87,6 +91,10 @@ fn every_key_is_read() {
     assert_eq!(c.server.admin_token.as_deref(), Some("s3cret"));
     assert_eq!(c.server.shutdown_grace, Duration::ZERO);
     assert_eq!(c.server.max_json_body, 3_000_000);
+    assert_eq!(c.server.body_timeout, Duration::from_secs(5));
+    assert_eq!(c.server.header_timeout, Duration::from_secs(2));
+    assert_eq!(c.server.max_header_bytes, 16 * 1024);
+    assert_eq!(c.server.max_in_flight_sends.get(), 7);
     assert_eq!(c.upstream.url.as_str(), "http://127.0.0.1:4000/nylas");
     assert_eq!(c.upstream.timeout, Duration::from_secs(120));
     assert_eq!(c.store.backend, StoreBackend::Redis);
@@ -1189,6 +1197,10 @@ fn masked_toml_reads_back_to_the_same_configuration() {
         admin_listen = "[::1]:9000"
         shutdown_grace = "1m 30s"
         max_json_body = 3000001
+        body_timeout = "1500ms"
+        header_timeout = "3s"
+        max_header_bytes = 20000
+        max_in_flight_sends = 3
         [upstream]
         url = "http://127.0.0.1:4000/nylas/"
         timeout = "1500ms"
@@ -1629,4 +1641,87 @@ fn client_tokens_and_names_that_cannot_work_are_refused() {
         "upstream.api_key",
         "printable ASCII",
     );
+}
+
+#[test]
+fn body_timeout_defaults_to_30s_and_is_never_zero() {
+    let c = Config::default();
+    assert_eq!(c.server.body_timeout, Duration::from_secs(30));
+    assert!(c.to_masked_toml().contains("body_timeout = \"30s\""));
+    assert_err(
+        "[server]\nbody_timeout = \"0s\"",
+        "server.body_timeout",
+        "greater than zero",
+    );
+}
+
+#[test]
+fn slow_client_limits_have_defaults_and_refuse_zero() {
+    let c = Config::default();
+    assert_eq!(c.server.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.max_header_bytes, 64 * 1024);
+    assert_eq!(c.server.max_in_flight_sends.get(), 1024);
+    let shown = c.to_masked_toml();
+    for line in [
+        "header_timeout = \"10s\"",
+        "max_header_bytes = \"64KiB\"",
+        "max_in_flight_sends = 1024",
+    ] {
+        assert!(shown.contains(line), "{line} in {shown}");
+    }
+    assert_err(
+        "[server]\nheader_timeout = \"0s\"",
+        "server.header_timeout",
+        "greater than zero",
+    );
+    assert_err(
+        "[server]\nmax_header_bytes = 0",
+        "server.max_header_bytes",
+        "greater than zero",
+    );
+    assert_err(
+        "[server]\nmax_in_flight_sends = 0",
+        "server.max_in_flight_sends",
+        "",
+    );
+}
+
+#[test]
+fn listener_tls_files_go_together_and_must_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = testkit::TestCerts::generate(dir.path());
+    let text = |cert: &std::path::Path, key: &std::path::Path| {
+        format!("[server]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}")
+    };
+    let c = Config::from_toml_str(&text(&certs.server_cert, &certs.server_key)).unwrap();
+    assert_eq!(
+        c.server.tls_files(),
+        Some((certs.server_cert.as_path(), certs.server_key.as_path()))
+    );
+    let shown = c.to_masked_toml();
+    assert_eq!(Config::from_toml_str(&shown).unwrap(), c, "{shown}");
+    assert_eq!(Config::default().server.tls_files(), None);
+    assert_err(
+        &format!("[server]\ntls_cert_file = {:?}", certs.server_cert),
+        "server.tls_key_file",
+        "go together",
+    );
+    assert_err(
+        &format!("[server]\ntls_key_file = {:?}", certs.server_key),
+        "server.tls_cert_file",
+        "go together",
+    );
+    let missing = dir.path().join("missing.pem");
+    assert_err(
+        &text(&missing, &certs.server_key),
+        "server.tls_cert_file",
+        "cannot read",
+    );
+    assert_err(
+        &text(&certs.server_cert, &certs.client_key),
+        "server.tls_key_file",
+        "is not the key of",
+    );
+    // The Redis client's TLS keys are another thing: no rediss:// needed for these.
+    assert!(c.store.tls_cert_file.is_none());
 }

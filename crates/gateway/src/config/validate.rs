@@ -73,6 +73,7 @@ impl Config {
             ));
         }
         self.check_admin_exposure()?;
+        self.check_listener_tls()?;
         if let Some(hooks) = self.webhooks.listen
             && hooks.port() != 0
             && (hooks == listen || hooks == admin_listen)
@@ -129,6 +130,26 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The listeners' certificate and key go together, and both load (read, parsed, the
+    /// key that of the certificate), so that `check-config` and a reload catch a bad file.
+    fn check_listener_tls(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        match (&s.tls_cert_file, &s.tls_key_file) {
+            (None, None) => Ok(()),
+            (Some(cert), Some(key)) => crate::tls::certified_key(cert, key)
+                .map(|_| ())
+                .map_err(|e| ConfigError::new(e.key, e.message)),
+            (Some(_), None) => Err(ConfigError::new(
+                "server.tls_key_file",
+                "must be set with server.tls_cert_file (they go together)",
+            )),
+            (None, Some(_)) => Err(ConfigError::new(
+                "server.tls_cert_file",
+                "must be set with server.tls_key_file (they go together)",
+            )),
+        }
     }
 
     /// TLS settings only with `rediss://`; a client certificate with its key; every file

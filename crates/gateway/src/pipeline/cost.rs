@@ -117,5 +117,6 @@ pub(super) fn inspect_error(e: InspectError) -> GatewayError {
             GatewayError::InvalidSendRequest(msg)
         }
         InspectError::TooLarge { size, limit } => GatewayError::MessageTooLarge { size, limit },
+        InspectError::Stalled => GatewayError::BodyTimeout,
     }
 }

@@ -27,6 +27,9 @@ mod settle;
 
 pub use schedule::{DEFER_HEADER, DEFERRED_UNTIL};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 
@@ -35,8 +38,15 @@ use crate::send::{SendRoute, query_names_a_counted_field};
 use crate::state::AppState;
 use ctx::{SendCtx, Stop};
 
-/// Runs a send through the phases and answers it.
+/// Runs a send through the phases and answers it. Beyond `[server] max_in_flight_sends`
+/// sends at once it is shed first: 503 with `Retry-After: 1`, before any store or upstream
+/// call, so a flood of slow sends cannot queue without bound in front of the store.
 pub async fn send(state: &AppState, route: SendRoute, req: Request) -> Response {
+    let limit = state.config().server.max_in_flight_sends.get();
+    let Some(_slot) = state.sends.try_take(limit) else {
+        state.metrics.send_shed();
+        return GatewayError::Overloaded.into_response();
+    };
     let mut ctx = SendCtx::new(state, &route, &req);
     let resp = match phases(state, &mut ctx, &route, req).await {
         Ok(resp) => resp,
@@ -101,4 +111,52 @@ async fn phases(
         lock.release().await;
     }
     outcome
+}
+
+/// The sends in flight, against `[server] max_in_flight_sends` (read per send, so a reload
+/// applies to the next one).
+#[derive(Debug, Default)]
+pub struct SendSlots(Arc<AtomicUsize>);
+
+impl SendSlots {
+    /// A slot, unless `limit` are taken; it is given back when dropped.
+    pub fn try_take(&self, limit: usize) -> Option<SendSlot> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SendSlot(Arc::clone(&self.0)))
+    }
+
+    /// Sends in flight now.
+    pub fn taken(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// One send in flight; gives its slot back when dropped.
+#[derive(Debug)]
+pub struct SendSlot(Arc<AtomicUsize>);
+
+impl Drop for SendSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_stop_at_the_limit_and_come_back_when_dropped() {
+        let slots = SendSlots::default();
+        let a = slots.try_take(2).expect("first");
+        let _b = slots.try_take(2).expect("second");
+        assert!(slots.try_take(2).is_none(), "the third is shed");
+        drop(a);
+        assert_eq!(slots.taken(), 1);
+        assert!(slots.try_take(2).is_some());
+    }
 }

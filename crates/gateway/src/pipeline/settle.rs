@@ -133,9 +133,18 @@ async fn unsent(
         let size = overflow.size();
         return ctx.reject(GatewayError::MessageTooLarge { size, limit });
     }
-    if let Some(InspectError::Invalid(msg) | InspectError::Body(msg)) = overflow.failure() {
-        release(ctx, lease).await;
-        return ctx.reject(GatewayError::InvalidSendRequest(msg));
+    match overflow.failure() {
+        Some(InspectError::Invalid(msg) | InspectError::Body(msg)) => {
+            release(ctx, lease).await;
+            return ctx.reject(GatewayError::InvalidSendRequest(msg));
+        }
+        // The client stopped sending before the end: given back at once, not held until
+        // the upstream timeout.
+        Some(InspectError::Stalled) => {
+            release(ctx, lease).await;
+            return ctx.reject(GatewayError::BodyTimeout);
+        }
+        _ => {}
     }
     // The message never reached its end upstream: Nylas cannot have sent it.
     release(ctx, lease).await;

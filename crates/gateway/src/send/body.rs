@@ -103,8 +103,9 @@ impl Overflow {
     }
 
     /// Why the body was cut short, if it was: [`InspectError::TooLarge`],
-    /// [`InspectError::Invalid`] (bad multipart, a second `message` part) or
-    /// [`InspectError::Body`] (the client's body failed).
+    /// [`InspectError::Invalid`] (bad multipart, a second `message` part),
+    /// [`InspectError::Body`] (the client's body failed) or [`InspectError::Stalled`]
+    /// (it went `[server] body_timeout` without a byte).
     pub fn failure(&self) -> Option<InspectError> {
         self.state.failure.get().cloned()
     }
@@ -157,7 +158,7 @@ struct Source {
     queue: VecDeque<Bytes>,
     /// Total raw bytes read from the client.
     read: u64,
-    client_error: Option<String>,
+    client_error: Option<InspectError>,
     /// Checks every raw chunk before it is queued.
     framing: Framing,
     /// Why the framing scan refused the body, if it did.
@@ -207,7 +208,7 @@ impl SharedSource {
             return refused.clone();
         }
         match &source.client_error {
-            Some(cause) => InspectError::Body(cause.clone()),
+            Some(error) => error.clone(),
             None => InspectError::Invalid(format!("malformed multipart body: {}", describe(error))),
         }
     }
@@ -275,9 +276,9 @@ impl Stream for Tee {
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(error))) => {
-                let cause = error.to_string();
-                source.client_error = Some(cause.clone());
-                Poll::Ready(Some(Err(InspectError::Body(cause))))
+                let error = InspectError::from_body(&error);
+                source.client_error = Some(error.clone());
+                Poll::Ready(Some(Err(error)))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
@@ -434,7 +435,7 @@ impl Driver {
                     return Some(self.meter.forward(chunk).map_err(|e| self.fail(e)));
                 }
                 Some(Err(error)) => {
-                    return Some(Err(self.fail(InspectError::Body(error.to_string()))));
+                    return Some(Err(self.fail(InspectError::from_body(&error))));
                 }
                 None => {
                     self.done = true;

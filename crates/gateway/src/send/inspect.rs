@@ -63,6 +63,21 @@ pub enum InspectError {
     /// Reading the client's body failed.
     #[error("reading the request body failed: {0}")]
     Body(String),
+    /// The client's body went `[server] body_timeout` without a byte (answer 408).
+    #[error("the request body stalled: no byte arrived within the body timeout")]
+    Stalled,
+}
+
+impl InspectError {
+    /// The error for a failure of the client's body: [`InspectError::Stalled`] when it
+    /// was the body idle timeout, else [`InspectError::Body`].
+    pub(crate) fn from_body(error: &axum::Error) -> Self {
+        if crate::body_timeout::is_stall(error) {
+            InspectError::Stalled
+        } else {
+            InspectError::Body(error.to_string())
+        }
+    }
 }
 
 /// The outcome of [`inspect`]: what the send costs, and the body to forward.
@@ -222,7 +237,7 @@ async fn read_limited(
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| InspectError::Body(e.to_string()))?;
+        let chunk = chunk.map_err(|e| InspectError::from_body(&e))?;
         let size = buf.len().saturating_add(chunk.len());
         if size > limit {
             return Err(InspectError::TooLarge {
