@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Gateway, client, config, fake, message};
+use common::{Gateway, client, config, eventually, fake, message};
 use fake_nylas::DEMO_GRANT_ID;
 use testkit::{RedisCluster, RedisSentinelSet};
 
@@ -104,7 +104,8 @@ async fn sends_are_counted_through_sentinel_and_after_a_failover() {
     let start = Instant::now();
     let mut sent = 1;
     while sent < 3 {
-        assert!(start.elapsed() < Duration::from_secs(20), "no new primary");
+        // Generous: the sentinels' own view settles first, and this machine may be busy.
+        assert!(start.elapsed() < Duration::from_secs(45), "no new primary");
         if send_one(&gw).await {
             sent += 1;
         } else {
@@ -112,11 +113,13 @@ async fn sends_are_counted_through_sentinel_and_after_a_failover() {
         }
     }
     assert_eq!(nylas.sends().len(), 3);
-    assert_eq!(
-        gw.used(DEMO_GRANT_ID).await,
-        (3, 6),
-        "the new primary counts all three"
-    );
+    // A send refused while the new primary had no replica to acknowledge its charge (WAIT)
+    // is given back once the store answers pings again (within a second or so), not at
+    // once: until then it may still count.
+    eventually("the new primary counts all three and no more", || async {
+        gw.used(DEMO_GRANT_ID).await == (3, 6)
+    })
+    .await;
     let keys = set
         .data_command(set.master_port(), &["KEYS", "sendgw:*"])
         .unwrap();
