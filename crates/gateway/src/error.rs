@@ -43,8 +43,21 @@ pub enum GatewayError {
         limit: u64,
     },
     /// A window's quota would be exceeded.
-    #[error("sending quota exceeded: {} {} of {} used in the {} window", .0.used, .0.metric, .0.limit, .0.window)]
+    #[error("{}", quota_message(.0))]
     QuotaExceeded(Box<Denial>),
+    /// A JSON send body over `[server] max_json_body`: the gateway's buffer, not the
+    /// provider's limit, so the answer says to send it as multipart.
+    #[error(
+        "this JSON send body is at least {size} bytes; JSON send bodies are read up to {limit} \
+         bytes ([server] max_json_body, and Nylas takes at most 3 MB of JSON): send large \
+         messages as multipart/form-data"
+    )]
+    JsonBodyTooLarge {
+        /// Bytes read or declared (at least).
+        size: u64,
+        /// `[server] max_json_body`.
+        limit: u64,
+    },
     /// The send body could not be read.
     #[error("the send request could not be read: {0}")]
     InvalidSendRequest(String),
@@ -122,7 +135,9 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::TooManyRecipients { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            GatewayError::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::MessageTooLarge { .. } | GatewayError::JsonBodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             GatewayError::QuotaExceeded(_) | GatewayError::ProviderThrottled { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -151,7 +166,9 @@ impl GatewayError {
     pub fn error_type(&self) -> &'static str {
         match self {
             GatewayError::TooManyRecipients { .. } => "too_many_recipients",
-            GatewayError::MessageTooLarge { .. } => "message_too_large",
+            GatewayError::MessageTooLarge { .. } | GatewayError::JsonBodyTooLarge { .. } => {
+                "message_too_large"
+            }
             GatewayError::QuotaExceeded(_) => "quota_exceeded",
             GatewayError::ProviderThrottled { .. } => "provider_throttled",
             GatewayError::InvalidSendRequest(_) => "invalid_send_request",
@@ -268,6 +285,25 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         self.into_response_with_id(&RequestId::current().to_string())
     }
+}
+
+/// The message of a quota refusal: what is used of which window, and when to try again
+/// (the SDKs raise the message and drop `error.quota`): in how many seconds, or, for a
+/// scheduled send, the earliest `send_at` that fits.
+fn quota_message(d: &Denial) -> String {
+    let mut text = format!(
+        "sending quota exceeded: {} {} of {} used in the {} window",
+        d.used, d.metric, d.limit, d.window
+    );
+    match (d.retry_after, d.fits_at) {
+        (Some(r), _) => text.push_str(&format!("; try again in {} s", r.as_secs().max(1))),
+        (None, Some(fits)) => text.push_str(&format!(
+            "; the earliest send_at that fits is {}",
+            fits.div_ceil(1000)
+        )),
+        (None, None) => {}
+    }
+    text
 }
 
 /// Whole seconds, at least 1, for a `Retry-After` header.

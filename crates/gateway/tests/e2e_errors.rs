@@ -170,6 +170,12 @@ async fn quota_exceeded_is_429_with_retry_after_and_the_denial() {
     assert_eq!(q["used"], 2);
     assert_eq!(q["requested"], 1);
     assert_eq!(q["retry_after_seconds"], retry);
+    // The SDKs raise the message and drop `error.quota`: it says when to try again.
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.ends_with(&format!("; try again in {retry} s")),
+        "{message}"
+    );
     assert_eq!(
         nylas.sends().len(),
         2,
@@ -462,7 +468,10 @@ async fn a_declared_length_over_the_limit_is_413_before_nylas_is_contacted() {
         .send()
         .await
         .unwrap();
-    gateway_error(resp, 413, "message_too_large").await;
+    let body = gateway_error(resp, 413, "message_too_large").await;
+    // Over the provider's own limit, the message names that limit, not the JSON buffer.
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("multipart/form-data"), "{message}");
     assert!(only_look_ups(&nylas), "no send reached Nylas");
     assert_eq!(gw.used(DEMO_GRANT_ID).await, (0, 0));
 }
@@ -598,4 +607,24 @@ fn only_look_ups(nylas: &fake_nylas::FakeNylas) -> bool {
         .requests()
         .iter()
         .all(|r| r.method == http::Method::GET && r.send.is_none())
+}
+
+#[tokio::test]
+async fn a_json_body_over_the_buffer_says_to_send_multipart() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&config(&nylas.url(), "[server]\nmax_json_body = \"64KiB\"")).await;
+    let mut big = simple();
+    big["body"] = serde_json::json!("x".repeat(70 * 1024));
+    let resp = gw
+        .send_json(&client(), DEMO_GRANT_ID, &big)
+        .send()
+        .await
+        .unwrap();
+    let body = gateway_error(resp, 413, "message_too_large").await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("multipart/form-data") && message.contains("max_json_body"),
+        "{message}"
+    );
+    assert!(only_look_ups(&nylas), "no send reached Nylas");
 }

@@ -46,6 +46,12 @@ pub(super) async fn what(
     };
     let inspected = match inspect(route, headers, body, &opts).await {
         Ok(i) => i,
+        // Over the gateway's JSON buffer, not the provider's limit: say so.
+        Err(InspectError::TooLarge { size, limit })
+            if limit == opts.json_limit as u64 && opts.max_message_size != Some(limit) =>
+        {
+            return Err(ctx.reject(GatewayError::JsonBodyTooLarge { size, limit }));
+        }
         Err(e) => return Err(ctx.reject(inspect_error(e))),
     };
     let mut priced = Priced {
