@@ -27,6 +27,9 @@ pub enum Outcome {
     StoreError,
     /// The store failed and the send was forwarded uncounted (`on_unavailable = "allow"`).
     AllowedUncounted,
+    /// In shadow (`[enforcement] mode = "shadow"`, or a profile's `shadow = true`): it
+    /// would have been refused, and was forwarded and counted instead.
+    ShadowDenied,
 }
 
 impl Outcome {
@@ -38,6 +41,7 @@ impl Outcome {
             Outcome::StaticRejected => "static_rejected",
             Outcome::StoreError => "store_error",
             Outcome::AllowedUncounted => "allowed_uncounted",
+            Outcome::ShadowDenied => "shadow_denied",
         }
     }
 }

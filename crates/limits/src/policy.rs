@@ -157,6 +157,7 @@ pub struct Profile {
     max_recipients_per_message: Option<NonZeroU64>,
     max_message_size: Option<NonZeroU64>,
     defer_up_to: Option<Duration>,
+    shadow: bool,
     windows: Vec<Window>,
 }
 
@@ -180,6 +181,12 @@ impl Profile {
     /// (scheduled for the first instant it fits); `None`: never, unless the client asks.
     pub fn defer_up_to(&self) -> Option<Duration> {
         self.defer_up_to
+    }
+
+    /// Whether the profile is in shadow: sends it would refuse go out, counted, and are
+    /// only reported as refusals (the gateway's `[enforcement]` decides what that means).
+    pub fn shadow(&self) -> bool {
+        self.shadow
     }
 
     /// The counting windows; possibly none.
@@ -441,6 +448,8 @@ pub struct ProfileSpec {
     pub max_message_size: Option<u64>,
     /// How far ahead a refused send may be put off instead (at most [`MAX_DEFER`]).
     pub defer_up_to: Option<Duration>,
+    /// Report refusals instead of making them (see [`Profile::shadow`]).
+    pub shadow: bool,
     /// Counting windows.
     pub windows: Vec<WindowSpec>,
 }
@@ -452,6 +461,7 @@ impl ProfileSpec {
             max_recipients_per_message,
             max_message_size,
             defer_up_to: None,
+            shadow: false,
             windows: Vec::new(),
         }
     }
@@ -526,6 +536,7 @@ impl ProfileSpec {
             max_recipients_per_message,
             max_message_size,
             defer_up_to: self.defer_up_to,
+            shadow: self.shadow,
             windows,
         })
     }

@@ -138,6 +138,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// `[webhooks]`: Nylas's outcome webhooks for scheduled sends.
     pub webhooks: WebhooksConfig,
+    /// `[enforcement]`: refuse, or only report (shadow).
+    pub enforcement: EnforcementConfig,
     /// `[[clients]]`: the applications allowed to use the proxy (none: anyone who reaches
     /// it, with their own Nylas credentials).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -459,6 +461,35 @@ pub struct DomainsConfig {
     /// file) leaves those sends uncounted. Always names an existing profile when set.
     #[serde(with = "optional")]
     pub profile: Option<String>,
+}
+
+/// `[enforcement]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnforcementConfig {
+    /// Whether refusals are made (`enforce`) or only reported (`shadow`).
+    pub mode: EnforcementMode,
+}
+
+/// `enforcement.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforcementMode {
+    /// Sends over a limit are refused.
+    #[default]
+    Enforce,
+    /// Every send is forwarded and counted when it goes out; what would have been refused
+    /// is logged, counted (`decisions{outcome="shadow_denied"}`) and named in the
+    /// `Send-Gateway-Would-Deny` response header.
+    Shadow,
+}
+
+impl Config {
+    /// Whether sends charged under `profile` are in shadow: `[enforcement] mode =
+    /// "shadow"`, or the profile's own `shadow = true`.
+    pub fn in_shadow(&self, profile: &Profile) -> bool {
+        self.enforcement.mode == EnforcementMode::Shadow || profile.shadow()
+    }
 }
 
 /// How log lines are written (`log.format`).

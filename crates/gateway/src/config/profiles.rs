@@ -25,11 +25,18 @@ pub(super) struct ProfileTable {
         with = "optional_duration"
     )]
     defer_up_to: Option<Duration>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    shadow: bool,
     #[serde(default)]
     windows: Vec<WindowTable>,
 }
 
 /// `defer_up_to`: a duration, absent for none.
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 mod optional_duration {
     use std::time::Duration;
 
@@ -75,6 +82,7 @@ impl ProfileTable {
             max_recipients_per_message: self.max_recipients_per_message,
             max_message_size: self.max_message_size.map(|b| b.0),
             defer_up_to: self.defer_up_to,
+            shadow: self.shadow,
             windows: self
                 .windows
                 .into_iter()
@@ -103,6 +111,7 @@ impl From<&Profile> for ProfileTable {
             max_recipients_per_message: p.max_recipients_per_message().map(|n| n.get()),
             max_message_size: p.max_message_size().map(|n| ByteSize(n.get())),
             defer_up_to: p.defer_up_to(),
+            shadow: p.shadow(),
             windows: p.windows().iter().map(WindowTable::from).collect(),
         }
     }

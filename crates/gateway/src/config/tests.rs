@@ -1725,3 +1725,23 @@ fn listener_tls_files_go_together_and_must_load() {
     // The Redis client's TLS keys are another thing: no rediss:// needed for these.
     assert!(c.store.tls_cert_file.is_none());
 }
+
+#[test]
+fn enforcement_mode_and_shadow_profiles() {
+    let c = Config::default();
+    assert_eq!(c.enforcement.mode, EnforcementMode::Enforce);
+    assert!(!c.in_shadow(c.default_profile()));
+    assert!(
+        c.to_masked_toml()
+            .contains("[enforcement]\nmode = \"enforce\"")
+    );
+    let c = Config::from_toml_str("[enforcement]\nmode = \"shadow\"").unwrap();
+    assert!(c.in_shadow(c.default_profile()));
+    let c = Config::from_toml_str("[profiles.p]\nshadow = true\n[profiles.q]\n").unwrap();
+    assert!(c.in_shadow(c.profile("p").unwrap()));
+    assert!(!c.in_shadow(c.profile("q").unwrap()));
+    let shown = c.to_masked_toml();
+    assert!(shown.contains("shadow = true"), "{shown}");
+    assert_eq!(Config::from_toml_str(&shown).unwrap(), c);
+    assert_err("[enforcement]\nmode = \"dry\"", "enforcement.mode", "");
+}

@@ -13,8 +13,9 @@ use serde::Deserialize;
 use super::error::key_segment;
 use super::profiles::ProfileTable;
 use super::{
-    ClientConfig, Config, ConfigError, DomainsConfig, EventsConfig, GrantsConfig, LogConfig,
-    ServerConfig, StoreBackend, StoreConfig, UpstreamConfig, WebhooksConfig,
+    ClientConfig, Config, ConfigError, DomainsConfig, EnforcementConfig, EventsConfig,
+    GrantsConfig, LogConfig, ServerConfig, StoreBackend, StoreConfig, UpstreamConfig,
+    WebhooksConfig,
 };
 
 /// The whole file: [`Config`]'s sections as they are, and profiles as their tables, not yet
@@ -30,6 +31,7 @@ pub(super) struct Document {
     log: LogConfig,
     events: EventsConfig,
     webhooks: WebhooksConfig,
+    enforcement: EnforcementConfig,
     clients: Vec<ClientConfig>,
     profiles: BTreeMap<String, ProfileTable>,
 }
@@ -55,6 +57,7 @@ impl Config {
             log: doc.log,
             events: doc.events,
             webhooks: doc.webhooks,
+            enforcement: doc.enforcement,
             clients: doc.clients,
             profiles,
         };

@@ -17,6 +17,7 @@ use crate::config::OnUnavailable;
 use crate::error::GatewayError;
 use crate::lease::Lease;
 use crate::metrics::Outcome;
+use crate::scope::Scope;
 use crate::send::SendCost;
 use crate::state::AppState;
 
@@ -39,14 +40,26 @@ pub(super) struct Ask {
 #[derive(Debug)]
 pub(super) struct Admitted {
     /// The charge; `None` when the store failed and `on_unavailable = "allow"` forwards
-    /// the send uncounted.
+    /// the send uncounted, or when shadow mode forwards a send its quota refused.
     pub lease: Option<Lease>,
     /// The `send_at` (unix seconds) a deferred send was charged at and must be given.
     pub deferred_to: Option<u64>,
+    /// In shadow: what a refusal kept from being reserved, charged once the send went out.
+    pub after: Vec<AfterSend>,
+}
+
+/// A charge made only once a send has gone out (shadow mode: its quota refused it).
+#[derive(Debug)]
+pub(super) struct AfterSend {
+    pub scope: Scope,
+    pub profile: Profile,
+    pub cost: Cost,
+    pub at: Option<Millis>,
 }
 
 /// Admits a send: per-message checks, then one reserve (and, for a send a full window
-/// refuses now, possibly a deferral to the first instant it fits).
+/// refuses now, possibly a deferral to the first instant it fits). In shadow, what would
+/// be refused is reported and goes on.
 pub(super) async fn admit(
     state: &AppState,
     ctx: &mut SendCtx,
@@ -54,26 +67,25 @@ pub(super) async fn admit(
     ask: Ask,
 ) -> Result<Admitted, Stop> {
     let cost = ask.cost;
-    per_message(&charged.profile, cost).map_err(|e| ctx.reject(e))?;
-    let charge = Cost::new(
-        1,
-        cost.recipients,
-        bytes_to_charge(&charged.profile, cost, ask.size_known),
-    );
-    if let Some(client) = &mut charged.client {
-        per_message(&client.profile, cost).map_err(|e| ctx.reject(e))?;
-        let bytes = bytes_to_charge(&client.profile, cost, ask.size_known);
-        client.charge = Cost::new(1, cost.recipients, bytes);
-    }
+    let charge = checked(ctx, charged, ask)?;
     // Every request is charged, idempotency key or not: a repeat whose key Nylas has
     // stored comes back with `Idempotent-Response: true` and is released then. Trusting the
     // key here would let a bigger message, or a retry after a failure Nylas did not store,
     // through uncounted.
     match reserve(state, ctx, charged, cost, charge, ask.at).await? {
         Ok(Decision::Allowed(a)) => {
-            ctx.decide(Outcome::Allowed, "within_quota");
+            match ctx.record.would_deny {
+                Some(reason) => ctx.decide(Outcome::ShadowDenied, reason),
+                None => ctx.decide(Outcome::Allowed, "within_quota"),
+            }
             ctx.record.scheduled_for = ask.at.map(|_| a.reservation.at() / 1000);
-            kept_first(state, ctx, admitted(state, charged, a, None)).await
+            let after = client_after(ctx, charged, ask.at);
+            let mut admitted = admitted(state, charged, a, None);
+            admitted.after = after;
+            kept_first(state, ctx, admitted).await
+        }
+        Ok(Decision::Denied(d)) if ctx.config.in_shadow(&charged.profile) => {
+            Ok(shadowed(ctx, charged, (charge, ask.at), &d))
         }
         Ok(Decision::Denied(d)) => {
             let horizon = ask.defer.filter(|_| d.retry_after.is_some());
@@ -100,8 +112,82 @@ pub(super) async fn admit(
             .map(|lease| Admitted {
                 lease,
                 deferred_to: None,
+                after: Vec::new(),
             }),
     }
+}
+
+/// The per-message checks of the grant's profile and the client's (each refusing, or in
+/// shadow only reporting), and what the send is charged: to the grant (returned) and to
+/// the client (set on it).
+fn checked(ctx: &mut SendCtx, charged: &mut Charged, ask: Ask) -> Result<Cost, Stop> {
+    let cost = ask.cost;
+    if let Err(e) = per_message(&charged.profile, cost) {
+        ctx.reject_unless_shadow(ctx.config.in_shadow(&charged.profile), e)?;
+    }
+    if let Some(client) = &mut charged.client {
+        if let Err(e) = per_message(&client.profile, cost) {
+            ctx.reject_unless_shadow(ctx.config.in_shadow(&client.profile), e)?;
+        }
+        let bytes = bytes_to_charge(&client.profile, cost, ask.size_known);
+        client.charge = Cost::new(1, cost.recipients, bytes);
+    }
+    let bytes = bytes_to_charge(&charged.profile, cost, ask.size_known);
+    Ok(Cost::new(1, cost.recipients, bytes))
+}
+
+/// A send its quota refused, in shadow: reported, forwarded, and charged (to the grant and
+/// the client) once it has gone out.
+fn shadowed(
+    ctx: &mut SendCtx,
+    charged: &Charged,
+    (charge, at): (Cost, Option<Millis>),
+    d: &Denial,
+) -> Admitted {
+    // As `denied` would answer: more than a whole window is a per-message refusal.
+    let reason = match d.metric {
+        Metric::Bytes if d.fits_at.is_none() => "message_too_large",
+        Metric::Recipients if d.fits_at.is_none() => "too_many_recipients",
+        m => m.as_str(),
+    };
+    ctx.would_deny(reason);
+    let mut after = vec![AfterSend {
+        scope: charged.scope.clone(),
+        profile: charged.profile.clone(),
+        cost: charge,
+        at,
+    }];
+    if let Some(c) = &charged.client {
+        after.push(AfterSend {
+            scope: c.scope.clone(),
+            profile: c.profile.clone(),
+            cost: c.charge,
+            at,
+        });
+    }
+    Admitted {
+        lease: None,
+        deferred_to: None,
+        after,
+    }
+}
+
+/// In shadow, a client's own quota that refused while the grant's admitted: reported, and
+/// charged once the send has gone out.
+fn client_after(ctx: &mut SendCtx, charged: &mut Charged, at: Option<Millis>) -> Vec<AfterSend> {
+    let Some(client) = &mut charged.client else {
+        return Vec::new();
+    };
+    let Some(reason) = client.shadow_denied.take() else {
+        return Vec::new();
+    };
+    ctx.would_deny(reason);
+    vec![AfterSend {
+        scope: client.scope.clone(),
+        profile: client.profile.clone(),
+        cost: client.charge,
+        at,
+    }]
 }
 
 fn admitted(
@@ -121,6 +207,7 @@ fn admitted(
     Admitted {
         lease: Some(lease),
         deferred_to,
+        after: Vec::new(),
     }
 }
 
@@ -152,10 +239,17 @@ pub(super) async fn reserve(
     charge: Cost,
     at: Option<Millis>,
 ) -> Result<Result<Decision, StoreError>, Stop> {
+    // In shadow a cool-down is only reported: the reserve is then made unguarded.
+    let mut guarded = true;
     for _ in 0..OVERRIDE_ATTEMPTS {
         let started = Instant::now();
         let scope = charged.scope.as_str();
         let result = match &charged.grant {
+            _ if !guarded => state
+                .store
+                .reserve_at(scope, &charged.profile, charge, at, None)
+                .await
+                .map(Guarded::Decided),
             None => state
                 .store
                 .reserve_at(scope, &charged.profile, charge, at, None)
@@ -173,9 +267,13 @@ pub(super) async fn reserve(
         match result {
             Ok(Guarded::Decided(Decision::Allowed(a))) => {
                 let on_unavailable = ctx.config.store.on_unavailable;
-                return Ok(client_too(state, charged, (at, on_unavailable), a).await);
+                return Ok(client_too(state, ctx, charged, (at, on_unavailable), a).await);
             }
             Ok(Guarded::Decided(d)) => return Ok(Ok(d)),
+            Ok(Guarded::CoolingDown(_)) if ctx.config.in_shadow(&charged.profile) => {
+                ctx.would_deny("provider_throttled");
+                guarded = false;
+            }
             Ok(Guarded::CoolingDown(left)) => {
                 ctx.decide(Outcome::Denied, "provider_throttled");
                 let err = GatewayError::ProviderThrottled { retry_after: left };
@@ -184,7 +282,9 @@ pub(super) async fn reserve(
             // Another replica changed the grant's override: charge under the new profile.
             Ok(Guarded::OverrideChanged(name)) => {
                 reselect(state, ctx, charged, name).await;
-                per_message(&charged.profile, cost).map_err(|e| ctx.reject(e))?;
+                if let Err(e) = per_message(&charged.profile, cost) {
+                    ctx.reject_unless_shadow(ctx.config.in_shadow(&charged.profile), e)?;
+                }
             }
             Err(e) => return Ok(Err(e)),
         }
@@ -203,6 +303,7 @@ pub(super) async fn reserve(
 /// charged to the grant only.
 async fn client_too(
     state: &AppState,
+    ctx: &SendCtx,
     charged: &mut Charged,
     (at, on_unavailable): (Option<Millis>, OnUnavailable),
     a: Allowance,
@@ -210,6 +311,7 @@ async fn client_too(
     let Some(client) = &mut charged.client else {
         return Ok(Decision::Allowed(a));
     };
+    let shadow = ctx.config.in_shadow(&client.profile);
     let started = Instant::now();
     let (scope, profile) = (client.scope.as_str(), &client.profile);
     let result = state
@@ -220,6 +322,11 @@ async fn client_too(
     match result {
         Ok(Decision::Allowed(c)) => {
             client.reservation = Some(c.reservation);
+            return Ok(Decision::Allowed(a));
+        }
+        // In shadow, reported and charged once the send has gone out (see `client_after`).
+        Ok(Decision::Denied(d)) if shadow => {
+            client.shadow_denied = Some(d.metric.as_str());
             return Ok(Decision::Allowed(a));
         }
         Err(e) if on_unavailable != OnUnavailable::Reject => {

@@ -35,6 +35,8 @@ pub(super) struct ClientCharge {
     pub charge: Cost,
     /// Its reservation, once the grant's and its own were both made.
     pub reservation: Option<Reservation>,
+    /// In shadow: the metric its own windows refused (charged once the send went out).
+    pub shadow_denied: Option<&'static str>,
 }
 
 /// Resolves who `route` charges. Nylas refusing the look-up ends the send with its answer.
@@ -128,6 +130,7 @@ fn client_charge(ctx: &SendCtx) -> Option<ClientCharge> {
         profile: caller.profile()?.clone(),
         charge: Cost::default(),
         reservation: None,
+        shadow_denied: None,
     })
 }
 

@@ -41,7 +41,13 @@ pub(super) async fn what(
 ) -> Result<Priced, Stop> {
     let opts = InspectOptions {
         json_limit: ctx.config.server.max_json_body,
-        max_message_size: charged.profile.max_message_size().map(|v| v.get()),
+        // In shadow a message over the cap goes on (and is reported by `admit`): nothing
+        // refuses it or cuts it off on the way.
+        max_message_size: charged
+            .profile
+            .max_message_size()
+            .filter(|_| !ctx.config.in_shadow(&charged.profile))
+            .map(|v| v.get()),
         ..InspectOptions::default()
     };
     let inspected = match inspect(route, headers, body, &opts).await {

@@ -73,4 +73,21 @@ impl SendCtx {
         self.decide(Outcome::StaticRejected, err.error_type());
         Stop::Fail(err)
     }
+
+    /// A refusal that shadow mode only reports (the first one found is the one reported):
+    /// the decision becomes `shadow_denied` with this reason.
+    pub fn would_deny(&mut self, reason: &'static str) {
+        let reason = *self.record.would_deny.get_or_insert(reason);
+        self.decide(Outcome::ShadowDenied, reason);
+    }
+
+    /// Refuses with `err`, or, in shadow, only reports it and lets the send go on.
+    pub fn reject_unless_shadow(&mut self, shadow: bool, err: GatewayError) -> Result<(), Stop> {
+        if shadow {
+            self.would_deny(err.error_type());
+            Ok(())
+        } else {
+            Err(self.reject(err))
+        }
+    }
 }

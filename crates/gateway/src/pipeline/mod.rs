@@ -12,6 +12,9 @@
 //!    (and corrected upwards to what Nylas says it sent) otherwise.
 //! 6. `report`: the one log line, the decision metric and threshold events.
 //!
+//! In shadow (`shadow.rs`) a refusal is only reported: the send goes on, and what it would
+//! have been refused for is charged once it went out.
+//!
 //! A phase that ends the send early returns a [`Stop`]: an error the gateway answers
 //! (rendered in `error.rs`), or an answer of Nylas's relayed as it came.
 //! (After pingora's `ProxyHttp` phases and their `CTX`.)
@@ -24,8 +27,10 @@ mod forward;
 mod report;
 mod schedule;
 mod settle;
+mod shadow;
 
 pub use schedule::{DEFER_HEADER, DEFERRED_UNTIL};
+pub use shadow::WOULD_DENY;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -91,7 +96,13 @@ async fn phases(
             priced.body = schedule::deferred_body(priced.body, secs);
         }
         let sent = forward::forward(state, ctx, parts, priced.body).await;
-        let mut settled = settle::settle(state, ctx, &charged, admitted.lease, sent).await?;
+        let settled = settle::settle(state, ctx, &charged, admitted.lease, sent).await;
+        // In shadow: charged once it went out (or may have: no answer is the safe side).
+        if settled.as_ref().map_or(true, |s| s.went_out) {
+            shadow::charge_after(state, ctx, &charged.scope, &admitted.after).await;
+        }
+        let mut settled = settled?;
+        shadow::announce(ctx, &mut settled.response);
         if let Some(secs) = admitted.deferred_to {
             schedule::announce(&mut settled.response, secs);
         }

@@ -39,6 +39,8 @@ pub(crate) struct Record {
     pub subject: Option<String>,
     /// The configured client that sent it, by name.
     pub client: Option<String>,
+    /// In shadow: why it would have been refused (the first reason found).
+    pub would_deny: Option<&'static str>,
     pub decision: Option<(Outcome, &'static str)>,
     pub upstream: Option<UpstreamSeen>,
     pub settlement: Option<Settlement>,
@@ -57,6 +59,7 @@ impl Record {
             kind,
             subject: None,
             client: None,
+            would_deny: None,
             decision: None,
             upstream: None,
             settlement: None,

@@ -46,6 +46,8 @@ const DEFAULT_PAUSE: Duration = Duration::from_secs(60);
 pub(super) struct Settled {
     pub response: Response,
     pub kept: Option<Kept>,
+    /// Whether Nylas's answer says the send went out (or may have).
+    pub went_out: bool,
 }
 
 /// Settles `lease` (none: forwarded uncounted) on what forwarding produced.
@@ -65,11 +67,14 @@ pub(super) async fn settle(
         .and_then(Lease::usage)
         .map(ratelimit::headers);
     let status = resp.status();
+    let went_out = !(status == StatusCode::TOO_MANY_REQUESTS
+        || NOT_SENT.contains(&status.as_u16())
+        || replayed(resp.headers()));
     let (mut response, kept) = if status == StatusCode::TOO_MANY_REQUESTS && charged.grant.is_some()
     {
         release(ctx, lease).await;
         (throttled(state, ctx, charged, resp).await, None)
-    } else if NOT_SENT.contains(&status.as_u16()) || replayed(resp.headers()) {
+    } else if !went_out {
         release(ctx, lease).await;
         (resp, None)
     } else {
@@ -85,7 +90,11 @@ pub(super) async fn settle(
     for (k, v) in headers.into_iter().flatten() {
         response.headers_mut().insert(k, v);
     }
-    Ok(Settled { response, kept })
+    Ok(Settled {
+        response,
+        kept,
+        went_out,
+    })
 }
 
 async fn release(ctx: &mut SendCtx, lease: Option<Lease>) {

@@ -1,0 +1,110 @@
+//! Shadow mode end to end: a send over its quota (or a per-message cap) is forwarded,
+//! counted once it went out, decided `shadow_denied` and named in `Send-Gateway-Would-Deny`;
+//! a profile can be in shadow alone; a reload switches the mode.
+
+mod common;
+
+use common::*;
+use fake_nylas::{DEMO_GRANT_ID, Rule};
+use gateway::config::Config;
+
+/// Two messages a minute, two recipients a message, under `mode`, with `rest` after.
+fn tiny(nylas: &fake_nylas::FakeNylas, mode: &str, rest: &str) -> String {
+    config(
+        &nylas.url(),
+        &format!(
+            "[enforcement]\nmode = \"{mode}\"\n[grants]\ndefault_profile = \"tiny\"\n\
+             [profiles.tiny]\nmax_recipients_per_message = 2\n{rest}\n\
+             [[profiles.tiny.windows]]\nperiod = \"1m\"\nmessages = 2\nrecipients = 10\n"
+        ),
+    )
+}
+
+async fn send(gw: &Gateway, to: &[&str]) -> reqwest::Response {
+    gw.send_json(&client(), DEMO_GRANT_ID, &message(to, &[], &[]))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn would_deny(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get("send-gateway-would-deny")
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn in_shadow_a_send_over_its_quota_goes_out_counted_and_reported() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&tiny(&nylas, "shadow", "")).await;
+    for _ in 0..2 {
+        let resp = send(&gw, &["a@example.org"]).await;
+        assert_eq!((resp.status().as_u16(), would_deny(&resp)), (200, None));
+    }
+    let resp = send(&gw, &["a@example.org"]).await;
+    assert_eq!(resp.status(), 200, "forwarded, not refused");
+    assert_eq!(would_deny(&resp).as_deref(), Some("messages"));
+    // Over a per-message cap too.
+    let resp = send(&gw, &["a@example.org", "b@example.org", "c@example.org"]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(would_deny(&resp).as_deref(), Some("too_many_recipients"));
+    assert_eq!(nylas.delivered().len(), 4);
+    assert_eq!(
+        gw.used(DEMO_GRANT_ID).await,
+        (4, 6),
+        "every send that went out counts"
+    );
+    let m = gw.metrics().await;
+    for (reason, n) in [("messages", 1.0), ("too_many_recipients", 1.0)] {
+        let labels = format!("outcome=\"shadow_denied\",reason=\"{reason}\"");
+        assert_eq!(
+            metric_value(&m, "sendgw_decisions_total", &labels),
+            n,
+            "{m}"
+        );
+    }
+    assert_eq!(
+        metric_value(&m, "sendgw_units_total", "metric=\"messages\""),
+        4.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn in_shadow_a_send_nylas_refuses_is_not_counted() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&tiny(&nylas, "shadow", "")).await;
+    for _ in 0..2 {
+        assert_eq!(send(&gw, &["a@example.org"]).await.status(), 200);
+    }
+    nylas
+        .add_rule(Rule::status(400).path("/messages/send").times(1))
+        .unwrap();
+    let resp = send(&gw, &["a@example.org"]).await;
+    assert_eq!(resp.status(), 400, "Nylas's answer");
+    assert_eq!(would_deny(&resp).as_deref(), Some("messages"));
+    assert_eq!(gw.used(DEMO_GRANT_ID).await, (2, 2), "nothing went out");
+}
+
+#[tokio::test]
+async fn a_profile_can_be_in_shadow_alone_and_a_reload_switches_the_mode() {
+    let nylas = fake().await;
+    let toml = tiny(&nylas, "enforce", "shadow = true");
+    let gw = Gateway::start(&toml).await;
+    for _ in 0..3 {
+        assert_eq!(send(&gw, &["a@example.org"]).await.status(), 200);
+    }
+    assert_eq!(gw.used(DEMO_GRANT_ID).await, (3, 3));
+    // The profile leaves shadow on reload: the next send over the quota is refused.
+    let enforced = Config::from_toml_str(&toml.replace("shadow = true", "")).unwrap();
+    assert!(gw.state.reload(enforced).is_empty());
+    let resp = send(&gw, &["a@example.org"]).await;
+    assert_eq!(would_deny(&resp), None);
+    gateway_error(resp, 429, "quota_exceeded").await;
+    // And `[enforcement] mode = "shadow"` puts every profile in shadow.
+    let shadow = Config::from_toml_str(&tiny(&nylas, "shadow", "")).unwrap();
+    assert!(gw.state.reload(shadow).is_empty());
+    let resp = send(&gw, &["a@example.org"]).await;
+    assert_eq!(would_deny(&resp).as_deref(), Some("messages"));
+    assert_eq!(nylas.delivered().len(), 4);
+}
