@@ -17,10 +17,11 @@ use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use http::request::Parts;
-use http::{StatusCode, header};
+use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use crate::error::GatewayError;
+use crate::grants::Resolution;
 use crate::request_id;
 use crate::scope::Scope;
 use crate::send::{GrantRef, grant_ref};
@@ -47,6 +48,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     // that sets or changes it (or `protect_metrics`) applies at once.
     let quota_api = Router::new()
         .route("/v1/quota/{grant}", get(quota).delete(reset))
+        .route(
+            "/v1/quota/{grant}/cooldown",
+            axum::routing::delete(clear_cooldown),
+        )
         .route("/v1/clients/{name}/quota", get(client_quota))
         .route(
             "/v1/grants/{grant}/profile",
@@ -208,16 +213,42 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// The canonical id for the quota API: a grant id (a UUID in any spelling
-/// [`grant_ref`] reads), with or without `grant:`. Emails and other forms need Nylas
-/// credentials, which the admin API does not hold; anything else names no grant.
-fn canonical(grant: &str) -> Result<String, GatewayError> {
-    match grant_ref(grant) {
-        GrantRef::Id(id) => Ok(id),
-        GrantRef::NeedsResolution(_) | GrantRef::Invalid => Err(GatewayError::NotFound(
-            "the quota API takes a grant id (a UUID, or grant:<id>), not an email or other identifier"
-                .into(),
+/// The canonical id for the quota API. With `[upstream] api_key`, every identifier the
+/// proxy reads (a grant id in any spelling, an email, `email:`, `external:`) is looked up
+/// with it, as the proxy looks grants up, and a grant Nylas does not know is 404. Without a
+/// key the admin API holds no Nylas credentials: it takes grant ids only, unchecked.
+/// Messages never repeat the identifier (it may be an address, and errors are logged).
+async fn canonical(state: &AppState, grant: &str) -> Result<String, GatewayError> {
+    let config = state.config();
+    let key = config
+        .upstream
+        .api_key
+        .as_deref()
+        .and_then(|k| HeaderValue::from_str(&format!("Bearer {k}")).ok());
+    let not_found = |what: &str| GatewayError::NotFound(what.into());
+    match (grant_ref(grant), key) {
+        (GrantRef::Invalid, _) => Err(not_found("the identifier names no grant")),
+        (GrantRef::NeedsResolution(i), _) if i.eq_ignore_ascii_case("me") => Err(not_found(
+            "`me` stands for a caller's own grant; the admin API has no caller token",
         )),
+        (GrantRef::Id(id), None) => Ok(id),
+        (GrantRef::NeedsResolution(_), None) => Err(not_found(
+            "an email or external id needs [upstream] api_key to be looked up; give a grant id",
+        )),
+        (_, Some(key)) => match state
+            .grants
+            .resolve(&state.upstream, grant, Some(&key))
+            .await?
+        {
+            Resolution::Grant(id) => Ok(id),
+            Resolution::Refused(r) if r.status() == StatusCode::NOT_FOUND => {
+                Err(not_found("Nylas knows no such grant"))
+            }
+            Resolution::Refused(r) => Err(GatewayError::UpstreamUnavailable(format!(
+                "grant look-up with upstream.api_key refused: {}",
+                r.status()
+            ))),
+        },
     }
 }
 
@@ -229,7 +260,7 @@ async fn quota(
     State(state): State<Arc<AppState>>,
     Path(grant): Path<String>,
 ) -> Result<Response, GatewayError> {
-    let id = canonical(&grant)?;
+    let id = canonical(&state, &grant).await?;
     let config = state.config();
     let store = state.store.as_ref();
     let stored = crate::selection::stored_override(store, &id)
@@ -246,15 +277,56 @@ async fn quota(
         .await
         .map_err(store_failed)?;
     let windows = windows_json(&usage);
+    let cooldown = cooldown_json(store, &id).await?;
     Ok(axum::Json(json!({
         "grant_id": id,
         "profile": profile.name(),
         "profile_source": selection.source.as_str(),
         "provider": selection.provider,
         "per_message": per_message_json(profile),
+        "cooldown": cooldown,
         "windows": windows,
     }))
     .into_response())
+}
+
+/// The grant's provider cool-down in force, if any: when it ends (unix seconds) and how
+/// long is left (both as the store's clock reads, which for Redis is Redis's).
+async fn cooldown_json(
+    store: &dyn limits::QuotaStore,
+    id: &str,
+) -> Result<serde_json::Value, GatewayError> {
+    let scope = Scope::grant(id);
+    let until = store
+        .meta_get(scope.as_str(), limits::META_COOLDOWN)
+        .await
+        .map_err(store_failed)?
+        .and_then(|v| v.parse::<u64>().ok());
+    let now = limits::Clock::now_ms(&limits::SystemClock);
+    Ok(match until.filter(|&end| end > now) {
+        Some(end) => json!({
+            "until": end.div_ceil(1000),
+            "remaining_seconds": (end - now).div_ceil(1000),
+        }),
+        None => serde_json::Value::Null,
+    })
+}
+
+/// `DELETE /v1/quota/{grant}/cooldown`: ends the grant's provider cool-down now.
+async fn clear_cooldown(
+    State(state): State<Arc<AppState>>,
+    Path(grant): Path<String>,
+    caller: Caller,
+) -> Result<Response, GatewayError> {
+    let id = canonical(&state, &grant).await?;
+    let scope = Scope::grant(&id);
+    state
+        .store
+        .meta_delete(scope.as_str(), limits::META_COOLDOWN)
+        .await
+        .map_err(store_failed)?;
+    tracing::info!(grant = %id, %caller, "provider cool-down cleared by admin");
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `GET /v1/clients/{name}/quota`: the usage of a client's own quota
@@ -331,7 +403,7 @@ async fn set_override(
     caller: Caller,
     body: axum::body::Bytes,
 ) -> Result<Response, GatewayError> {
-    let id = canonical(&grant)?;
+    let id = canonical(&state, &grant).await?;
     let OverrideBody { profile } = serde_json::from_slice(&body).map_err(|_| {
         GatewayError::InvalidAdminRequest("expected {\"profile\": \"<name>\"}".into())
     })?;
@@ -372,7 +444,7 @@ async fn clear_override(
     Path(grant): Path<String>,
     caller: Caller,
 ) -> Result<Response, GatewayError> {
-    let id = canonical(&grant)?;
+    let id = canonical(&state, &grant).await?;
     let store = state.store.as_ref();
     let old = old_override(store, &id).await?;
     store
@@ -389,7 +461,7 @@ async fn reset(
     Path(grant): Path<String>,
     caller: Caller,
 ) -> Result<Response, GatewayError> {
-    let id = canonical(&grant)?;
+    let id = canonical(&state, &grant).await?;
     state
         .store
         .reset(Scope::grant(&id).as_str())

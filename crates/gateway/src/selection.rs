@@ -31,6 +31,8 @@ const MAX_ENTRIES: usize = 100_000;
 pub enum Source {
     /// Set for this grant through the admin API.
     Override,
+    /// Declared for this grant in `[grants.overrides]`.
+    Config,
     /// Mapped from the grant's provider.
     Provider(String),
     /// `[grants] default_profile`.
@@ -42,6 +44,7 @@ impl Source {
     pub fn as_str(&self) -> &'static str {
         match self {
             Source::Override => "override",
+            Source::Config => "config",
             Source::Provider(_) => "provider",
             Source::Default => "default",
         }
@@ -117,7 +120,9 @@ impl Selector {
         lock(&self.providers).clear();
     }
 
-    /// Picks the profile for `grant`, given the override the store is believed to hold.
+    /// Picks the profile for `grant`, given the override the store is believed to hold:
+    /// that override (set through the admin API), else `[grants.overrides]`, else the
+    /// provider's mapped profile, else the default.
     /// Learns the grant's provider through `store` (shared) and `upstream` when needed.
     pub async fn select(
         &self,
@@ -146,6 +151,19 @@ impl Selector {
             // An override naming a profile this configuration no longer has: count under
             // the usual profile rather than not at all.
             tracing::warn!(grant, profile = %name, "override names an unknown profile; using the usual one");
+        }
+        if let Some(p) = config
+            .grants
+            .overrides
+            .get(grant)
+            .and_then(|n| config.profile(n))
+        {
+            return Selection {
+                profile: p.clone(),
+                source: Source::Config,
+                override_name,
+                provider,
+            };
         }
         let (profile, source) = match provider.as_deref() {
             Some(p) if config.grants.provider_profiles.contains_key(p) => (

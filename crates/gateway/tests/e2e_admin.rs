@@ -420,3 +420,112 @@ async fn a_reload_that_drops_the_token_keeps_an_open_admin_listener_closed() {
     gateway_error(resp, 401, "unauthorized").await;
     assert_eq!(status(&format!("{}/healthz", gw.admin), None).await, 200);
 }
+
+#[tokio::test]
+async fn the_quota_api_reads_every_identifier_and_shows_and_clears_a_cool_down() {
+    let nylas = fake().await;
+    nylas.set_api_key(Some("nyk_admin_key".into()));
+    let rest = "api_key = \"nyk_admin_key\"";
+    let gw = Gateway::start(&config(&nylas.url(), rest)).await;
+    let c = client();
+    let send = || {
+        c.post(format!(
+            "{}/v3/grants/{DEMO_GRANT_ID}/messages/send",
+            gw.url
+        ))
+        .bearer_auth("nyk_admin_key")
+        .json(&simple())
+    };
+    assert_eq!(send().send().await.unwrap().status(), 200);
+    // Every identifier the proxy reads names the same quota.
+    for form in [
+        DEMO_GRANT_ID.to_owned(),
+        DEMO_GRANT_ID.to_ascii_uppercase(),
+        format!("grant:{DEMO_GRANT_ID}"),
+        fake_nylas::DEMO_GRANT_EMAIL.to_owned(),
+        format!("email:{}", fake_nylas::DEMO_GRANT_EMAIL),
+    ] {
+        let q = gw.quota(&form).await;
+        assert_eq!(q["grant_id"], DEMO_GRANT_ID, "{form}: {q}");
+        assert_eq!(q["windows"][0]["messages"]["used"], 1, "{form}: {q}");
+        assert_eq!(q["cooldown"], serde_json::Value::Null, "{q}");
+    }
+    // A grant Nylas does not know is not shown as an idle one.
+    for unknown in [
+        "0d3c9f2e-8b1a-4c5d-9e6f-7a8b9c0d1e2f",
+        "nobody@corp.example",
+        "me",
+    ] {
+        let resp = gw
+            .admin_get(&format!("/v1/quota/{unknown}"))
+            .send()
+            .await
+            .unwrap();
+        gateway_error(resp, 404, "not_found_error").await;
+    }
+    // The provider throttles: the cool-down shows, and clearing it lets sends through.
+    nylas
+        .add_rule(
+            fake_nylas::Rule::rate_limited(30)
+                .path("/messages/send")
+                .times(1),
+        )
+        .unwrap();
+    assert_eq!(send().send().await.unwrap().status(), 429);
+    let q = gw.quota(fake_nylas::DEMO_GRANT_EMAIL).await;
+    let left = q["cooldown"]["remaining_seconds"].as_u64().unwrap();
+    assert!((1..=30).contains(&left), "{q}");
+    let resp = send().send().await.unwrap();
+    gateway_error(resp, 429, "provider_throttled").await;
+    let resp = c
+        .delete(format!("{}/v1/quota/{DEMO_GRANT_ID}/cooldown", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(
+        gw.quota(DEMO_GRANT_ID).await["cooldown"],
+        serde_json::Value::Null
+    );
+    assert_eq!(send().send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_config_override_applies_and_the_admin_api_takes_precedence() {
+    let nylas = fake().await;
+    let rest = format!("[grants.overrides]\n\"{DEMO_GRANT_ID}\" = \"google\"\n");
+    let gw = Gateway::start(&config(&nylas.url(), &rest)).await;
+    let q = gw.quota(DEMO_GRANT_ID).await;
+    assert_eq!(
+        (&q["profile"], &q["profile_source"]),
+        (&json!("google"), &json!("config"))
+    );
+    let put = client()
+        .put(format!("{}/v1/grants/{DEMO_GRANT_ID}/profile", gw.admin))
+        .json(&json!({ "profile": "yahoo" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let q = gw.quota(DEMO_GRANT_ID).await;
+    assert_eq!(
+        (&q["profile"], &q["profile_source"]),
+        (&json!("yahoo"), &json!("override"))
+    );
+    let del = client()
+        .delete(format!("{}/v1/grants/{DEMO_GRANT_ID}/profile", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert!(del.status().is_success());
+    let q = gw.quota(DEMO_GRANT_ID).await;
+    assert_eq!(q["profile_source"], "config", "{q}");
+    // And sends are charged under it: google's windows, not icloud's.
+    let resp = gw
+        .send_json(&client(), DEMO_GRANT_ID, &simple())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(gw.quota(DEMO_GRANT_ID).await["profile"], "google");
+}

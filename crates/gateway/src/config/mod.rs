@@ -439,6 +439,9 @@ pub struct GrantsConfig {
     /// Nylas provider name (`google`, `microsoft`, `icloud`, `imap`, ...) -> profile name.
     /// Every provider name uses only `a-z`, `0-9`, `_` and `-`; every profile exists.
     pub provider_profiles: BTreeMap<String, String>,
+    /// Grant id (canonical: lowercase, hyphenated) -> profile name, declared in the file
+    /// (for GitOps); an override set through the admin API takes precedence.
+    pub overrides: BTreeMap<String, String>,
 }
 
 impl Default for GrantsConfig {
@@ -449,6 +452,7 @@ impl Default for GrantsConfig {
             resolve_provider: false,
             provider_cache_ttl: DEFAULT_PROVIDER_CACHE_TTL,
             provider_profiles: BTreeMap::new(),
+            overrides: BTreeMap::new(),
         }
     }
 }

@@ -1745,3 +1745,22 @@ fn enforcement_mode_and_shadow_profiles() {
     assert_eq!(Config::from_toml_str(&shown).unwrap(), c);
     assert_err("[enforcement]\nmode = \"dry\"", "enforcement.mode", "");
 }
+
+#[test]
+fn grant_overrides_take_canonical_ids_and_known_profiles() {
+    let id = "8f5c2b1e-4a3d-4c6b-9e7f-0a1b2c3d4e5f";
+    let c = Config::from_toml_str(&format!("[grants.overrides]\n\"{id}\" = \"google\"")).unwrap();
+    assert_eq!(c.grants.overrides[id], "google");
+    assert_eq!(Config::from_toml_str(&c.to_masked_toml()).unwrap(), c);
+    let upper = id.to_ascii_uppercase();
+    assert_err(
+        &format!("[grants.overrides]\n\"{upper}\" = \"google\""),
+        &format!("grants.overrides.{upper}"),
+        "lowercase and hyphenated",
+    );
+    assert_err(
+        &format!("[grants.overrides]\n\"{id}\" = \"nope\""),
+        &format!("grants.overrides.{id}"),
+        "no profile named",
+    );
+}

@@ -105,6 +105,16 @@ impl Config {
         if let Some(name) = &self.domains.profile {
             self.check_profile_exists("domains.profile", name)?;
         }
+        for (grant, profile) in &self.grants.overrides {
+            let key = format!("grants.overrides.{}", key_segment(grant));
+            if canonical_grant_id(grant).as_deref() != Some(grant.as_str()) {
+                return Err(ConfigError::new(
+                    key,
+                    "a grant id as Nylas gives it: a UUID, lowercase and hyphenated",
+                ));
+            }
+            self.check_profile_exists(&key, profile)?;
+        }
         Ok(())
     }
 
@@ -210,6 +220,13 @@ impl Config {
             ),
         ))
     }
+}
+
+/// A grant id's canonical form (the lowercase hyphenated UUID), if it is one.
+fn canonical_grant_id(id: &str) -> Option<String> {
+    uuid::Uuid::try_parse(id)
+        .ok()
+        .map(|u| u.hyphenated().to_string())
 }
 
 /// `[a-z0-9_-]+`.
