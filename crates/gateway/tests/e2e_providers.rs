@@ -139,24 +139,26 @@ async fn grants_on_different_providers_get_their_own_limits_and_each_replica_ask
         4
     );
 
-    // One look-up per grant and replica: the check, with the caller's credentials, that
-    // Nylas knows the grant and accepts the caller, before anything is charged. Its answer
-    // names the provider, so learning it costs no second one.
+    // Per grant and replica, one look-up with the caller's credentials (the check that
+    // Nylas knows the grant and accepts the caller, before anything is charged; its answer
+    // names the provider, so learning it costs no second one), and one with the gateway's
+    // key (the quota API's check that the grant exists). Each is cached.
     for grant in [&google, &icloud, &yahoo] {
         let seen = lookups(&nylas, &grant.id);
+        for key in [TOKEN, API_KEY] {
+            let bearer = format!("Bearer {key}");
+            let with = seen
+                .iter()
+                .filter(|r| r.header("authorization") == Some(&*bearer));
+            assert_eq!(with.count(), 2, "look-ups of {} with {key}", grant.provider);
+        }
         assert_eq!(
             seen.len(),
-            2,
+            4,
             "look-ups of {} ({})",
             grant.id,
             grant.provider
         );
-        for r in &seen {
-            assert_eq!(
-                r.header("authorization"),
-                Some(format!("Bearer {TOKEN}").as_str())
-            );
-        }
     }
 
     // An override beats the provider's profile.
@@ -174,7 +176,7 @@ async fn grants_on_different_providers_get_their_own_limits_and_each_replica_ask
     assert_eq!(q["provider"], "google", "{q}");
     assert_eq!(
         lookups(&nylas, &google.id).len(),
-        2,
+        4,
         "cached: no more look-ups"
     );
 }
@@ -205,8 +207,9 @@ async fn without_resolve_provider_no_provider_look_up_is_made() {
     let q = gw.quota(&icloud.id).await;
     assert_eq!(q["profile"], "roomy", "{q}");
     assert_eq!(q["profile_source"], "default", "{q}");
-    // Only the check that Nylas knows the grant, once (then cached).
-    assert_eq!(lookups(&nylas, &icloud.id).len(), 1);
+    // Only the checks that Nylas knows the grant, once per credential (then cached): the
+    // sends' and the quota API's.
+    assert_eq!(lookups(&nylas, &icloud.id).len(), 2);
 }
 
 /// `PUT`/`DELETE /v1/grants/{grant}/profile` on `gw`, with `token` when given.
