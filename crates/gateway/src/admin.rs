@@ -196,21 +196,31 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+/// `GET /metrics`: OpenMetrics when the scraper asks for it (`Accept:
+/// application/openmetrics-text`, as Prometheus does), else Prometheus text 0.0.4.
+async fn metrics(State(state): State<Arc<AppState>>, headers: http::HeaderMap) -> Response {
     if let Some(b) = &state.breaker {
         state.metrics.breaker(b.state());
     }
     if let Some(m) = &state.memory {
         state.metrics.store_scopes(m.scope_count());
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.to_ascii_lowercase()
+                .contains("application/openmetrics-text")
+        });
+    let (content_type, body) = if openmetrics {
+        let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+        (ct, state.metrics.render())
+    } else {
+        let ct = "text/plain; version=0.0.4; charset=utf-8";
+        (ct, state.metrics.render_text())
+    };
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// The canonical id for the quota API. With `[upstream] api_key`, every identifier the

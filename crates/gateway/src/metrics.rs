@@ -273,33 +273,11 @@ impl Default for Metrics {
             "Requests being handled by the proxy",
             Gauge::default(),
         );
-        let thresholds = registered(
-            &mut registry,
-            "threshold_crossings",
-            "Grants crossing 80 % or 100 % of a window, once per window and level",
-            Family::<LevelLabel, Counter>::default(),
-        );
-        let event_webhooks = registered(
-            &mut registry,
-            "event_webhooks",
-            "Threshold event webhooks by result: delivered, failed (every attempt failed), dropped (too many in flight)",
-            Family::<ResultLabel, Counter>::default(),
-        );
-        let webhooks = registered(
-            &mut registry,
-            "webhooks",
-            "Nylas webhook notifications by type and result",
-            Family::<WebhookLabels, Counter>::default(),
-        );
-        let reloads = registered(
-            &mut registry,
-            "config_reloads",
-            "Configuration reloads by result",
-            Family::<ResultLabel, Counter>::default(),
-        );
+        let (thresholds, event_webhooks, webhooks, reloads) = event_families(&mut registry);
         let store = StoreFamilies::new(&mut registry);
         let server = ServerFamilies::new(&mut registry);
-        Metrics {
+        register_build_info(&mut registry);
+        let m = Metrics {
             clients: client_family(&mut registry),
             store,
             server,
@@ -317,8 +295,64 @@ impl Default for Metrics {
             upstream_duration,
             upstream_responses,
             in_flight,
-        }
+        };
+        m.zero_known_series();
+        m
     }
+}
+
+/// The families that count events: threshold crossings, their webhooks, Nylas's
+/// webhooks, reloads.
+type EventFamilies = (
+    Family<LevelLabel, Counter>,
+    Family<ResultLabel, Counter>,
+    Family<WebhookLabels, Counter>,
+    Family<ResultLabel, Counter>,
+);
+
+fn event_families(registry: &mut Registry) -> EventFamilies {
+    let thresholds = registered(
+        registry,
+        "threshold_crossings",
+        "Grants crossing 80 % or 100 % of a window, once per window and level",
+        Family::<LevelLabel, Counter>::default(),
+    );
+    let event_webhooks = registered(
+        registry,
+        "event_webhooks",
+        "Threshold event webhooks by result: delivered, failed (every attempt failed), dropped (too many in flight)",
+        Family::<ResultLabel, Counter>::default(),
+    );
+    let webhooks = registered(
+        registry,
+        "webhooks",
+        "Nylas webhook notifications by type and result",
+        Family::<WebhookLabels, Counter>::default(),
+    );
+    let reloads = registered(
+        registry,
+        "config_reloads",
+        "Configuration reloads by result",
+        Family::<ResultLabel, Counter>::default(),
+    );
+    (thresholds, event_webhooks, webhooks, reloads)
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+/// `sendgw_build_info{version} 1`: which build is running, for dashboards and alerts.
+fn register_build_info(registry: &mut Registry) {
+    let info = registered(
+        registry,
+        "build_info",
+        "The running build: always 1, labelled with the gateway's version",
+        Family::<VersionLabel, Gauge>::default(),
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    info.get_or_create(&VersionLabel { version }).set(1);
 }
 
 fn client_family(registry: &mut Registry) -> Family<ClientLabels, Counter> {
@@ -558,6 +592,35 @@ impl Metrics {
         out
     }
 
+    /// The Prometheus text exposition (format 0.0.4), for scrapers that do not ask for
+    /// OpenMetrics: the same samples, with a counter family named as its samples are
+    /// (`x_total`), no `# UNIT` lines and no `# EOF`.
+    pub fn render_text(&self) -> String {
+        prometheus_text(&self.render())
+    }
+
+    /// Creates at zero every series whose labels are known in advance, so that a rate or
+    /// an alert over them has a series from start-up (not only after the first event).
+    fn zero_known_series(&self) {
+        for m in limits::Metric::ALL {
+            let metric = m.as_str();
+            let _ = self.units.get_or_create(&MetricLabel { metric });
+            let _ = self.corrections.get_or_create(&MetricLabel { metric });
+        }
+        for outcome in ["kept", "released", "dropped"] {
+            let _ = self.settled.get_or_create(&OutcomeLabel { outcome });
+        }
+        for result in ["success", "failure"] {
+            let _ = self.reloads.get_or_create(&ResultLabel { result });
+        }
+        for result in ["delivered", "failed", "dropped"] {
+            let _ = self.event_webhooks.get_or_create(&ResultLabel { result });
+        }
+        for level in ["80", "100"] {
+            let _ = self.thresholds.get_or_create(&LevelLabel { level });
+        }
+    }
+
     /// A fresh registry in which every family has one sample, so that its
     /// [`Metrics::render`] names every metric the gateway can expose (the exposition leaves
     /// out a family with no sample). For checking names against the registry, as the deploy
@@ -597,4 +660,32 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// OpenMetrics text as Prometheus text format 0.0.4 (see [`Metrics::render_text`]).
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta.and_then(|(p, rest)| rest.split_once(' ').map(|(n, tail)| (p, n, tail))) {
+            Some((p, name, tail)) if counters.contains(name) => {
+                out.push_str(&format!("{p}{name}_total {tail}\n"));
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }

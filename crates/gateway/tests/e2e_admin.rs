@@ -45,11 +45,21 @@ async fn health_readiness_and_metrics() {
             .status(),
         200
     );
-    let resp = c.get(format!("{}/metrics", gw.admin)).send().await.unwrap();
+    // OpenMetrics when asked for, as Prometheus asks.
+    let resp = c
+        .get(format!("{}/metrics", gw.admin))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4",
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
     assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
     let text = resp.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
     let allowed = text
         .lines()
         .find(|l| l.starts_with("sendgw_decisions_total{") && l.contains("outcome=\"allowed\""))
@@ -528,4 +538,63 @@ async fn a_config_override_applies_and_the_admin_api_takes_precedence() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(gw.quota(DEMO_GRANT_ID).await["profile"], "google");
+}
+
+#[tokio::test]
+async fn metrics_speak_prometheus_text_unless_openmetrics_is_asked_for() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&config(&nylas.url(), "")).await;
+    let resp = client()
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+    let text = resp.text().await.unwrap();
+    assert!(
+        !text.contains("# EOF") && !text.contains("# UNIT"),
+        "{text}"
+    );
+    // A counter family is named as its samples are.
+    assert!(
+        text.contains("# TYPE sendgw_config_reloads_total counter\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# HELP sendgw_config_reloads_total "),
+        "{text}"
+    );
+    // Series with known labels exist from start-up, at zero; and the build is named.
+    for series in [
+        "sendgw_config_reloads_total{result=\"failure\"} 0",
+        "sendgw_reservations_settled_total{outcome=\"dropped\"} 0",
+        "sendgw_units_total{metric=\"bytes\"} 0",
+        "sendgw_threshold_crossings_total{level=\"100\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == series), "{series} in\n{text}");
+    }
+    let build = format!(
+        "sendgw_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.lines().any(|l| l == build), "{build} in\n{text}");
+    // Every family has its HELP and TYPE, and every sample belongs to a TYPE'd family.
+    let typed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|r| r.split(' ').next())
+        .collect();
+    for name in &typed {
+        assert!(text.contains(&format!("# HELP {name} ")), "HELP of {name}");
+    }
+    for sample in text.lines().filter(|l| !l.starts_with('#')) {
+        let name = sample.split(['{', ' ']).next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|base| typed.contains(base))
+            .unwrap_or(name);
+        assert!(typed.contains(&family), "{sample} has no TYPE line");
+    }
 }
