@@ -301,7 +301,8 @@ async fn quota(
 }
 
 /// The grant's provider cool-down in force, if any: when it ends (unix seconds) and how
-/// long is left (both as the store's clock reads, which for Redis is Redis's).
+/// long is left, against this host's clock (the end is the store's: with Redis, Redis's
+/// clock set it, so skew between the hosts shifts what is shown).
 async fn cooldown_json(
     store: &dyn limits::QuotaStore,
     id: &str,

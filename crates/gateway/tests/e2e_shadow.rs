@@ -108,3 +108,81 @@ async fn a_profile_can_be_in_shadow_alone_and_a_reload_switches_the_mode() {
     assert_eq!(would_deny(&resp).as_deref(), Some("messages"));
     assert_eq!(nylas.delivered().len(), 4);
 }
+
+#[tokio::test]
+async fn in_shadow_a_send_whose_client_leaves_before_the_answer_still_counts() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&tiny(&nylas, "shadow", "")).await;
+    for _ in 0..2 {
+        assert_eq!(send(&gw, &["a@example.org"]).await.status(), 200);
+    }
+    // Nylas holds the third send; the client gives up while it waits.
+    nylas
+        .add_rule(
+            Rule::delay(std::time::Duration::from_millis(800))
+                .path("/messages/send")
+                .times(1),
+        )
+        .unwrap();
+    let quick = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let gave_up = gw
+        .send_json(
+            &quick,
+            DEMO_GRANT_ID,
+            &message(&["a@example.org"], &[], &[]),
+        )
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client left before the answer");
+    // Nylas may have sent it (here it does): it is counted all the same.
+    eventually("the abandoned send is counted", || async {
+        gw.used(DEMO_GRANT_ID).await == (3, 3)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_quota_in_shadow_is_counted_when_the_grant_defers_the_send() {
+    let nylas = fake().await;
+    let digest: String = gateway::config::token_digest(b"app-token")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // The grant's profile defers a full window; the client's own profile is in shadow.
+    let toml = config(
+        &nylas.url(),
+        &format!(
+            "api_key = \"k\"\n[grants]\ndefault_profile = \"tiny\"\n\
+             [profiles.tiny]\ndefer_up_to = \"1d\"\n\
+             [[profiles.tiny.windows]]\nperiod = \"1m\"\nmessages = 1\n\
+             [profiles.mine]\nshadow = true\n\
+             [[profiles.mine.windows]]\nperiod = \"1d\"\nmessages = 1\n\
+             [[clients]]\nname = \"app\"\ntoken_sha256 = \"{digest}\"\nprofile = \"mine\"\n"
+        ),
+    );
+    let gw = Gateway::start(&toml).await;
+    let post = || {
+        client()
+            .post(format!(
+                "{}/v3/grants/{DEMO_GRANT_ID}/messages/send",
+                gw.url
+            ))
+            .bearer_auth("app-token")
+            .json(&simple())
+    };
+    assert_eq!(post().send().await.unwrap().status(), 200);
+    // The grant's minute is full: deferred. The client's day is full too: shadow.
+    let resp = post().send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("send-gateway-deferred-until"));
+    assert_eq!(would_deny(&resp).as_deref(), Some("messages"));
+    let config = gw.state.config();
+    let mine = config.profile("mine").unwrap();
+    let scope = gateway::scope::Scope::client("app");
+    let usage = gw.state.store.usage(scope.as_str(), mine).await.unwrap();
+    let w = &usage.windows[0];
+    assert_eq!(w.used.messages + w.scheduled.messages, 2, "{usage:?}");
+}

@@ -96,7 +96,10 @@ pub(super) async fn admit(
                 ctx.decide(Outcome::Allowed, "deferred");
                 ctx.record.deferred = true;
                 ctx.record.scheduled_for = Some(secs);
-                return kept_first(state, ctx, admitted(state, charged, a, Some(secs))).await;
+                let after = client_after(ctx, charged, Some(secs * 1000));
+                let mut admitted = admitted(state, charged, a, Some(secs));
+                admitted.after = after;
+                return kept_first(state, ctx, admitted).await;
             }
             Err(denied(ctx, d))
         }

@@ -53,8 +53,12 @@ pub(super) async fn what(
     let inspected = match inspect(route, headers, body, &opts).await {
         Ok(i) => i,
         // Over the gateway's JSON buffer, not the provider's limit: say so.
+        // Only for a JSON body, and only when the provider's cap would let it through as
+        // multipart (a `message` part over the buffer is a multipart send already).
         Err(InspectError::TooLarge { size, limit })
-            if limit == opts.json_limit as u64 && opts.max_message_size != Some(limit) =>
+            if limit == opts.json_limit as u64
+                && super::settle::is_json(headers)
+                && opts.max_message_size.is_none_or(|max| max > limit) =>
         {
             return Err(ctx.reject(GatewayError::JsonBodyTooLarge { size, limit }));
         }

@@ -95,12 +95,12 @@ async fn phases(
         if let Some(secs) = admitted.deferred_to {
             priced.body = schedule::deferred_body(priced.body, secs);
         }
+        // In shadow: owed before it goes, charged once it went out (or may have).
+        let owed = shadow::Owed::new(state, ctx, &charged.scope, admitted.after);
         let sent = forward::forward(state, ctx, parts, priced.body).await;
         let settled = settle::settle(state, ctx, &charged, admitted.lease, sent).await;
-        // In shadow: charged once it went out (or may have: no answer is the safe side).
-        if settled.as_ref().map_or(true, |s| s.went_out) {
-            shadow::charge_after(state, ctx, &charged.scope, &admitted.after).await;
-        }
+        owed.settle(settled.as_ref().map_or(true, |s| s.went_out))
+            .await;
         let mut settled = settled?;
         shadow::announce(ctx, &mut settled.response);
         if let Some(secs) = admitted.deferred_to {

@@ -226,7 +226,8 @@ async fn keep(
     }
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
+/// Whether `headers` say the body is JSON (`application/json`, parameters aside).
+pub(super) fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
