@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, RawQuery, Request, State};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -52,6 +52,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/quota/{grant}/cooldown",
             axum::routing::delete(clear_cooldown),
         )
+        .route("/v1/quota/{grant}/explain", get(explain_send))
         .route("/v1/clients/{name}/quota", get(client_quota))
         .route(
             "/v1/grants/{grant}/profile",
@@ -271,23 +272,14 @@ async fn quota(
     Path(grant): Path<String>,
 ) -> Result<Response, GatewayError> {
     let id = canonical(&state, &grant).await?;
-    let config = state.config();
-    let store = state.store.as_ref();
-    let stored = crate::selection::stored_override(store, &id)
-        .await
-        .map_err(store_failed)?;
-    state.selector.learn_override(&id, stored.clone());
-    let selection = state
-        .selector
-        .select(store, &state.upstream, &config, &id, stored, None)
-        .await;
+    let (selection, usage) = selected_usage(&state, &id).await?;
     let profile = &selection.profile;
-    let usage = store
-        .usage(Scope::grant(&id).as_str(), profile)
-        .await
-        .map_err(store_failed)?;
-    let windows = windows_json(&usage);
-    let cooldown = cooldown_json(store, &id).await?;
+    let cooldown = match cooldown(state.store.as_ref(), &id).await? {
+        Some((until, remaining_seconds)) => {
+            json!({ "until": until, "remaining_seconds": remaining_seconds })
+        }
+        None => serde_json::Value::Null,
+    };
     Ok(axum::Json(json!({
         "grant_id": id,
         "profile": profile.name(),
@@ -295,18 +287,90 @@ async fn quota(
         "provider": selection.provider,
         "per_message": per_message_json(profile),
         "cooldown": cooldown,
-        "windows": windows,
+        "windows": windows_json(&usage),
     }))
     .into_response())
+}
+
+/// The profile `id` is charged under (and why), and its usage under it.
+async fn selected_usage(
+    state: &AppState,
+    id: &str,
+) -> Result<(crate::selection::Selection, limits::Usage), GatewayError> {
+    let config = state.config();
+    let store = state.store.as_ref();
+    let stored = crate::selection::stored_override(store, id)
+        .await
+        .map_err(store_failed)?;
+    state.selector.learn_override(id, stored.clone());
+    let selection = state
+        .selector
+        .select(store, &state.upstream, &config, id, stored, None)
+        .await;
+    let usage = store
+        .usage(Scope::grant(id).as_str(), &selection.profile)
+        .await
+        .map_err(store_failed)?;
+    Ok((selection, usage))
+}
+
+/// `GET /v1/quota/{grant}/explain?recipients=N&bytes=B`: whether such a send would be
+/// admitted now, which window and metric binds, and the profile and why; charges nothing
+/// (see [`crate::explain`]).
+async fn explain_send(
+    State(state): State<Arc<AppState>>,
+    Path(grant): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, GatewayError> {
+    let shape = explain_shape(query.as_deref().unwrap_or(""))?;
+    let id = canonical(&state, &grant).await?;
+    let (selection, usage) = selected_usage(&state, &id).await?;
+    let left = cooldown(state.store.as_ref(), &id)
+        .await?
+        .map(|(_, secs)| secs);
+    let mut answer = crate::explain::explain(&selection.profile, &usage, left, shape);
+    answer["grant_id"] = json!(id);
+    answer["profile"] = json!(selection.profile.name());
+    answer["profile_source"] = json!(selection.source.as_str());
+    Ok(axum::Json(answer).into_response())
+}
+
+/// `recipients` (default 1) and `bytes` (default 0) from the query; anything else is 400.
+fn explain_shape(query: &str) -> Result<crate::explain::Shape, GatewayError> {
+    let mut shape = crate::explain::Shape {
+        recipients: 1,
+        bytes: 0,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = value.parse::<u64>().map_err(|_| {
+            GatewayError::InvalidAdminRequest(format!("{key} must be a whole number"))
+        });
+        match key {
+            "recipients" => shape.recipients = number?,
+            "bytes" => shape.bytes = number?,
+            "send_at" => {
+                return Err(GatewayError::InvalidAdminRequest(
+                    "explain answers for a send now; send_at is not supported".into(),
+                ));
+            }
+            _ => {
+                return Err(GatewayError::InvalidAdminRequest(
+                    "explain takes recipients and bytes".into(),
+                ));
+            }
+        }
+    }
+    Ok(shape)
 }
 
 /// The grant's provider cool-down in force, if any: when it ends (unix seconds) and how
 /// long is left, against this host's clock (the end is the store's: with Redis, Redis's
 /// clock set it, so skew between the hosts shifts what is shown).
-async fn cooldown_json(
+async fn cooldown(
     store: &dyn limits::QuotaStore,
     id: &str,
-) -> Result<serde_json::Value, GatewayError> {
+) -> Result<Option<(u64, u64)>, GatewayError> {
     let scope = Scope::grant(id);
     let until = store
         .meta_get(scope.as_str(), limits::META_COOLDOWN)
@@ -314,13 +378,9 @@ async fn cooldown_json(
         .map_err(store_failed)?
         .and_then(|v| v.parse::<u64>().ok());
     let now = limits::Clock::now_ms(&limits::SystemClock);
-    Ok(match until.filter(|&end| end > now) {
-        Some(end) => json!({
-            "until": end.div_ceil(1000),
-            "remaining_seconds": (end - now).div_ceil(1000),
-        }),
-        None => serde_json::Value::Null,
-    })
+    Ok(until
+        .filter(|&end| end > now)
+        .map(|end| (end.div_ceil(1000), (end - now).div_ceil(1000))))
 }
 
 /// `DELETE /v1/quota/{grant}/cooldown`: ends the grant's provider cool-down now.

@@ -34,9 +34,10 @@
 //! - [`health`]: the store watched once a second (breaker, persistence, restarts), and the
 //!   local budget written back when it returns.
 //!
-//! And around them: [`config`] (the configuration and its validation), [`state`] (what every
-//! request shares), [`admin`] (health, readiness, metrics and the quota API), [`webhooks`]
-//! (Nylas's outcome webhooks for scheduled sends).
+//! And around them: [`config`] (the configuration and its validation), [`state`] (what
+//! every request shares), [`admin`] (health, readiness, metrics and the quota API, with
+//! [`explain`], its dry run of a send), [`webhooks`] (Nylas's outcome webhooks for
+//! scheduled sends).
 
 pub mod admin;
 pub mod body_timeout;
@@ -45,6 +46,7 @@ pub mod config;
 pub mod drafts;
 pub mod error;
 pub mod events;
+pub mod explain;
 pub mod grants;
 pub mod health;
 pub mod lease;

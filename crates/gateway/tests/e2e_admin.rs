@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Gateway, WAIT, client, config, fake, gateway_error, simple};
+use common::{Gateway, WAIT, client, config, fake, gateway_error, message, simple};
 use fake_nylas::DEMO_GRANT_ID;
 use serde_json::{Value, json};
 use testkit::RedisServer;
@@ -596,5 +596,63 @@ async fn metrics_speak_prometheus_text_unless_openmetrics_is_asked_for() {
             .filter(|base| typed.contains(base))
             .unwrap_or(name);
         assert!(typed.contains(&family), "{sample} has no TYPE line");
+    }
+}
+
+#[tokio::test]
+async fn explain_agrees_with_the_next_real_decision_and_charges_nothing() {
+    let nylas = fake().await;
+    let rest = "[grants]\ndefault_profile = \"tiny\"\n[profiles.tiny]\n\
+                max_recipients_per_message = 3\n[[profiles.tiny.windows]]\n\
+                period = \"1h\"\nmessages = 2\nrecipients = 4\n";
+    let gw = Gateway::start(&config(&nylas.url(), rest)).await;
+    let explain = |q: &str| gw.admin_get(&format!("/v1/quota/{DEMO_GRANT_ID}/explain?{q}"));
+    let ask = |q: &'static str| async move {
+        let resp = explain(q).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json::<Value>().await.unwrap()
+    };
+    let decided = |e: &Value| {
+        (
+            e["admitted"].as_bool(),
+            e["reason"].as_str().map(str::to_owned),
+        )
+    };
+    let yes = (Some(true), Some("within_quota".to_owned()));
+    let no = |reason: &str| (Some(false), Some(reason.to_owned()));
+    let two = message(&["a@example.org", "b@example.org"], &[], &[]);
+    let e = ask("recipients=2").await;
+    assert_eq!(
+        (decided(&e), &e["profile"]),
+        (yes.clone(), &json!("tiny")),
+        "{e}"
+    );
+    // Asking charged nothing; the real send agrees.
+    assert_eq!(gw.used(DEMO_GRANT_ID).await, (0, 0));
+    assert_eq!(gw.send_status(&two).await, 200);
+    // Now 2 recipients are left: a third would bind on recipients, and be refused.
+    let e = ask("recipients=3").await;
+    assert_eq!(decided(&e), no("recipients"), "{e}");
+    assert_eq!(e["binding"]["remaining"], 2, "{e}");
+    let three = message(
+        &["a@example.org", "b@example.org", "c@example.org"],
+        &[],
+        &[],
+    );
+    assert_eq!(gw.send_status(&three).await, 429);
+    // Two still fit; then the messages window is full.
+    assert_eq!(decided(&ask("recipients=2").await), yes);
+    assert_eq!(gw.send_status(&two).await, 200);
+    assert_eq!(decided(&ask("recipients=1").await), no("messages"));
+    assert_eq!(gw.send_status(&simple()).await, 429);
+    // Per-message caps come first, and bad questions are 400.
+    assert_eq!(ask("recipients=4").await["reason"], "too_many_recipients");
+    for bad in ["recipients=x", "send_at=1", "nope=1"] {
+        gateway_error(
+            explain(bad).send().await.unwrap(),
+            400,
+            "invalid_request_error",
+        )
+        .await;
     }
 }

@@ -89,6 +89,16 @@ impl Gateway {
             .body(serde_json::to_vec(message).expect("json"))
     }
 
+    /// Sends `message` as JSON for the demo grant and returns the status.
+    pub async fn send_status(&self, message: &Value) -> u16 {
+        let resp = self
+            .send_json(&client(), fake_nylas::DEMO_GRANT_ID, message)
+            .send()
+            .await
+            .expect("an answer");
+        resp.status().as_u16()
+    }
+
     /// `GET {admin}{path}`, with the admin token when one is configured (as an operator
     /// would call it).
     pub fn admin_get(&self, path: &str) -> reqwest::RequestBuilder {
