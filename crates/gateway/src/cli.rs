@@ -50,6 +50,20 @@ pub enum QuotaCommand {
     Show(QuotaArgs),
     /// Forget a grant's usage in every window.
     Reset(QuotaArgs),
+    /// Say whether a send of this shape would be admitted now, and why (charges nothing).
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub quota: QuotaArgs,
+    /// The send's unique recipients.
+    #[arg(long, default_value_t = 1)]
+    pub recipients: u64,
+    /// The send's size in bytes, as the provider sees it.
+    #[arg(long, default_value_t = 0)]
+    pub bytes: u64,
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +190,7 @@ fn run_quota(
     let (args, reset) = match command {
         QuotaCommand::Show(args) => (args, false),
         QuotaCommand::Reset(args) => (args, true),
+        QuotaCommand::Explain(e) => return run_explain(&e, config),
     };
     let (admin, token, trust) = admin_and_token(&args, config)?;
     let url = quota_url(&admin, &args.grant)?;
@@ -197,6 +212,54 @@ fn run_quota(
         ))
     })?;
     Ok(render_table(&json))
+}
+
+/// `quota explain`: the admin API's answer as JSON, or as one line per finding.
+fn run_explain(
+    e: &ExplainArgs,
+    config: impl FnOnce() -> Result<Config, ConfigError>,
+) -> Result<String, QuotaError> {
+    let (admin, token, trust) = admin_and_token(&e.quota, config)?;
+    let mut url = quota_url(&admin, &e.quota.grant)?;
+    url.path_segments_mut()
+        .map_err(|()| QuotaError::Usage(format!("--admin: {admin} cannot be a base URL")))?
+        .push("explain");
+    url.set_query(Some(&format!(
+        "recipients={}&bytes={}",
+        e.recipients, e.bytes
+    )));
+    let body = call_admin(&admin, url, false, token.as_deref(), trust.as_deref())?;
+    if e.quota.json {
+        return Ok(format!("{}\n", body.trim_end()));
+    }
+    let v: Value = serde_json::from_str(&body).map_err(|err| {
+        QuotaError::Failed(format!(
+            "the admin API at {admin} answered with bad JSON: {err}"
+        ))
+    })?;
+    let verdict = if v["admitted"] == Value::Bool(true) {
+        "admitted"
+    } else {
+        "refused"
+    };
+    let mut out = format!(
+        "{verdict}: {} (profile {}, {})\n",
+        v["reason"].as_str().unwrap_or("?"),
+        v["profile"].as_str().unwrap_or("?"),
+        v["profile_source"].as_str().unwrap_or("?"),
+    );
+    let b = &v["binding"];
+    if b.is_object() {
+        out.push_str(&format!(
+            "binding: {} window, {}: {} asked, {} remaining of {}\n",
+            b["window"].as_str().unwrap_or("?"),
+            b["metric"].as_str().unwrap_or("?"),
+            b["requested"],
+            b["remaining"],
+            b["limit"],
+        ));
+    }
+    Ok(out)
 }
 
 /// The admin API's base URL and the token to send: from `--admin` and `--token`, else

@@ -395,3 +395,52 @@ async fn quota_show_reaches_an_https_admin_listener_from_the_configuration() {
     assert!(stdout.contains("24h"), "{stdout}");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn quota_explain_says_whether_a_send_would_pass() {
+    let nylas = fake().await;
+    let rest = "[grants]\ndefault_profile = \"tiny\"\n[profiles.tiny]\n\
+                [[profiles.tiny.windows]]\nperiod = \"1h\"\nmessages = 5\nrecipients = 3\n";
+    let gw = Gateway::start(&config(&nylas.url(), rest)).await;
+    let admin = gw.admin.as_str();
+    let explain = |n: &'static str| {
+        let mut cmd = bin();
+        cmd.args([
+            "quota",
+            "explain",
+            DEMO_GRANT_ID,
+            "--admin",
+            admin,
+            "--recipients",
+            n,
+        ]);
+        cmd
+    };
+    let (code, stdout, stderr) = run(&mut explain("2")).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with("admitted: within_quota (profile tiny, default)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("binding: 1h window, recipients: 2 asked, 3 remaining of 3"),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = run(&mut explain("4")).await;
+    assert_eq!(code, 0, "{stderr}");
+    // More than the window's whole limit: no wait lets it through.
+    assert!(
+        stdout.starts_with("refused: too_many_recipients"),
+        "{stdout}"
+    );
+    let mut json = explain("1");
+    json.arg("--json");
+    let (_, stdout, _) = run(&mut json).await;
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["admitted"], true, "{v}");
+    assert_eq!(
+        gw.used(DEMO_GRANT_ID).await,
+        (0, 0),
+        "asking charges nothing"
+    );
+}
