@@ -444,3 +444,24 @@ async fn quota_explain_says_whether_a_send_would_pass() {
         "asking charges nothing"
     );
 }
+
+#[tokio::test]
+async fn check_config_refuses_an_exposed_admin_listener_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = write(
+        dir.path(),
+        "open.toml",
+        "[server]\nadmin_listen = \"0.0.0.0:9090\"\n",
+    );
+    let (code, stdout, stderr) = run(bin().args(["check-config", "--config", &open])).await;
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    assert!(
+        stderr.starts_with("send-gateway: config error: server.admin_listen: 0.0.0.0:9090 is not a loopback address"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(bin()
+        .args(["check-config", "--config", &open])
+        .env("SEND_GATEWAY__SERVER__ADMIN_TOKEN", "t0ken"))
+    .await;
+    assert_eq!(code, 0, "with a token it is allowed: {stderr}");
+}
