@@ -531,13 +531,13 @@ async fn a_config_override_applies_and_the_admin_api_takes_precedence() {
     let q = gw.quota(DEMO_GRANT_ID).await;
     assert_eq!(q["profile_source"], "config", "{q}");
     // And sends are charged under it: google's windows, not icloud's.
-    let resp = gw
-        .send_json(&client(), DEMO_GRANT_ID, &simple())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(gw.quota(DEMO_GRANT_ID).await["profile"], "google");
+    assert_eq!(gw.send_status(&simple()).await, 200);
+    let q = gw.quota(DEMO_GRANT_ID).await;
+    assert_eq!(
+        (&q["profile"], &q["windows"][0]["messages"]["used"]),
+        (&json!("google"), &json!(1)),
+        "{q}"
+    );
 }
 
 #[tokio::test]
