@@ -186,3 +186,51 @@ async fn a_client_quota_in_shadow_is_counted_when_the_grant_defers_the_send() {
     let w = &usage.windows[0];
     assert_eq!(w.used.messages + w.scheduled.messages, 2, "{usage:?}");
 }
+
+#[tokio::test]
+async fn a_client_quota_not_in_shadow_holds_when_the_grants_quota_is_in_shadow() {
+    let nylas = fake().await;
+    let digest: String = gateway::config::token_digest(b"app-token")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // The grant's profile is in shadow, one message a minute; the client's is enforced,
+    // two a day.
+    let toml = config(
+        &nylas.url(),
+        &format!(
+            "api_key = \"k\"\n[grants]\ndefault_profile = \"tiny\"\n\
+             [profiles.tiny]\nshadow = true\n\
+             [[profiles.tiny.windows]]\nperiod = \"1m\"\nmessages = 1\n\
+             [profiles.mine]\n[[profiles.mine.windows]]\nperiod = \"1d\"\nmessages = 2\n\
+             [[clients]]\nname = \"app\"\ntoken_sha256 = \"{digest}\"\nprofile = \"mine\"\n"
+        ),
+    );
+    let gw = Gateway::start(&toml).await;
+    let post = || {
+        client()
+            .post(format!(
+                "{}/v3/grants/{DEMO_GRANT_ID}/messages/send",
+                gw.url
+            ))
+            .bearer_auth("app-token")
+            .json(&simple())
+    };
+    assert_eq!(post().send().await.unwrap().status(), 200);
+    // The grant's minute is full (only reported); the client's day still has room.
+    let resp = post().send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(would_deny(&resp).as_deref(), Some("messages"));
+    // Now the client's day is full, and it is not in shadow: refused.
+    let resp = post().send().await.unwrap();
+    gateway_error(resp, 429, "quota_exceeded").await;
+    assert_eq!(nylas.delivered().len(), 2);
+    assert_eq!(
+        gw.used(DEMO_GRANT_ID).await.0,
+        2,
+        "both that went out count"
+    );
+    let m = gw.metrics().await;
+    let units = metric_value(&m, "sendgw_units_total", "metric=\"messages\"");
+    assert_eq!(units, 2.0, "units counted once per send: {m}");
+}

@@ -85,7 +85,9 @@ pub(super) async fn admit(
             kept_first(state, ctx, admitted).await
         }
         Ok(Decision::Denied(d)) if ctx.config.in_shadow(&charged.profile) => {
-            Ok(shadowed(ctx, charged, (charge, ask.at), &d))
+            let mut admitted = shadowed(ctx, charged, (charge, ask.at), &d);
+            enforced_client(state, ctx, charged, ask.at, &mut admitted).await?;
+            Ok(admitted)
         }
         Ok(Decision::Denied(d)) => {
             let horizon = ask.defer.filter(|_| d.retry_after.is_some());
@@ -160,7 +162,12 @@ fn shadowed(
         cost: charge,
         at,
     }];
-    if let Some(c) = &charged.client {
+    // A client's own quota that is not in shadow is enforced (`enforced_client`).
+    if let Some(c) = charged
+        .client
+        .as_ref()
+        .filter(|c| ctx.config.in_shadow(&c.profile))
+    {
         after.push(AfterSend {
             scope: c.scope.clone(),
             profile: c.profile.clone(),
@@ -172,6 +179,47 @@ fn shadowed(
         lease: None,
         deferred_to: None,
         after,
+    }
+}
+
+/// A send its grant's quota refused in shadow still answers to a client quota that is not
+/// in shadow: reserved for real (the lease of the send, then), or refused.
+async fn enforced_client(
+    state: &AppState,
+    ctx: &mut SendCtx,
+    charged: &Charged,
+    at: Option<Millis>,
+    admitted: &mut Admitted,
+) -> Result<(), Stop> {
+    let Some(c) = charged
+        .client
+        .as_ref()
+        .filter(|c| !ctx.config.in_shadow(&c.profile))
+    else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let result = state
+        .store
+        .reserve_at(c.scope.as_str(), &c.profile, c.charge, at, None)
+        .await;
+    state.metrics.store_call("reserve", started.elapsed());
+    match result {
+        Ok(Decision::Allowed(a)) => {
+            let (store, metrics) = (state.store.clone(), state.metrics.clone());
+            let lease = Lease::new(store, metrics, a.reservation, c.profile.clone(), a.usage);
+            admitted.lease = Some(lease);
+            Ok(())
+        }
+        Ok(Decision::Denied(d)) => Err(denied(ctx, d)),
+        Err(e) if ctx.config.store.on_unavailable == OnUnavailable::Reject => {
+            ctx.decide(Outcome::StoreError, store_reason(&e));
+            Err(Stop::Fail(GatewayError::QuotaUnavailable(e.to_string())))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the client's quota could not be charged; the send is charged to the grant only");
+            Ok(())
+        }
     }
 }
 

@@ -34,8 +34,9 @@ pub const WOULD_DENY: &str = "send-gateway-would-deny";
 pub(super) struct Owed {
     store: Arc<dyn QuotaStore>,
     metrics: Arc<Metrics>,
-    /// The grant's or domain's scope: its charge counts units, as a kept lease's does.
-    primary: Scope,
+    /// The grant's or domain's scope: its charge counts units, as a kept lease's does
+    /// (none when `None`: a lease counts them).
+    primary: Option<Scope>,
     charges: Vec<AfterSend>,
     request_id: RequestId,
 }
@@ -44,13 +45,13 @@ impl Owed {
     pub(super) fn new(
         state: &AppState,
         ctx: &SendCtx,
-        primary: &Scope,
+        (primary, units): (&Scope, bool),
         charges: Vec<AfterSend>,
     ) -> Self {
         Owed {
             store: Arc::clone(&state.store),
             metrics: Arc::clone(&state.metrics),
-            primary: primary.clone(),
+            primary: units.then(|| primary.clone()),
             charges,
             request_id: ctx.record.request_id,
         }
@@ -97,7 +98,7 @@ impl Drop for Owed {
 async fn charge_all(
     store: Arc<dyn QuotaStore>,
     metrics: Arc<Metrics>,
-    primary: Scope,
+    primary: Option<Scope>,
     charges: Vec<AfterSend>,
     request_id: RequestId,
 ) {
@@ -108,7 +109,7 @@ async fn charge_all(
             .await;
         metrics.store_call("charge", started.elapsed());
         match result {
-            Ok(_) if a.scope == primary => metrics.units(a.cost),
+            Ok(_) if primary.as_ref() == Some(&a.scope) => metrics.units(a.cost),
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(request_id = %request_id, error = %e, "could not count a send forwarded in shadow");
