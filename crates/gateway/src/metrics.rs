@@ -663,6 +663,8 @@ impl Drop for InFlight {
 }
 
 /// OpenMetrics text as Prometheus text format 0.0.4 (see [`Metrics::render_text`]).
+/// `prometheus-client` writes OpenMetrics only, and the two formats differ in just these
+/// lines, so a converter is smaller than a second metrics library.
 fn prometheus_text(openmetrics: &str) -> String {
     let counters: std::collections::HashSet<&str> = openmetrics
         .lines()
