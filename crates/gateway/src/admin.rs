@@ -54,6 +54,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/quota/{grant}/explain", get(explain_send))
         .route("/v1/clients/{name}/quota", get(client_quota))
+        .route("/v1/usage", get(fleet_usage))
         .route(
             "/v1/grants/{grant}/profile",
             put(set_override).delete(clear_override),
@@ -429,6 +430,37 @@ async fn client_quota(
         "windows": windows_json(&usage),
     }))
     .into_response())
+}
+
+/// `GET /v1/usage?min_utilization=F&limit=N&cursor=C`: the grants, domains and clients at
+/// or above that utilization, busiest first (see [`crate::fleet_view`]).
+async fn fleet_usage(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, GatewayError> {
+    let q = crate::fleet_view::Query::parse(query.as_deref().unwrap_or(""))?;
+    let page = crate::fleet_view::page(&state, &q)
+        .await
+        .map_err(store_failed)?;
+    let data: Vec<serde_json::Value> = page
+        .rows
+        .iter()
+        .map(|row| {
+            let (kind, id) = row
+                .entry
+                .scope
+                .split_once(':')
+                .unwrap_or(("", &row.entry.scope));
+            json!({
+                "scope": kind,
+                "id": id,
+                "profile": row.entry.profile,
+                "utilization": row.entry.utilization,
+                "windows": windows_json(&row.usage),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "data": data, "next_cursor": page.next })).into_response())
 }
 
 fn per_message_json(profile: &limits::Profile) -> serde_json::Value {

@@ -12,6 +12,8 @@ use reqwest::Url;
 use reqwest::blocking::Client;
 use serde_json::Value;
 
+mod top;
+
 /// A quota-enforcing proxy in front of the Nylas v3 API.
 ///
 /// Configuration comes from the defaults, the file, `SEND_GATEWAY__<SECTION>__<KEY>`
@@ -52,6 +54,8 @@ pub enum QuotaCommand {
     Reset(QuotaArgs),
     /// Say whether a send of this shape would be admitted now, and why (charges nothing).
     Explain(ExplainArgs),
+    /// List the grants, domains and clients nearest their limits, busiest first.
+    Top(TopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +74,25 @@ pub struct ExplainArgs {
 pub struct QuotaArgs {
     /// The grant id (or `grant:<id>`).
     pub grant: String,
+    #[command(flatten)]
+    pub to: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Only those whose busiest window is at least this full (0.8 = 80 %).
+    #[arg(long, default_value_t = 0.8)]
+    pub min: f64,
+    /// At most this many.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    #[command(flatten)]
+    pub to: AdminArgs,
+}
+
+/// Where the admin API is and how to talk to it.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
     /// The admin API [default: http://<server.admin_listen> from the configuration, or
     /// https:// with server.tls_cert_file, whose certificates are then trusted too]
     #[arg(long, value_name = "URL")]
@@ -191,19 +214,20 @@ fn run_quota(
         QuotaCommand::Show(args) => (args, false),
         QuotaCommand::Reset(args) => (args, true),
         QuotaCommand::Explain(e) => return run_explain(&e, config),
+        QuotaCommand::Top(t) => return top::run(&t, config),
     };
-    let (admin, token, trust) = admin_and_token(&args, config)?;
+    let (admin, token, trust) = admin_and_token(&args.to, config)?;
     let url = quota_url(&admin, &args.grant)?;
     let body = call_admin(&admin, url, reset, token.as_deref(), trust.as_deref())?;
     let grant = &args.grant;
     if reset {
-        return Ok(if args.json {
+        return Ok(if args.to.json {
             format!("{}\n", serde_json::json!({ "grant": grant, "reset": true }))
         } else {
             format!("quota of grant {grant} reset: every window starts again from zero\n")
         });
     }
-    if args.json {
+    if args.to.json {
         return Ok(format!("{}\n", body.trim_end()));
     }
     let json: Value = serde_json::from_str(&body).map_err(|e| {
@@ -219,7 +243,7 @@ fn run_explain(
     e: &ExplainArgs,
     config: impl FnOnce() -> Result<Config, ConfigError>,
 ) -> Result<String, QuotaError> {
-    let (admin, token, trust) = admin_and_token(&e.quota, config)?;
+    let (admin, token, trust) = admin_and_token(&e.quota.to, config)?;
     let mut url = quota_url(&admin, &e.quota.grant)?;
     url.path_segments_mut()
         .map_err(|()| QuotaError::Usage(format!("--admin: {admin} cannot be a base URL")))?
@@ -229,7 +253,7 @@ fn run_explain(
         e.recipients, e.bytes
     )));
     let body = call_admin(&admin, url, false, token.as_deref(), trust.as_deref())?;
-    if e.quota.json {
+    if e.quota.to.json {
         return Ok(format!("{}\n", body.trim_end()));
     }
     let v: Value = serde_json::from_str(&body).map_err(|err| {
@@ -268,7 +292,7 @@ fn run_explain(
 /// besides the system's roots (the listeners' own chain: enough for a self-signed
 /// certificate, or a chain that carries its CA).
 fn admin_and_token(
-    args: &QuotaArgs,
+    args: &AdminArgs,
     config: impl FnOnce() -> Result<Config, ConfigError>,
 ) -> Result<(Url, Option<String>, Option<PathBuf>), QuotaError> {
     let config = if args.admin.is_none() || args.token.is_none() {
@@ -710,14 +734,14 @@ mod tests {
             panic!("{cli:?}")
         };
         assert_eq!(args.grant, "g-1");
-        assert_eq!(args.admin.as_deref(), Some("http://127.0.0.1:1"));
-        assert!(args.json);
+        assert_eq!(args.to.admin.as_deref(), Some("http://127.0.0.1:1"));
+        assert!(args.to.json);
         let cli =
             Cli::try_parse_from(["send-gateway", "quota", "reset", "g-1", "--token", "t"]).unwrap();
         let Some(Command::Quota(QuotaCommand::Reset(args))) = cli.command else {
             panic!("{cli:?}")
         };
-        assert_eq!(args.token.as_deref(), Some("t"));
+        assert_eq!(args.to.token.as_deref(), Some("t"));
     }
 
     #[test]

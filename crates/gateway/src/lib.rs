@@ -31,12 +31,13 @@
 //! - [`events`]: threshold events (80 % and 100 % of a window) and their webhook.
 //! - [`ratelimit`]: `RateLimit-Policy` and `RateLimit` headers.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`fleet`]: every charge noted in the store's fleet index, off the send's path.
 //! - [`health`]: the store watched once a second (breaker, persistence, restarts), and the
 //!   local budget written back when it returns.
 //!
 //! And around them: [`config`] (the configuration and its validation), [`state`] (what
 //! every request shares), [`admin`] (health, readiness, metrics and the quota API, with
-//! [`explain`], its dry run of a send), [`webhooks`] (Nylas's outcome webhooks for
+//! [`explain`], its dry run of a send, and [`fleet_view`], the busiest scopes), [`webhooks`] (Nylas's outcome webhooks for
 //! scheduled sends).
 
 pub mod admin;
@@ -47,6 +48,8 @@ pub mod drafts;
 pub mod error;
 pub mod events;
 pub mod explain;
+pub mod fleet;
+pub mod fleet_view;
 pub mod grants;
 pub mod health;
 pub mod lease;

@@ -97,8 +97,10 @@ pub async fn run_with_webhooks(
     );
     let admin = on(admin, admin_app, "admin", admin_rx);
     let watch = tokio::spawn(crate::health::watch(Arc::clone(&state)));
+    let fleet = tokio::spawn(crate::fleet_view::flush_every(Arc::clone(&state)));
     shutdown.await;
     watch.abort();
+    fleet.abort();
     state.begin_shutdown();
     tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
     // The proxy stops taking connections at once. The admin listener keeps answering
@@ -121,6 +123,7 @@ pub async fn run_with_webhooks(
     {
         h??;
     }
+    state.fleet.flush().await;
     Ok(())
 }
 

@@ -25,6 +25,8 @@ pub struct AppState {
     config: RwLock<Arc<Config>>,
     /// The quota store (for Redis, behind its breaker).
     pub store: Arc<dyn QuotaStore>,
+    /// The same store, seen as what notes charges in the fleet index (`GET /v1/usage`).
+    pub fleet: Arc<crate::fleet::Indexed>,
     /// The breaker in front of a shared store (`None` for the memory store).
     pub breaker: Option<Arc<BreakerStore>>,
     /// The memory store, when it is the store (for its metrics).
@@ -100,7 +102,10 @@ impl AppState {
         };
         let local = (config.store.on_unavailable == OnUnavailable::Local)
             .then(|| Arc::new(LocalBudget::new(config.store.local_budget.get())));
+        let fleet = Arc::new(crate::fleet::Indexed::new(store));
+        let store = Arc::clone(&fleet) as Arc<dyn QuotaStore>;
         Ok(AppState {
+            fleet,
             breaker: None,
             memory: None,
             local,

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 
 use crate::clock::Millis;
 use crate::decision::{Cost, Decision, Reservation, Usage};
+use crate::fleet::{FleetCursor, FleetEntry};
 use crate::policy::Profile;
 use crate::store::{Guarded, QuotaStore, StoreError};
 
@@ -220,6 +221,23 @@ impl QuotaStore for BreakerStore {
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {
         self.call(self.inner.reset(scope)).await
+    }
+
+    async fn fleet_note(&self, entries: &[FleetEntry]) -> Result<(), StoreError> {
+        self.call(self.inner.fleet_note(entries)).await
+    }
+
+    async fn fleet_list(
+        &self,
+        min: f64,
+        after: Option<&FleetCursor>,
+        count: usize,
+    ) -> Result<Vec<FleetEntry>, StoreError> {
+        self.call(self.inner.fleet_list(min, after, count)).await
+    }
+
+    async fn fleet_lower(&self, scope: &str, seen: f64, to: f64) -> Result<(), StoreError> {
+        self.call(self.inner.fleet_lower(scope, seen, to)).await
     }
 
     async fn reserve_guarded(

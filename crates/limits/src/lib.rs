@@ -10,6 +10,7 @@
 //! - [`store`]: the [`QuotaStore`] trait and [`StoreError`].
 //! - [`memory`]: [`MemoryStore`], the embedded default.
 //! - [`redis`]: [`RedisStore`], one Lua script round trip per decision.
+//! - [`fleet`]: the fleet index, an upper bound on each scope's utilization, busiest first.
 //! - [`breaker`]: [`BreakerStore`], which stops waiting for a store that keeps failing.
 //! - [`local`]: [`LocalBudget`], a replica's own share of each limit while the shared store
 //!   is down, written back to it when it returns.
@@ -19,6 +20,7 @@
 pub mod breaker;
 pub mod clock;
 pub mod decision;
+pub mod fleet;
 mod journal;
 pub mod local;
 pub mod memory;
@@ -33,6 +35,7 @@ pub use clock::{Clock, FakeClock, Millis, SystemClock};
 pub use decision::{
     Allowance, Charge, Cost, Decision, Denial, MetricUsage, Reservation, Usage, WindowUsage,
 };
+pub use fleet::{FleetCursor, FleetEntry, utilization_bound};
 pub use local::LocalBudget;
 pub use memory::{Fsync, MemoryOptions, MemoryStore};
 pub use policy::{

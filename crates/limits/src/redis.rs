@@ -19,8 +19,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::{RedisError, Script, ScriptInvocation, Value};
 
+mod fleet;
+
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
+use crate::fleet::{FleetCursor, FleetEntry};
 use crate::policy::{Metric, Period, Profile, Window};
 use crate::redis_conn::{Client, Conn};
 pub use crate::redis_conn::{Topology, check_url};
@@ -117,6 +120,7 @@ pub struct RedisStore {
     cool_down: Script,
     reset_mark: Script,
     cancel: Script,
+    fleet: fleet::Scripts,
     /// Reserves whose answers were lost, to settle once Redis answers.
     pending: std::sync::Mutex<Vec<Pending>>,
     /// Set only by tests: pass this clock's time to the script instead of Redis `TIME`.
@@ -179,6 +183,7 @@ impl RedisStore {
             cool_down: Script::new(COOL_DOWN),
             reset_mark: Script::new(RESET_MARK),
             cancel: Script::new(CANCEL),
+            fleet: fleet::Scripts::default(),
             pending: std::sync::Mutex::new(Vec::new()),
             clock_override: None,
         })
@@ -1019,6 +1024,23 @@ impl QuotaStore for RedisStore {
         let now = u64::try_from(f[2]).unwrap_or(0);
         let views: Vec<View> = windows_of(&f).map(|w| w.2).collect();
         Ok(usage_of(profile, &views, now))
+    }
+
+    async fn fleet_note(&self, entries: &[FleetEntry]) -> Result<(), StoreError> {
+        self.note_fleet(entries).await
+    }
+
+    async fn fleet_list(
+        &self,
+        min: f64,
+        after: Option<&FleetCursor>,
+        count: usize,
+    ) -> Result<Vec<FleetEntry>, StoreError> {
+        self.list_fleet(min, after, count).await
+    }
+
+    async fn fleet_lower(&self, scope: &str, seen: f64, to: f64) -> Result<(), StoreError> {
+        self.lower_fleet(scope, seen, to).await
     }
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 
 use crate::clock::Millis;
 use crate::decision::{Cost, Decision, Reservation, Usage};
+use crate::fleet::{FleetCursor, FleetEntry};
 use crate::policy::Profile;
 
 /// How long an idempotency key remembers its first decision.
@@ -183,6 +184,43 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
         name: &str,
         value: &str,
     ) -> Result<bool, StoreError>;
+
+    /// Raises the fleet index's entries to `entries` (see [`crate::fleet`]): an entry's bound
+    /// and expiry only ever rise here. Drops entries whose charges have all expired. A store
+    /// without an index keeps nothing.
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn fleet_note(&self, entries: &[FleetEntry]) -> Result<(), StoreError> {
+        let _ = entries;
+        Ok(())
+    }
+
+    /// Up to `count` fleet-index entries whose bound is at least `min`, after `after`, in
+    /// index order (highest bound first; ties by scope, highest first).
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn fleet_list(
+        &self,
+        min: f64,
+        after: Option<&FleetCursor>,
+        count: usize,
+    ) -> Result<Vec<FleetEntry>, StoreError> {
+        let _ = (min, after, count);
+        Ok(Vec::new())
+    }
+
+    /// Sets `scope`'s fleet-index bound to `to` if it is still `seen` (what a reader listed
+    /// before recomputing the scope's usage); removes the entry when `to` is 0. A note made
+    /// meanwhile wins.
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn fleet_lower(&self, scope: &str, seen: f64, to: f64) -> Result<(), StoreError> {
+        let _ = (scope, seen, to);
+        Ok(())
+    }
 
     /// Waits until every change this store has answered is kept as well as the store keeps
     /// anything, so that a crash of this process cannot lose it. Call it before acting on

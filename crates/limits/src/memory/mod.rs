@@ -30,6 +30,7 @@ use dashmap::DashMap;
 
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
+use crate::fleet::{FleetCursor, FleetEntry, MemoryFleet};
 use crate::journal::Record;
 use crate::policy::{Metric, Period, Profile, Window};
 use crate::store::{
@@ -74,6 +75,8 @@ pub struct MemoryStore {
     max_scopes: Option<usize>,
     refused_scopes: AtomicU64,
     persist: Option<Arc<persist::Persist>>,
+    /// The fleet index (not journaled: after a restart a scope reappears with its next charge).
+    fleet: std::sync::Mutex<MemoryFleet>,
 }
 
 impl Default for MemoryStore {
@@ -120,6 +123,12 @@ enum WindowState {
 }
 
 impl MemoryStore {
+    fn fleet_index(&self) -> std::sync::MutexGuard<'_, MemoryFleet> {
+        self.fleet
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// A store reading the system clock.
     pub fn new() -> Self {
         Self::default()
@@ -136,6 +145,7 @@ impl MemoryStore {
             max_scopes: None,
             refused_scopes: AtomicU64::new(0),
             persist: None,
+            fleet: std::sync::Mutex::default(),
         }
     }
 
@@ -770,6 +780,30 @@ impl QuotaStore for MemoryStore {
             .map(|w| state.window_at(w, now))
             .collect();
         Ok(state.usage(profile, &slots, now))
+    }
+
+    async fn fleet_note(&self, entries: &[FleetEntry]) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        let mut fleet = self.fleet_index();
+        for e in entries {
+            fleet.note(e, now);
+        }
+        Ok(())
+    }
+
+    async fn fleet_list(
+        &self,
+        min: f64,
+        after: Option<&FleetCursor>,
+        count: usize,
+    ) -> Result<Vec<FleetEntry>, StoreError> {
+        let now = self.clock.now_ms();
+        Ok(self.fleet_index().list(min, after, count, now))
+    }
+
+    async fn fleet_lower(&self, scope: &str, seen: f64, to: f64) -> Result<(), StoreError> {
+        self.fleet_index().lower(scope, seen, to);
+        Ok(())
     }
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {

@@ -1,0 +1,231 @@
+//! Noting every charge in the store's fleet index, for the fleet view ([`crate::fleet_view`]).
+//!
+//! Every charge's usage is noted in the store's fleet index ([`limits::fleet`]) as an upper
+//! bound on the scope's utilization. [`Indexed`] takes the notes: it wraps the store, keeps
+//! the latest note per scope in memory and writes them out at most once a second
+//! ([`crate::fleet_view::flush_every`]), so a send pays one map insert, never a store round
+//! trip.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use limits::{
+    Cost, Decision, FleetCursor, FleetEntry, Guarded, Millis, Profile, QuotaStore, Reservation,
+    StoreError, StoreHealth, Usage, utilization_bound,
+};
+
+/// How often this replica's notes are written to the store.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// A store whose charges are noted in its fleet index.
+#[derive(Debug)]
+pub struct Indexed {
+    inner: Arc<dyn QuotaStore>,
+    pending: Mutex<HashMap<String, FleetEntry>>,
+}
+
+impl Indexed {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn QuotaStore>) -> Self {
+        Indexed {
+            inner,
+            pending: Mutex::default(),
+        }
+    }
+
+    /// Writes the notes taken since the last flush; on failure they are kept for the next.
+    pub async fn flush(&self) {
+        let entries: Vec<FleetEntry> = self.lock().drain().map(|(_, e)| e).collect();
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.fleet_note(&entries).await {
+            tracing::debug!(error = %e, "fleet index: notes kept for the next flush");
+            let mut pending = self.lock();
+            for entry in entries {
+                merge(&mut pending, entry);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, FleetEntry>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note(&self, scope: &str, profile: &Profile, usage: &Usage, expires_at: Millis) {
+        let entry = FleetEntry {
+            scope: scope.to_owned(),
+            profile: profile.name().to_owned(),
+            utilization: utilization_bound(usage),
+            expires_at,
+        };
+        merge(&mut self.lock(), entry);
+    }
+
+    fn note_decision(&self, scope: &str, profile: &Profile, decision: &Decision) {
+        if let Decision::Allowed(a) = decision
+            && !a.replay
+        {
+            let expires = a.reservation.expires_at_ms();
+            self.note(scope, profile, &a.usage, expires);
+        }
+    }
+}
+
+/// Keeps the larger bound and the later expiry of two notes of one scope.
+fn merge(pending: &mut HashMap<String, FleetEntry>, entry: FleetEntry) {
+    match pending.get_mut(&entry.scope) {
+        Some(e) => {
+            e.utilization = e.utilization.max(entry.utilization);
+            e.expires_at = e.expires_at.max(entry.expires_at);
+            e.profile = entry.profile;
+        }
+        None => {
+            pending.insert(entry.scope.clone(), entry);
+        }
+    }
+}
+
+/// When a forced charge's usage stops counting, at the latest: its instant plus twice the
+/// longest window (a calendar month is at most that long past any instant in it).
+fn forced_expiry(usage: &Usage, at: Option<Millis>) -> Millis {
+    let longest = usage.windows.iter().map(|w| w.seconds).max().unwrap_or(0);
+    let at = at.unwrap_or_else(|| limits::Clock::now_ms(&limits::SystemClock));
+    at.saturating_add(longest.saturating_mul(2000))
+}
+
+#[async_trait]
+impl QuotaStore for Indexed {
+    async fn reserve_at(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        at: Option<Millis>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Decision, StoreError> {
+        let d = self
+            .inner
+            .reserve_at(scope, profile, cost, at, idempotency_key)
+            .await?;
+        self.note_decision(scope, profile, &d);
+        Ok(d)
+    }
+
+    async fn charge(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        at: Option<Millis>,
+    ) -> Result<Usage, StoreError> {
+        let usage = self.inner.charge(scope, profile, cost, at).await?;
+        self.note(scope, profile, &usage, forced_expiry(&usage, at));
+        Ok(usage)
+    }
+
+    async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {
+        self.inner.release(reservation).await
+    }
+
+    async fn usage(&self, scope: &str, profile: &Profile) -> Result<Usage, StoreError> {
+        self.inner.usage(scope, profile).await
+    }
+
+    async fn reset(&self, scope: &str) -> Result<(), StoreError> {
+        self.inner.reset(scope).await
+    }
+
+    async fn reserve_guarded(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        at: Option<Millis>,
+        idempotency_key: Option<&str>,
+        expected_override: Option<&str>,
+    ) -> Result<Guarded, StoreError> {
+        let g = self
+            .inner
+            .reserve_guarded(scope, profile, cost, at, idempotency_key, expected_override)
+            .await?;
+        if let Guarded::Decided(d) = &g {
+            self.note_decision(scope, profile, d);
+        }
+        Ok(g)
+    }
+
+    async fn cool_down(&self, scope: &str, duration: Duration) -> Result<(), StoreError> {
+        self.inner.cool_down(scope, duration).await
+    }
+
+    async fn meta_get(&self, scope: &str, name: &str) -> Result<Option<String>, StoreError> {
+        self.inner.meta_get(scope, name).await
+    }
+
+    async fn meta_set(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        self.inner.meta_set(scope, name, value, ttl).await
+    }
+
+    async fn meta_set_new(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.meta_set_new(scope, name, value, ttl).await
+    }
+
+    async fn meta_delete(&self, scope: &str, name: &str) -> Result<(), StoreError> {
+        self.inner.meta_delete(scope, name).await
+    }
+
+    async fn meta_delete_if(
+        &self,
+        scope: &str,
+        name: &str,
+        value: &str,
+    ) -> Result<bool, StoreError> {
+        self.inner.meta_delete_if(scope, name, value).await
+    }
+
+    async fn fleet_note(&self, entries: &[FleetEntry]) -> Result<(), StoreError> {
+        self.inner.fleet_note(entries).await
+    }
+
+    async fn fleet_list(
+        &self,
+        min: f64,
+        after: Option<&FleetCursor>,
+        count: usize,
+    ) -> Result<Vec<FleetEntry>, StoreError> {
+        self.inner.fleet_list(min, after, count).await
+    }
+
+    async fn fleet_lower(&self, scope: &str, seen: f64, to: f64) -> Result<(), StoreError> {
+        self.inner.fleet_lower(scope, seen, to).await
+    }
+
+    async fn durable(&self) -> Result<(), StoreError> {
+        self.inner.durable().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+
+    async fn health(&self) -> Result<StoreHealth, StoreError> {
+        self.inner.health().await
+    }
+}
