@@ -207,14 +207,12 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: http::HeaderMap) -
     if let Some(m) = &state.memory {
         state.metrics.store_scopes(m.scope_count());
     }
-    let openmetrics = headers
+    let accept: Vec<&str> = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.to_ascii_lowercase()
-                .contains("application/openmetrics-text")
-        });
+        .collect();
+    let openmetrics = crate::metrics::wants_openmetrics(&accept.join(","));
     let (content_type, body) = if openmetrics {
         let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
         (ct, state.metrics.render())

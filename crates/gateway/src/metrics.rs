@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry};
 
+mod process;
+
 /// Decision outcomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -104,6 +106,8 @@ struct ClientLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The `process_*` metrics, unprefixed as every client library names them.
+    process: Registry,
     decisions: Family<DecisionLabels, Counter>,
     units: Family<MetricLabel, Counter>,
     settled: Family<OutcomeLabel, Counter>,
@@ -285,6 +289,7 @@ impl Default for Metrics {
             event_webhooks,
             reloads,
             registry,
+            process: process_registry(),
             decisions,
             units,
             settled,
@@ -341,6 +346,12 @@ fn event_families(registry: &mut Registry) -> EventFamilies {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
+}
+
+fn process_registry() -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(process::Process));
+    registry
 }
 
 /// `sendgw_build_info{version} 1`: which build is running, for dashboards and alerts.
@@ -401,7 +412,7 @@ fn send_families(registry: &mut Registry) -> SendFamilies {
     let scheduled = registered(
         registry,
         "scheduled",
-        "Scheduled sends by event: remembered, cancelled, failed, sent",
+        "Scheduled sends by event: remembered, unconfirmed, cancelled, failed, sent",
         Family::<EventLabel, Counter>::default(),
     );
     (decisions, units, settled, corrections, scheduled)
@@ -586,9 +597,12 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.process);
+        let _ = encode_eof(&mut out);
         out
     }
 
@@ -618,6 +632,38 @@ impl Metrics {
         }
         for level in ["80", "100"] {
             let _ = self.thresholds.get_or_create(&LevelLabel { level });
+        }
+        self.zero_send_series();
+    }
+
+    /// The send path's series known in advance: the common decisions (other reasons are
+    /// many and appear with their first send), scheduled-send events, upstream classes,
+    /// listeners and store calls.
+    fn zero_send_series(&self) {
+        let decided = |outcome: Outcome, reason| {
+            let _ = self.decisions.get_or_create(&DecisionLabels {
+                outcome: outcome.as_str(),
+                reason,
+            });
+        };
+        decided(Outcome::Allowed, "within_quota");
+        for reason in ["messages", "recipients", "bytes", "provider_throttled"] {
+            decided(Outcome::Denied, reason);
+        }
+        for event in ["remembered", "unconfirmed", "cancelled", "sent", "failed"] {
+            let _ = self.scheduled.get_or_create(&EventLabel { event });
+        }
+        for class in ["2xx", "3xx", "4xx", "5xx", "error"] {
+            let _ = self.upstream_responses.get_or_create(&ClassLabel { class });
+        }
+        for listener in ["proxy", "admin"] {
+            let _ = self
+                .server
+                .connections
+                .get_or_create(&ListenerLabel { listener });
+        }
+        for op in ["reserve", "release", "charge", "ping", "health"] {
+            let _ = self.store_duration.get_or_create(&OpLabel { op });
         }
     }
 
@@ -662,6 +708,29 @@ impl Drop for InFlight {
     }
 }
 
+/// Whether an `Accept` header's value asks for OpenMetrics rather than the text format
+/// 0.0.4: `application/openmetrics-text` is acceptable (q above 0) and at least as
+/// preferred as any range the text format matches (`text/plain`, `text/*`, `*/*`). What
+/// names neither (no `Accept`, `application/json`) gets the text format, as Prometheus's
+/// own clients answer.
+pub fn wants_openmetrics(accept: &str) -> bool {
+    let (mut om, mut text) = (0.0f32, 0.0f32);
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+        match media.as_str() {
+            "application/openmetrics-text" => om = om.max(q),
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    om > 0.0 && om >= text
+}
+
 /// OpenMetrics text as Prometheus text format 0.0.4 (see [`Metrics::render_text`]).
 /// `prometheus-client` writes OpenMetrics only, and the two formats differ in just these
 /// lines, so a converter is smaller than a second metrics library.
@@ -690,4 +759,34 @@ fn prometheus_text(openmetrics: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_openmetrics;
+
+    #[test]
+    fn accept_negotiation_follows_q_values() {
+        // What Prometheus 2.x and 3.x send, then the text format preferred or OpenMetrics refused.
+        for (accept, om) in [
+            (
+                "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1",
+                true,
+            ),
+            (
+                "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+                true,
+            ),
+            ("Application/OpenMetrics-Text", true),
+            ("text/plain, application/openmetrics-text", true),
+            ("text/plain;q=0.9,application/openmetrics-text;q=0.5", false),
+            ("application/openmetrics-text;q=0", false),
+            ("application/openmetrics-text;q=junk", false),
+            ("*/*", false),
+            ("", false),
+            ("application/json", false),
+        ] {
+            assert_eq!(wants_openmetrics(accept), om, "{accept}");
+        }
+    }
 }

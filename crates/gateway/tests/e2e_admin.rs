@@ -571,6 +571,9 @@ async fn metrics_speak_prometheus_text_unless_openmetrics_is_asked_for() {
         "sendgw_reservations_settled_total{outcome=\"dropped\"} 0",
         "sendgw_units_total{metric=\"bytes\"} 0",
         "sendgw_threshold_crossings_total{level=\"100\"} 0",
+        "sendgw_decisions_total{outcome=\"denied\",reason=\"recipients\"} 0",
+        "sendgw_upstream_responses_total{class=\"5xx\"} 0",
+        "sendgw_scheduled_total{event=\"cancelled\"} 0",
     ] {
         assert!(text.lines().any(|l| l == series), "{series} in\n{text}");
     }
@@ -597,6 +600,67 @@ async fn metrics_speak_prometheus_text_unless_openmetrics_is_asked_for() {
             .unwrap_or(name);
         assert!(typed.contains(&family), "{sample} has no TYPE line");
     }
+    // The process's own metrics, as every client library names them.
+    let rss = text
+        .lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(rss.is_some_and(|v| v > 1e6), "resident memory in\n{text}");
+    for family in [
+        "process_cpu_seconds_total counter",
+        "process_open_fds gauge",
+    ] {
+        assert!(text.contains(&format!("# TYPE {family}\n")), "{family}");
+    }
+    promtool_accepts(&text);
+    // A scraper that prefers the text format gets it, though it would take OpenMetrics.
+    let resp = client()
+        .get(format!("{}/metrics", gw.admin))
+        .header(
+            "accept",
+            "text/plain;q=0.9,application/openmetrics-text;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    let ct = resp.headers()["content-type"].to_str().unwrap();
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+}
+
+/// `promtool check metrics` (Debian's `prometheus` package, which `.ci/run` installs) finds
+/// nothing to say about `text`. Without promtool the check is skipped, except under CI.
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("promtool not run ({e}); `apt-get install prometheus` provides it");
+            return;
+        }
+        Err(e) => panic!("promtool is needed under CI: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
 }
 
 #[tokio::test]

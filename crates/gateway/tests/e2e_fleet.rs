@@ -28,9 +28,7 @@ fn recipients(i: usize) -> usize {
 async fn send_all(gw: &Gateway, nylas: &fake_nylas::FakeNylas) -> HashMap<String, usize> {
     let grants: Vec<(String, usize)> = (0..GRANTS)
         .map(|i| {
-            let id = nylas
-                .add_grant(Grant::new(format!("f{i}@corp.example")))
-                .id;
+            let id = nylas.add_grant(Grant::new(format!("f{i}@corp.example"))).id;
             (id, recipients(i))
         })
         .collect();

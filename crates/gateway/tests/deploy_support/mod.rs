@@ -421,7 +421,11 @@ pub fn registry_text() -> String {
     let metrics = gateway::metrics::Metrics::with_every_family();
     let text = metrics.render();
     let registered = format!("{metrics:?}").matches("Descriptor {").count();
-    let described = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+    // The standard `process_*` families come from a collector, which has no descriptor.
+    let described = text
+        .lines()
+        .filter(|l| l.starts_with("# TYPE sendgw_"))
+        .count();
     assert!(
         registered > 0 && described == registered,
         "the registry holds {registered} metric families but Metrics::with_every_family() \
@@ -430,13 +434,15 @@ pub fn registry_text() -> String {
     text
 }
 
-/// `(family name, type)` of every metric the gateway registers, from the `# TYPE` lines of
+/// `(family name, type)` of every `sendgw_` metric the gateway registers (not the standard
+/// `process_*` ones), from the `# TYPE` lines of
 /// [`registry_text`]. The family name is the exposed base name: the registry's prefix and
 /// the metric's name (and unit), without the `_total`, `_bucket`, ... of its samples.
 pub fn registered_metrics() -> Vec<(String, MetricType)> {
     registry_text()
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter(|rest| rest.starts_with("sendgw_"))
         .map(|rest| {
             let (name, ty) = rest
                 .split_once(' ')
