@@ -465,3 +465,58 @@ async fn check_config_refuses_an_exposed_admin_listener_without_a_token() {
     .await;
     assert_eq!(code, 0, "with a token it is allowed: {stderr}");
 }
+
+#[tokio::test]
+async fn quota_top_lists_the_busiest_grants() {
+    let nylas = fake().await;
+    let rest = "[grants]\ndefault_profile = \"tiny\"\n[profiles.tiny]\n\
+                [[profiles.tiny.windows]]\nperiod = \"1h\"\nmessages = 4\n";
+    let gw = Gateway::start(&config(&nylas.url(), rest)).await;
+    let other = nylas
+        .add_grant(fake_nylas::Grant::new("top@corp.example"))
+        .id;
+    let c = client();
+    for (grant, sends) in [(DEMO_GRANT_ID, 3), (other.as_str(), 1)] {
+        for _ in 0..sends {
+            let resp = gw.send_json(&c, grant, &simple()).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    }
+    let top = |min: &'static str| {
+        let mut cmd = bin();
+        cmd.args([
+            "quota",
+            "top",
+            "--admin",
+            &gw.admin,
+            &format!("--min={min}"),
+        ]);
+        cmd
+    };
+    let (code, stdout, stderr) = run(&mut top("0.5")).await;
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "a header and the one grant at 75 %: {stdout}"
+    );
+    assert!(lines[0].trim_start().starts_with("USED  SCOPE"), "{stdout}");
+    assert!(
+        lines[1].starts_with("75.0 %  grant  ") && lines[1].contains(DEMO_GRANT_ID),
+        "{stdout}"
+    );
+    assert!(lines[1].ends_with("1h messages 3/4"), "{stdout}");
+    let (_, stdout, _) = run(&mut top("0")).await;
+    assert_eq!(
+        stdout.lines().count(),
+        3,
+        "both grants, busiest first: {stdout}"
+    );
+    assert!(stdout.lines().nth(2).unwrap().contains(&other), "{stdout}");
+    let (_, stdout, _) = run(&mut top("0.9")).await;
+    assert_eq!(stdout, "nothing is at or above 90 % of a limit\n");
+    let (code, _, stderr) = run(&mut top("-1")).await;
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("--min"), "{stderr}");
+}

@@ -171,3 +171,53 @@ async fn bad_queries_are_refused() {
         assert!(body["error"]["message"].is_string(), "{q}: {body}");
     }
 }
+
+#[tokio::test]
+async fn clients_with_a_profile_are_listed_beside_their_grants() {
+    let nylas = fake().await;
+    let token = "fleet-client-token";
+    let digest: String = gateway::config::token_digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let rest = format!(
+        "api_key = \"nyk_gateway\"\n{PROFILE}\
+         [profiles.app]\n[[profiles.app.windows]]\nperiod = \"1d\"\nmessages = 4\n\
+         [[clients]]\nname = \"billing\"\ntoken_sha256 = \"{digest}\"\nprofile = \"app\"\n"
+    );
+    let gw = Gateway::start(&config(&nylas.url(), &rest)).await;
+    let c = client();
+    for _ in 0..3 {
+        let resp = c
+            .post(format!(
+                "{}/v3/grants/{}/messages/send",
+                gw.url,
+                fake_nylas::DEMO_GRANT_ID
+            ))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(message(&["a@x.example"], &[], &[]).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let rows: Vec<Value> = pages(&gw, 0.0, 10).await.concat();
+    let seen: Vec<(&str, &str, f64)> = rows
+        .iter()
+        .map(|r| {
+            let scope = r["scope"].as_str().unwrap();
+            (
+                scope,
+                r["profile"].as_str().unwrap(),
+                r["utilization"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("client", "app", 0.75), ("grant", "fleet", 0.03)],
+        "the client at 3 of 4 messages, then the grant at 3 of 100 recipients"
+    );
+    assert_eq!(rows[0]["id"], "billing");
+}
