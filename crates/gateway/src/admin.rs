@@ -313,8 +313,9 @@ async fn selected_usage(
     Ok((selection, usage))
 }
 
-/// `GET /v1/quota/{grant}/explain?recipients=N&bytes=B`: whether such a send would be
-/// admitted now, which window and metric binds, and the profile and why; charges nothing
+/// `GET /v1/quota/{grant}/explain?recipients=N&bytes=B&send_at=T`: whether such a send
+/// would be admitted now, which window and metric binds, when it would fit, and the
+/// profile and why; charges nothing
 /// (see [`crate::explain`]).
 async fn explain_send(
     State(state): State<Arc<AppState>>,
@@ -327,18 +328,38 @@ async fn explain_send(
     let left = cooldown(state.store.as_ref(), &id)
         .await?
         .map(|(_, secs)| secs);
-    let mut answer = crate::explain::explain(&selection.profile, &usage, left, shape);
+    let scope = Scope::grant(&id);
+    let at = shape.send_at.map(|s| s.saturating_mul(1000));
+    let probe = state
+        .store
+        .probe_at(scope.as_str(), &selection.profile, shape.cost(), at)
+        .await
+        .map_err(store_failed)?;
+    let mut answer = match shape.send_at {
+        None => {
+            let mut a = crate::explain::explain(&selection.profile, &usage, left, shape);
+            crate::explain::add_fits_at(&mut a, &probe);
+            a
+        }
+        Some(send_at) => {
+            let mut a = crate::explain::explain_scheduled(&selection.profile, &probe, left, shape);
+            a["send_at"] = json!(send_at);
+            a
+        }
+    };
     answer["grant_id"] = json!(id);
     answer["profile"] = json!(selection.profile.name());
     answer["profile_source"] = json!(selection.source.as_str());
     Ok(axum::Json(answer).into_response())
 }
 
-/// `recipients` (default 1) and `bytes` (default 0) from the query; anything else is 400.
+/// `recipients` (default 1), `bytes` (default 0) and `send_at` (unix seconds; default
+/// now) from the query; anything else is 400.
 fn explain_shape(query: &str) -> Result<crate::explain::Shape, GatewayError> {
     let mut shape = crate::explain::Shape {
         recipients: 1,
         bytes: 0,
+        send_at: None,
     };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -348,14 +369,10 @@ fn explain_shape(query: &str) -> Result<crate::explain::Shape, GatewayError> {
         match key {
             "recipients" => shape.recipients = number?,
             "bytes" => shape.bytes = number?,
-            "send_at" => {
-                return Err(GatewayError::InvalidAdminRequest(
-                    "explain answers for a send now; send_at is not supported".into(),
-                ));
-            }
+            "send_at" => shape.send_at = Some(number?),
             _ => {
                 return Err(GatewayError::InvalidAdminRequest(
-                    "explain takes recipients and bytes".into(),
+                    "explain takes recipients, bytes and send_at".into(),
                 ));
             }
         }

@@ -68,6 +68,9 @@ pub struct ExplainArgs {
     /// The send's size in bytes, as the provider sees it.
     #[arg(long, default_value_t = 0)]
     pub bytes: u64,
+    /// When the send goes out, in unix seconds (a scheduled send) [default: now]
+    #[arg(long, value_name = "UNIX_SECONDS")]
+    pub send_at: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -248,10 +251,11 @@ fn run_explain(
     url.path_segments_mut()
         .map_err(|()| QuotaError::Usage(format!("--admin: {admin} cannot be a base URL")))?
         .push("explain");
-    url.set_query(Some(&format!(
-        "recipients={}&bytes={}",
-        e.recipients, e.bytes
-    )));
+    let mut query = format!("recipients={}&bytes={}", e.recipients, e.bytes);
+    if let Some(t) = e.send_at {
+        query.push_str(&format!("&send_at={t}"));
+    }
+    url.set_query(Some(&query));
     let body = call_admin(&admin, url, false, token.as_deref(), trust.as_deref())?;
     if e.quota.to.json {
         return Ok(format!("{}\n", body.trim_end()));
@@ -274,14 +278,21 @@ fn run_explain(
     );
     let b = &v["binding"];
     if b.is_object() {
+        // A scheduled send's binding says what is used around its instant, not what remains now.
+        let (figure, what) = match b.get("remaining") {
+            Some(r) => (r, "remaining"),
+            None => (&b["used"], "used"),
+        };
         out.push_str(&format!(
-            "binding: {} window, {}: {} asked, {} remaining of {}\n",
+            "binding: {} window, {}: {} asked, {figure} {what} of {}\n",
             b["window"].as_str().unwrap_or("?"),
             b["metric"].as_str().unwrap_or("?"),
             b["requested"],
-            b["remaining"],
             b["limit"],
         ));
+    }
+    if let Some(t) = v["fits_at"].as_u64() {
+        out.push_str(&format!("would fit from {t} (unix seconds)\n"));
     }
     Ok(out)
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use limits::{
-    Cost, Decision, FleetCursor, FleetEntry, Guarded, Millis, Profile, QuotaStore, Reservation,
-    StoreError, StoreHealth, Usage, utilization_bound,
+    Cost, Decision, FleetCursor, FleetEntry, Guarded, Millis, Probe, Profile, QuotaStore,
+    Reservation, StoreError, StoreHealth, Usage, utilization_bound,
 };
 
 /// How often this replica's notes are written to the store.
@@ -198,6 +198,16 @@ impl QuotaStore for Indexed {
         value: &str,
     ) -> Result<bool, StoreError> {
         self.inner.meta_delete_if(scope, name, value).await
+    }
+
+    async fn probe_at(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        at: Option<Millis>,
+    ) -> Result<Probe, StoreError> {
+        self.inner.probe_at(scope, profile, cost, at).await
     }
 
     async fn fleet_note(&self, entries: &[FleetEntry]) -> Result<(), StoreError> {

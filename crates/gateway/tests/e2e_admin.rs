@@ -707,11 +707,29 @@ async fn explain_agrees_with_the_next_real_decision_and_charges_nothing() {
     // Two still fit; then the messages window is full.
     assert_eq!(decided(&ask("recipients=2").await), yes);
     assert_eq!(gw.send_status(&two).await, 200);
-    assert_eq!(decided(&ask("recipients=1").await), no("messages"));
-    assert_eq!(gw.send_status(&simple()).await, 429);
+    let e = ask("recipients=1").await;
+    assert_eq!(decided(&e), no("messages"));
+    let resp = gw
+        .send_json(&client(), DEMO_GRANT_ID, &simple())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    // When it would fit: the refusal's own Retry-After, give or take the second between.
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let said = e["retry_after_seconds"].as_u64().unwrap();
+    assert!(
+        said.abs_diff(retry) <= 1,
+        "{said} vs Retry-After {retry}: {e}"
+    );
+    assert!(e["fits_at"].as_u64().is_some(), "{e}");
     // Per-message caps come first, and bad questions are 400.
     assert_eq!(ask("recipients=4").await["reason"], "too_many_recipients");
-    for bad in ["recipients=x", "send_at=1", "nope=1"] {
+    for bad in ["recipients=x", "send_at=soon", "nope=1"] {
         gateway_error(
             explain(bad).send().await.unwrap(),
             400,
@@ -719,4 +737,56 @@ async fn explain_agrees_with_the_next_real_decision_and_charges_nothing() {
         )
         .await;
     }
+}
+
+#[tokio::test]
+async fn explain_at_a_send_at_agrees_with_the_scheduled_send() {
+    let nylas = fake().await;
+    let rest = "[grants]\ndefault_profile = \"tiny\"\n[profiles.tiny]\n\
+                [[profiles.tiny.windows]]\nperiod = \"1h\"\nmessages = 2\n";
+    let gw = Gateway::start(&config(&nylas.url(), rest)).await;
+    let ask = |q: String| {
+        let req = gw.admin_get(&format!("/v1/quota/{DEMO_GRANT_ID}/explain?{q}"));
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let at = now + 2 * 86_400;
+    let scheduled = |t: u64| {
+        let mut m = simple();
+        m["send_at"] = json!(t);
+        m
+    };
+    let e = ask(format!("send_at={at}")).await;
+    assert_eq!(
+        (&e["admitted"], &e["send_at"]),
+        (&json!(true), &json!(at)),
+        "{e}"
+    );
+    for _ in 0..2 {
+        assert_eq!(gw.send_status(&scheduled(at)).await, 200);
+    }
+    // The hour around `at` is full: explained, then refused alike; a send now still fits.
+    let e = ask(format!("send_at={at}")).await;
+    assert_eq!(
+        (&e["admitted"], &e["reason"]),
+        (&json!(false), &json!("messages")),
+        "{e}"
+    );
+    assert_eq!(e["binding"]["window"], "1h", "{e}");
+    assert_eq!(e["binding"]["used"], 2, "{e}");
+    assert_eq!(gw.send_status(&scheduled(at)).await, 429);
+    assert_eq!(ask(String::new()).await["admitted"], true);
+    // When it would fit is an instant the real send takes.
+    let fits = e["fits_at"].as_u64().unwrap();
+    assert!(fits > at, "{e}");
+    assert_eq!(ask(format!("send_at={fits}")).await["admitted"], true);
+    assert_eq!(gw.send_status(&scheduled(fits)).await, 200);
+    assert_eq!(nylas.sends().len(), 3, "explaining sent nothing");
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::clock::Millis;
-use crate::decision::{Cost, Decision, Reservation, Usage};
+use crate::decision::{Cost, Decision, Probe, Reservation, Usage};
 use crate::fleet::{FleetCursor, FleetEntry};
 use crate::policy::Profile;
 use crate::store::{Guarded, QuotaStore, StoreError};
@@ -221,6 +221,17 @@ impl QuotaStore for BreakerStore {
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {
         self.call(self.inner.reset(scope)).await
+    }
+
+    async fn probe_at(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        at: Option<Millis>,
+    ) -> Result<Probe, StoreError> {
+        self.call(self.inner.probe_at(scope, profile, cost, at))
+            .await
     }
 
     async fn fleet_note(&self, entries: &[FleetEntry]) -> Result<(), StoreError> {

@@ -285,6 +285,16 @@ pub struct Denial {
     pub usage: Usage,
 }
 
+/// What a reservation would be answered, asked without charging
+/// ([`crate::QuotaStore::probe_at`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Probe {
+    /// It would be admitted; the usage now, which nothing changed.
+    Fits(Usage),
+    /// It would be refused, and why.
+    Refused(Denial),
+}
+
 /// The answer to a reservation: over the limit is a value, not an error.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Decision {

@@ -33,7 +33,7 @@ mod window;
 pub use breaker::{BreakerState, BreakerStore};
 pub use clock::{Clock, FakeClock, Millis, SystemClock};
 pub use decision::{
-    Allowance, Charge, Cost, Decision, Denial, MetricUsage, Reservation, Usage, WindowUsage,
+    Allowance, Charge, Cost, Decision, Denial, MetricUsage, Probe, Reservation, Usage, WindowUsage,
 };
 pub use fleet::{FleetCursor, FleetEntry, utilization_bound};
 pub use local::LocalBudget;

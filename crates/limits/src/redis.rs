@@ -22,7 +22,7 @@ use redis::{RedisError, Script, ScriptInvocation, Value};
 mod fleet;
 
 use crate::clock::{Clock, Millis, SystemClock};
-use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
+use crate::decision::{Allowance, Charge, Cost, Decision, Probe, Reservation, Usage};
 use crate::fleet::{FleetCursor, FleetEntry};
 use crate::policy::{Metric, Period, Profile, Window};
 use crate::redis_conn::{Client, Conn};
@@ -272,6 +272,7 @@ impl RedisStore {
         let mut reply = within(self.timeout, inv.invoke_async::<Value>(&mut conn)).await;
         if reply.is_ok()
             && mode != MODE_USAGE
+            && mode != MODE_PROBE
             && let Err(e) = self.replicated(&mut conn).await
         {
             reply = Err(e);
@@ -609,6 +610,8 @@ const DELETE_IF: &str =
 const MODE_RESERVE: &str = "r";
 const MODE_USAGE: &str = "u";
 const MODE_FORCE: &str = "f";
+/// Judge as a reserve would, and charge nothing.
+const MODE_PROBE: &str = "p";
 
 fn protocol(what: &str) -> StoreError {
     StoreError::Protocol(format!("unexpected {what} from Redis"))
@@ -1024,6 +1027,22 @@ impl QuotaStore for RedisStore {
         let now = u64::try_from(f[2]).unwrap_or(0);
         let views: Vec<View> = windows_of(&f).map(|w| w.2).collect();
         Ok(usage_of(profile, &views, now))
+    }
+
+    async fn probe_at(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        at: Option<Millis>,
+    ) -> Result<Probe, StoreError> {
+        let ask = Ask { profile, cost, at };
+        let (f, _) = self.fields(scope, ask, MODE_PROBE).await?;
+        // The allowance of a probe charged nothing: only its usage is kept.
+        Ok(match decision_of(&f, false, scope, ask, None)? {
+            Decision::Allowed(a) => Probe::Fits(a.usage),
+            Decision::Denied(d) => Probe::Refused(d),
+        })
     }
 
     async fn fleet_note(&self, entries: &[FleetEntry]) -> Result<(), StoreError> {

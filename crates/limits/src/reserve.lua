@@ -1,5 +1,5 @@
--- send-gateway quota script: reserve ("r"), charge regardless ("f") or read usage ("u") for
--- one scope, atomically. The same rules as memory.rs, which is the reference.
+-- send-gateway quota script: reserve ("r"), charge regardless ("f"), read usage ("u") or
+-- judge as a reserve would and charge nothing ("p", probe) for one scope, atomically. The same rules as memory.rs, which is the reference.
 --
 -- KEYS[1..n]   one hash per window.
 --              rolling: t (sum of every bucket held, "m,r,b"), o (oldest slot), n (newest
@@ -22,7 +22,9 @@
 -- ARGV[3]      idempotency TTL in ms, 0 for none
 -- ARGV[4..6]   cost: messages, recipients, bytes
 -- ARGV[7]      mode: "r" reserve, "u" usage, "f" charge whatever the limits say (a send that
---              already went out cost more than was reserved)
+--              already went out cost more than was reserved), "p" probe: answer as "r"
+--              would (without its release-marker, guard and idempotency checks) and write
+--              nothing
 -- ARGV[8]      number of windows n
 -- ARGV[9]      "1": check the cool-down and the override first; "0": don't
 -- ARGV[10]     the override the caller expects ("" for none)
@@ -433,7 +435,7 @@ for i = 1, nwin do
   local w = load(i)
   if type(w) ~= 'table' or w.err then return w end
   windows[i] = w
-  if mode == 'r' then
+  if mode == 'r' or mode == 'p' then
     local load_v = load_at(w)
     for m = 1, 3 do
       local lim = w.limit[m]
@@ -478,7 +480,7 @@ local idx_expiry = 0
 for i = 1, nwin do
   local w = windows[i]
   local slot, expiry = 0, 0
-  if status == 1 then
+  if status == 1 and mode ~= 'p' then
     local extend, key_expiry
     if w.kind == 0 then
       slot, expiry, extend, key_expiry = charge_rolling(w)

@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::clock::Millis;
-use crate::decision::{Cost, Decision, Reservation, Usage};
+use crate::decision::{Cost, Decision, Probe, Reservation, Usage};
 use crate::fleet::{FleetCursor, FleetEntry};
 use crate::policy::Profile;
 
@@ -184,6 +184,25 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
         name: &str,
         value: &str,
     ) -> Result<bool, StoreError>;
+
+    /// What [`QuotaStore::reserve_at`] would answer for `cost` at `at` right now, with no
+    /// idempotency key, charging nothing (for explaining a decision). A store that cannot
+    /// tell answers [`StoreError::Invalid`].
+    ///
+    /// # Errors
+    /// Infrastructure failures, and [`StoreError::Invalid`] as for `reserve_at`.
+    async fn probe_at(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        at: Option<Millis>,
+    ) -> Result<Probe, StoreError> {
+        let _ = (scope, profile, cost, at);
+        Err(StoreError::Invalid(
+            "this store cannot say what a send would be answered".into(),
+        ))
+    }
 
     /// Raises the fleet index's entries to `entries` (see [`crate::fleet`]): an entry's bound
     /// and expiry only ever rise here. Drops entries whose charges have all expired. A store

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Harness, T0, contract, ten_minutes};
 use limits::{
-    CalendarUnit, Cost, Decision, Denial, MAX_AHEAD, MAX_SCHEDULED_SLOTS, Metric, Profile,
+    CalendarUnit, Cost, Decision, Denial, MAX_AHEAD, MAX_SCHEDULED_SLOTS, Metric, Probe, Profile,
     ProfileSpec, Reservation, StoreError, WindowSpec,
 };
 
@@ -227,7 +227,56 @@ async fn a_scope_holds_a_bounded_number_of_scheduled_buckets(h: Harness) {
     allowed_at(&h, &p, T0).await;
 }
 
+/// A probe answers what the next reserve answers, at every instant tried, and charges
+/// nothing: admitted with the usage as it is, or refused with the same denial.
+async fn probes_answer_as_reserves_would_and_charge_nothing(h: Harness) {
+    let p = ten_minutes();
+    let instants = [
+        None,
+        Some(T0 + 30 * MIN),
+        Some(T0 + 5 * MIN),
+        Some(T0 + 30 * MIN),
+    ];
+    let (mut admitted, mut refused) = (0, 0);
+    for round in 0..4 {
+        for &t in &instants {
+            let before = h.store.usage("g", &p).await.unwrap();
+            let probe = h.store.probe_at("g", &p, ONE, t).await.unwrap();
+            assert_eq!(
+                h.store.usage("g", &p).await.unwrap(),
+                before,
+                "a probe charges nothing"
+            );
+            match (
+                probe,
+                h.store.reserve_at("g", &p, ONE, t, None).await.unwrap(),
+            ) {
+                (Probe::Fits(u), Decision::Allowed(_)) => {
+                    assert_eq!(u, before);
+                    admitted += 1;
+                }
+                (Probe::Refused(a), Decision::Denied(b)) => {
+                    assert_eq!(a, b, "round {round} at {t:?}");
+                    refused += 1;
+                }
+                (probe, decision) => panic!("round {round} at {t:?}: {probe:?} vs {decision:?}"),
+            }
+        }
+    }
+    assert!(
+        admitted > 0 && refused > 0,
+        "{admitted} admitted, {refused} refused"
+    );
+    // More than the limit itself is refused for good.
+    let big = Cost::new(4, 4, 0);
+    match h.store.probe_at("g", &p, big, None).await.unwrap() {
+        Probe::Refused(d) => assert_eq!(d.fits_at, None),
+        other => panic!("{other:?}"),
+    }
+}
+
 contract!(
+    probes_answer_as_reserves_would_and_charge_nothing,
     scheduled_sends_beyond_the_window_leave_now_free,
     a_live_send_that_would_put_four_in_a_window_is_refused,
     a_scheduled_send_is_refused_when_the_window_around_it_is_full,

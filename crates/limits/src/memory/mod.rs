@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use crate::clock::{Clock, Millis, SystemClock};
-use crate::decision::{Allowance, Charge, Cost, Decision, Reservation, Usage};
+use crate::decision::{Allowance, Charge, Cost, Decision, Denial, Probe, Reservation, Usage};
 use crate::fleet::{FleetCursor, FleetEntry, MemoryFleet};
 use crate::journal::Record;
 use crate::policy::{Metric, Period, Profile, Window};
@@ -245,6 +245,24 @@ impl MemoryStore {
         }
     }
 
+    /// What [`MemoryStore::decide`] would answer within the limits, charging nothing.
+    fn probe(&self, scope: &str, ask: Ask<'_>) -> Result<Probe, StoreError> {
+        let _gate = self.gate()?;
+        let mut fresh = ScopeState::default();
+        let mut entry = self.scopes.get_mut(scope);
+        let state = match entry.as_mut() {
+            Some(e) => e.value_mut(),
+            None => &mut fresh,
+        };
+        let now = self.clock.now_ms().max(state.latest);
+        let at = charge_instant(ask.at, now)?;
+        let (slots, refused) = state.judge(&ask, at, now);
+        Ok(match refused {
+            Some(d) => Probe::Refused(d),
+            None => Probe::Fits(state.usage(ask.profile, &slots, now)),
+        })
+    }
+
     fn decide(&self, scope: &str, ask: Ask<'_>, key: Option<&str>) -> Result<Decision, StoreError> {
         let _gate = self.gate()?;
         let now = self.clock.now_ms();
@@ -372,26 +390,12 @@ impl ScopeState {
         next_id: impl FnOnce() -> u64,
     ) -> Result<Decision, StoreError> {
         let windows = ask.profile.windows();
-        let slots: Vec<usize> = windows.iter().map(|w| self.window_at(w, now)).collect();
-        let state = |i: usize| &self.windows[slots[i]].1;
-        let want = ask.cost.to_array();
-        // Empty (and unallocated) unless something would go over.
-        let mut overs: Vec<Over> = Vec::new();
-        for (i, w) in windows.iter().enumerate() {
-            state(i).overs(i, w, at, now, want, &mut overs);
-        }
-        if ask.admit == Admit::WithinLimits
-            && let Some(over) = pick_denial(&overs)
-        {
-            let fits_at = overs.iter().all(|o| o.fits_at.is_some()).then(|| {
-                earliest_for_all(windows.len(), at, |i, t| {
-                    state(i).fits_from(&windows[i], t, now, want)
-                })
-            });
-            let usage = self.usage(ask.profile, &slots, now);
-            let d = denial(ask.profile, over, ask.cost, at, now, fits_at, usage);
+        let (slots, refused) = self.judge(ask, at, now);
+        if let Some(d) = refused {
             return Ok(Decision::Denied(d));
         }
+        let want = ask.cost.to_array();
+        let state = |i: usize| &self.windows[slots[i]].1;
         for (i, w) in windows.iter().enumerate() {
             if state(i).opens_too_many(w, at, now) {
                 return Err(too_many_scheduled(w.label()));
@@ -416,6 +420,34 @@ impl ScopeState {
             usage: self.usage(ask.profile, &slots, now),
             replay: false,
         }))
+    }
+
+    /// The slots of `ask`'s windows, and the denial it meets at `at` (none for a charge
+    /// regardless of the limits). Charges nothing.
+    fn judge(&mut self, ask: &Ask<'_>, at: Millis, now: Millis) -> (Vec<usize>, Option<Denial>) {
+        let windows = ask.profile.windows();
+        let slots: Vec<usize> = windows.iter().map(|w| self.window_at(w, now)).collect();
+        let state = |i: usize| &self.windows[slots[i]].1;
+        let want = ask.cost.to_array();
+        // Empty (and unallocated) unless something would go over.
+        let mut overs: Vec<Over> = Vec::new();
+        for (i, w) in windows.iter().enumerate() {
+            state(i).overs(i, w, at, now, want, &mut overs);
+        }
+        let over = match ask.admit {
+            Admit::WithinLimits => pick_denial(&overs),
+            Admit::Regardless => None,
+        };
+        let refused = over.map(|over| {
+            let fits_at = overs.iter().all(|o| o.fits_at.is_some()).then(|| {
+                earliest_for_all(windows.len(), at, |i, t| {
+                    state(i).fits_from(&windows[i], t, now, want)
+                })
+            });
+            let usage = self.usage(ask.profile, &slots, now);
+            denial(ask.profile, over, ask.cost, at, now, fits_at, usage)
+        });
+        (slots, refused)
     }
 
     fn usage(&self, profile: &Profile, slots: &[usize], now: Millis) -> Usage {
@@ -780,6 +812,25 @@ impl QuotaStore for MemoryStore {
             .map(|w| state.window_at(w, now))
             .collect();
         Ok(state.usage(profile, &slots, now))
+    }
+
+    async fn probe_at(
+        &self,
+        scope: &str,
+        profile: &Profile,
+        cost: Cost,
+        at: Option<Millis>,
+    ) -> Result<Probe, StoreError> {
+        let admit = Admit::WithinLimits;
+        self.probe(
+            scope,
+            Ask {
+                profile,
+                cost,
+                at,
+                admit,
+            },
+        )
     }
 
     async fn fleet_note(&self, entries: &[FleetEntry]) -> Result<(), StoreError> {
