@@ -65,6 +65,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(from_fn_with_state(guard(true), require_token));
     router
         .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
         .route("/readyz", get(readyz))
         .merge(quota_api)
         .merge(metrics_api)
@@ -178,6 +179,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
 async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
+}
+
+/// `GET /v1/openapi.json`: the OpenAPI 3.1 description of this listener, kept in the repo
+/// as `crates/gateway/openapi.json` (tests/e2e_openapi.rs checks the answers against it).
+async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("../openapi.json"),
+    )
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
