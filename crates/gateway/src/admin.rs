@@ -272,8 +272,13 @@ async fn canonical(state: &AppState, grant: &str) -> Result<String, GatewayError
     }
 }
 
+/// A store failure as the admin API answers it: 503, or 400 for a question the store
+/// refuses (an explained `send_at` too far ahead, say).
 fn store_failed(e: limits::StoreError) -> GatewayError {
-    GatewayError::QuotaUnavailable(e.to_string())
+    match e {
+        limits::StoreError::Invalid(m) => GatewayError::InvalidAdminRequest(m),
+        e => GatewayError::QuotaUnavailable(e.to_string()),
+    }
 }
 
 async fn quota(

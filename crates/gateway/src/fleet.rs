@@ -19,6 +19,9 @@ use limits::{
 /// How often this replica's notes are written to the store.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
+/// Notes written in one store call at most (one Lua script's arguments with Redis).
+const FLUSH_CHUNK: usize = 500;
+
 /// A store whose charges are noted in its fleet index.
 #[derive(Debug)]
 pub struct Indexed {
@@ -41,11 +44,14 @@ impl Indexed {
         if entries.is_empty() {
             return;
         }
-        if let Err(e) = self.inner.fleet_note(&entries).await {
-            tracing::debug!(error = %e, "fleet index: notes kept for the next flush");
-            let mut pending = self.lock();
-            for entry in entries {
-                merge(&mut pending, entry);
+        for (i, chunk) in entries.chunks(FLUSH_CHUNK).enumerate() {
+            if let Err(e) = self.inner.fleet_note(chunk).await {
+                tracing::debug!(error = %e, "fleet index: notes kept for the next flush");
+                let mut pending = self.lock();
+                for entry in entries.into_iter().skip(i * FLUSH_CHUNK) {
+                    merge(&mut pending, entry);
+                }
+                return;
             }
         }
     }
@@ -237,5 +243,51 @@ impl QuotaStore for Indexed {
 
     async fn health(&self) -> Result<StoreHealth, StoreError> {
         self.inner.health().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile() -> Profile {
+        limits::ProfileSpec::default()
+            .window(limits::WindowSpec::rolling(Duration::from_secs(3600)).messages(10))
+            .build("p")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_charge_is_noted_and_written_in_chunks() {
+        let store = Indexed::new(Arc::new(limits::MemoryStore::new()));
+        let p = profile();
+        let n = FLUSH_CHUNK * 2 + 7;
+        for i in 0..n {
+            let cost = Cost::new(1, 0, 0);
+            store
+                .reserve(&format!("grant:{i}"), &p, cost, None)
+                .await
+                .unwrap();
+        }
+        store
+            .charge("grant:0", &p, Cost::new(4, 0, 0), None)
+            .await
+            .unwrap();
+        assert!(
+            store.fleet_list(0.0, None, 10).await.unwrap().is_empty(),
+            "not yet written"
+        );
+        store.flush().await;
+        let all = store.fleet_list(0.0, None, n + 1).await.unwrap();
+        assert_eq!(all.len(), n);
+        assert_eq!(
+            (all[0].scope.as_str(), all[0].utilization),
+            ("grant:0", 0.5)
+        );
+        assert!(
+            all[1..]
+                .iter()
+                .all(|e| e.utilization == 0.1 && e.profile == "p")
+        );
     }
 }

@@ -306,7 +306,24 @@ async fn explain(admin: &Admin<'_>, gw: &Gateway) {
         reason(admin.expect("GET", t, &ask("recipients=1"), 200).await),
         "messages"
     );
-    for bad in ["send_at=1", "grant=x", "recipients=x", "bytes=-1"] {
+    // A scheduled send: refused in the full window around a minute from now, admitted two
+    // days out; more than a year ahead is a bad question.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let soon = admin
+        .expect("GET", t, &ask(&format!("send_at={}", now + 60)), 200)
+        .await;
+    assert_eq!(reason(soon), "messages");
+    let later = ask(&format!("send_at={}", now + 2 * 86_400));
+    assert_eq!(
+        reason(admin.expect("GET", t, &later, 200).await),
+        "within_quota"
+    );
+    let far = ask(&format!("send_at={}", now + 400 * 86_400));
+    admin.expect("GET", t, &far, 400).await;
+    for bad in ["send_at=x", "grant=x", "recipients=x", "bytes=-1"] {
         let answer = admin.expect("GET", t, &ask(bad), 400).await;
         assert_eq!(error_type(&answer), "invalid_request_error", "{bad}");
     }
