@@ -1,18 +1,17 @@
 //! The admin API against its OpenAPI 3.1 description (`crates/gateway/openapi.json`,
 //! served at `/v1/openapi.json`): every operation is driven through every status the spec
 //! documents for it, and every answer is checked against the spec by
-//! [`openapi_check::check`] (status documented, required headers, content type, body
+//! [`common::openapi_check::check`] (status documented, required headers, content type, body
 //! valid under the schema). The router's routes and the spec's paths are the same.
 
 mod common;
-mod openapi_check;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::openapi_check::{self, Answer, Spec, check};
 use common::{Gateway, client, config, fake, simple};
 use fake_nylas::{DEMO_GRANT_ID, FakeNylas, Rule};
-use openapi_check::{Answer, Spec, check};
 use serde_json::{Value, json};
 use testkit::RedisServer;
 

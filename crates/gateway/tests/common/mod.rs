@@ -18,6 +18,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+#[path = "../openapi_check/mod.rs"]
+pub mod openapi_check;
+
 /// The bearer token the tests present (the fake accepts any token by default).
 pub const TOKEN: &str = "nyk_e2e_key";
 
@@ -109,15 +112,15 @@ impl Gateway {
         }
     }
 
-    /// `GET /v1/quota/{grant}` on the admin listener.
+    /// `GET /v1/quota/{grant}` on the admin listener, its answer checked against the
+    /// OpenAPI description.
     pub async fn quota(&self, grant: &str) -> Value {
         let resp = self
             .admin_get(&format!("/v1/quota/{grant}"))
             .send()
             .await
             .expect("quota request");
-        assert_eq!(resp.status(), 200, "quota of {grant}");
-        resp.json().await.expect("quota json")
+        checked_quota(resp, grant).await
     }
 
     /// Messages and recipients used in the first window of `grant`'s profile.
@@ -400,9 +403,19 @@ impl Process {
             .send()
             .await
             .expect("quota");
-        assert_eq!(resp.status(), 200);
-        resp.json().await.expect("quota json")
+        checked_quota(resp, grant).await
     }
+}
+
+/// The admin API's description, loaded once per test binary.
+pub static SPEC: std::sync::LazyLock<openapi_check::Spec> =
+    std::sync::LazyLock::new(openapi_check::Spec::load);
+
+/// A `GET /v1/quota/{grant}` answer: 200, and valid against the OpenAPI description.
+async fn checked_quota(resp: reqwest::Response, grant: &str) -> Value {
+    assert_eq!(resp.status(), 200, "quota of {grant}");
+    let answer = openapi_check::check(&SPEC, "GET", "/v1/quota/{grant}", resp).await;
+    answer.json.expect("quota json")
 }
 
 /// Sends the saved draft `draft_id` of the demo grant through `gw` while the fake Nylas

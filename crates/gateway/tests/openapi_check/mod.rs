@@ -1,6 +1,7 @@
 //! Checks admin answers against `crates/gateway/openapi.json`, the OpenAPI 3.1 description
-//! served at `/v1/openapi.json`: a suite that declares `mod openapi_check;` passes each
-//! response it gets to [`check`] with the operation it called.
+//! served at `/v1/openapi.json`: a suite passes each response it gets to [`check`] with
+//! the operation it called. It is `common::openapi_check`, so every suite has it, and
+//! `Gateway::quota` checks every quota read of every suite.
 //!
 //! [`check`] asserts that the status is documented for the operation, that every header
 //! the spec requires is there, that the content type is one the spec lists (or that there
