@@ -272,6 +272,30 @@ async fn canonical(state: &AppState, grant: &str) -> Result<String, GatewayError
     }
 }
 
+/// The id a removal (reset, cool-down clear, override removal) applies to: as
+/// [`canonical`], except that an identifier that is a grant id is taken as given when Nylas
+/// cannot vouch for it (it is unreachable, or the grant was deleted). Taking counts or
+/// settings away is safe, and a deleted grant's leftovers can still be removed.
+async fn canonical_for_removal(state: &AppState, grant: &str) -> Result<String, GatewayError> {
+    let err = match canonical(state, grant).await {
+        Ok(id) => return Ok(id),
+        Err(e) => e,
+    };
+    let unvouched = matches!(
+        err,
+        GatewayError::NotFound(_)
+            | GatewayError::UpstreamUnavailable(_)
+            | GatewayError::UpstreamTimeout(_)
+    );
+    match grant_ref(grant) {
+        GrantRef::Id(id) if unvouched => {
+            tracing::warn!(error = %err, "admin removal for a grant id Nylas did not vouch for");
+            Ok(id)
+        }
+        _ => Err(err),
+    }
+}
+
 /// A store failure as the admin API answers it: 503, or 400 for a question the store
 /// refuses (an explained `send_at` too far ahead, say).
 fn store_failed(e: limits::StoreError) -> GatewayError {
@@ -420,7 +444,7 @@ async fn clear_cooldown(
     Path(grant): Path<String>,
     caller: Caller,
 ) -> Result<Response, GatewayError> {
-    let id = canonical(&state, &grant).await?;
+    let id = canonical_for_removal(&state, &grant).await?;
     let scope = Scope::grant(&id);
     state
         .store
@@ -577,7 +601,7 @@ async fn clear_override(
     Path(grant): Path<String>,
     caller: Caller,
 ) -> Result<Response, GatewayError> {
-    let id = canonical(&state, &grant).await?;
+    let id = canonical_for_removal(&state, &grant).await?;
     let store = state.store.as_ref();
     let old = old_override(store, &id).await?;
     store
@@ -594,7 +618,7 @@ async fn reset(
     Path(grant): Path<String>,
     caller: Caller,
 ) -> Result<Response, GatewayError> {
-    let id = canonical(&state, &grant).await?;
+    let id = canonical_for_removal(&state, &grant).await?;
     state
         .store
         .reset(Scope::grant(&id).as_str())

@@ -790,3 +790,62 @@ async fn explain_at_a_send_at_agrees_with_the_scheduled_send() {
     assert_eq!(gw.send_status(&scheduled(fits)).await, 200);
     assert_eq!(nylas.sends().len(), 3, "explaining sent nothing");
 }
+
+/// With `[upstream] api_key`, a removal (reset, cool-down clear, override removal) of a
+/// grant id goes through when Nylas cannot vouch for it: the grant was deleted (404) or
+/// Nylas is down. Reads still answer 404 for a grant Nylas does not know.
+#[tokio::test]
+async fn removals_of_a_grant_id_need_no_word_from_nylas() {
+    let nylas = fake().await;
+    nylas.set_api_key(Some("nyk_admin_key".into()));
+    let gw = Gateway::start(&config(&nylas.url(), "api_key = \"nyk_admin_key\"")).await;
+    let gone = "0b7c5a1e-9d3f-4e2a-8c6b-1f2e3d4c5b6a";
+    let scope = gateway::scope::Scope::grant(gone);
+    let store = gw.state.store.as_ref();
+    store
+        .meta_set(scope.as_str(), limits::META_PROFILE, "icloud", None)
+        .await
+        .unwrap();
+    store
+        .cool_down(scope.as_str(), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let c = client();
+    let delete = |path: String| c.delete(format!("{}{path}", gw.admin)).send();
+    assert_eq!(
+        gw.admin_get(&format!("/v1/quota/{gone}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    for path in [
+        format!("/v1/grants/{gone}/profile"),
+        format!("/v1/quota/{gone}/cooldown"),
+        format!("/v1/quota/{gone}"),
+    ] {
+        assert_eq!(delete(path.clone()).await.unwrap().status(), 204, "{path}");
+    }
+    let left = |name| store.meta_get(scope.as_str(), name);
+    assert_eq!(
+        left(limits::META_PROFILE).await.unwrap(),
+        None,
+        "the stale override is gone"
+    );
+    assert_eq!(
+        left(limits::META_COOLDOWN).await.unwrap(),
+        None,
+        "the cool-down is gone"
+    );
+    // Nylas down: a reset of a grant id still goes through; an email still needs Nylas.
+    nylas
+        .add_rule(fake_nylas::Rule::status(500).path("/v3/grants/"))
+        .unwrap();
+    let reset = delete(format!("/v1/quota/{DEMO_GRANT_ID}")).await.unwrap();
+    assert_eq!(reset.status(), 204);
+    let by_email = delete(format!("/v1/quota/{}", fake_nylas::DEMO_GRANT_EMAIL))
+        .await
+        .unwrap();
+    assert_eq!(by_email.status(), 502);
+}
