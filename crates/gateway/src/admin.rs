@@ -419,23 +419,24 @@ fn explain_shape(query: &str) -> Result<crate::explain::Shape, GatewayError> {
     Ok(shape)
 }
 
-/// The grant's provider cool-down in force, if any: when it ends (unix seconds) and how
-/// long is left, against this host's clock (the end is the store's: with Redis, Redis's
-/// clock set it, so skew between the hosts shifts what is shown).
+/// The grant's provider cool-down in force, if any: when it ends (unix seconds, this host's
+/// clock plus what is left) and how long is left, as the store's own clock counts it (the
+/// setting's TTL), so clock skew between this host and Redis shifts neither figure's
+/// length.
 async fn cooldown(
     store: &dyn limits::QuotaStore,
     id: &str,
 ) -> Result<Option<(u64, u64)>, GatewayError> {
     let scope = Scope::grant(id);
-    let until = store
-        .meta_get(scope.as_str(), limits::META_COOLDOWN)
+    let left = store
+        .meta_ttl(scope.as_str(), limits::META_COOLDOWN)
         .await
-        .map_err(store_failed)?
-        .and_then(|v| v.parse::<u64>().ok());
+        .map_err(store_failed)?;
     let now = limits::Clock::now_ms(&limits::SystemClock);
-    Ok(until
-        .filter(|&end| end > now)
-        .map(|end| (end.div_ceil(1000), (end - now).div_ceil(1000))))
+    Ok(left.map(|d| {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        (now.saturating_add(ms).div_ceil(1000), ms.div_ceil(1000))
+    }))
 }
 
 /// `DELETE /v1/quota/{grant}/cooldown`: ends the grant's provider cool-down now.

@@ -173,6 +173,10 @@ impl QuotaStore for Indexed {
         self.inner.meta_get(scope, name).await
     }
 
+    async fn meta_ttl(&self, scope: &str, name: &str) -> Result<Option<Duration>, StoreError> {
+        self.inner.meta_ttl(scope, name).await
+    }
+
     async fn meta_set(
         &self,
         scope: &str,

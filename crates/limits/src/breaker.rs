@@ -270,6 +270,10 @@ impl QuotaStore for BreakerStore {
         self.call(self.inner.cool_down(scope, duration)).await
     }
 
+    async fn meta_ttl(&self, scope: &str, name: &str) -> Result<Option<Duration>, StoreError> {
+        self.call(self.inner.meta_ttl(scope, name)).await
+    }
+
     async fn meta_get(&self, scope: &str, name: &str) -> Result<Option<String>, StoreError> {
         self.call(self.inner.meta_get(scope, name)).await
     }

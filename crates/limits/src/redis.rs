@@ -885,6 +885,19 @@ impl QuotaStore for RedisStore {
         self.replicated(&mut conn).await
     }
 
+    async fn meta_ttl(&self, scope: &str, name: &str) -> Result<Option<Duration>, StoreError> {
+        let mut conn = self.conn().await?;
+        let ms: i64 = within(
+            self.timeout,
+            redis::cmd("PTTL")
+                .arg(self.meta_key(scope, name))
+                .query_async(&mut conn),
+        )
+        .await?;
+        // -2: no such key; -1: kept forever.
+        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+    }
+
     async fn meta_get(&self, scope: &str, name: &str) -> Result<Option<String>, StoreError> {
         let mut conn = self.conn().await?;
         within(

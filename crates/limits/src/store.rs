@@ -142,6 +142,16 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
     /// Only infrastructure failures.
     async fn meta_get(&self, scope: &str, name: &str) -> Result<Option<String>, StoreError>;
 
+    /// How much longer a per-scope setting lasts, on the store's own clock (Redis `PTTL`):
+    /// `None` when it is absent or kept forever.
+    ///
+    /// # Errors
+    /// Only infrastructure failures.
+    async fn meta_ttl(&self, scope: &str, name: &str) -> Result<Option<Duration>, StoreError> {
+        let _ = (scope, name);
+        Ok(None)
+    }
+
     /// Writes a per-scope setting, forever or for `ttl`.
     ///
     /// # Errors

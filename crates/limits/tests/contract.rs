@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{Harness, T0, contract};
 use limits::{
-    CalendarUnit, Cost, Decision, Guarded, META_PROFILE, Metric, Profile, ProfileSpec, Reservation,
-    Usage, WindowSpec,
+    CalendarUnit, Cost, Decision, Guarded, META_COOLDOWN, META_PROFILE, Metric, Profile,
+    ProfileSpec, Reservation, Usage, WindowSpec,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -743,7 +743,28 @@ async fn a_setting_is_deleted_only_by_its_holder(h: Harness) {
     );
 }
 
+/// A cool-down's time left, as the store's own clock counts it; none for a setting that is
+/// absent or kept forever.
+async fn a_cool_downs_time_left_is_the_stores_own(h: Harness) {
+    assert_eq!(h.store.meta_ttl("g", META_COOLDOWN).await.unwrap(), None);
+    h.store
+        .cool_down("g", Duration::from_secs(600))
+        .await
+        .unwrap();
+    let left = h.store.meta_ttl("g", META_COOLDOWN).await.unwrap().unwrap();
+    assert!(
+        left <= Duration::from_secs(600) && left > Duration::from_secs(590),
+        "{left:?}"
+    );
+    h.store
+        .meta_set("g", META_PROFILE, "google", None)
+        .await
+        .unwrap();
+    assert_eq!(h.store.meta_ttl("g", META_PROFILE).await.unwrap(), None);
+}
+
 contract!(
+    a_cool_downs_time_left_is_the_stores_own,
     allows_up_to_the_limit_then_denies_without_charging,
     all_or_nothing_across_windows_and_metrics,
     a_cost_above_the_limit_never_passes,

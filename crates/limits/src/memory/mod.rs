@@ -942,6 +942,15 @@ impl QuotaStore for MemoryStore {
         Ok(self.meta_value(scope, name, self.clock.now_ms()))
     }
 
+    async fn meta_ttl(&self, scope: &str, name: &str) -> Result<Option<Duration>, StoreError> {
+        let now = self.clock.now_ms();
+        let key = (scope.to_owned(), name.to_owned());
+        let expiry = self.meta.get(&key).and_then(|e| e.value().1);
+        Ok(expiry
+            .filter(|&e| e > now)
+            .map(|e| Duration::from_millis(e - now)))
+    }
+
     async fn meta_set(
         &self,
         scope: &str,
