@@ -368,13 +368,18 @@ async fn explain_send(
         .await?
         .map(|(_, secs)| secs);
     let scope = Scope::grant(&id);
-    let at = shape.send_at.map(|s| s.saturating_mul(1000));
+    // A send_at already past is a send now, for the store as for Nylas.
+    let host_now = limits::Clock::now_ms(&limits::SystemClock);
+    let at = shape
+        .send_at
+        .map(|s| s.saturating_mul(1000))
+        .filter(|&t| t > host_now);
     let probe = state
         .store
         .probe_at(scope.as_str(), &selection.profile, shape.cost(), at)
         .await
         .map_err(store_failed)?;
-    let mut answer = match shape.send_at {
+    let mut answer = match shape.send_at.filter(|_| at.is_some()) {
         None => {
             let mut a = crate::explain::explain(&selection.profile, &usage, left, shape);
             crate::explain::add_fits_at(&mut a, &probe);

@@ -119,7 +119,11 @@ pub fn add_fits_at(answer: &mut Value, probe: &Probe) {
         Probe::Fits(_) => None,
     };
     answer["fits_at"] = json!(refused.and_then(|d| d.fits_at).map(|ms| ms.div_ceil(1000)));
-    answer["retry_after_seconds"] = json!(refused.and_then(|d| d.retry_after).map(|r| r.as_secs()));
+    // As the 429's Retry-After: at least 1.
+    let retry = refused
+        .and_then(|d| d.retry_after)
+        .map(|r| r.as_secs().max(1));
+    answer["retry_after_seconds"] = json!(retry);
 }
 
 fn refusal(d: &Denial) -> Value {

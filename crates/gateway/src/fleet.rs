@@ -27,6 +27,8 @@ const FLUSH_CHUNK: usize = 500;
 pub struct Indexed {
     inner: Arc<dyn QuotaStore>,
     pending: Mutex<HashMap<String, FleetEntry>>,
+    /// The last flush failed (its warning is logged once per outage).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl Indexed {
@@ -35,6 +37,7 @@ impl Indexed {
         Indexed {
             inner,
             pending: Mutex::default(),
+            failing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -46,7 +49,12 @@ impl Indexed {
         }
         for (i, chunk) in entries.chunks(FLUSH_CHUNK).enumerate() {
             if let Err(e) = self.inner.fleet_note(chunk).await {
-                tracing::debug!(error = %e, "fleet index: notes kept for the next flush");
+                if !self
+                    .failing
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(error = %e, "fleet index: notes not written, kept for the next flush (logged once until a write succeeds)");
+                }
                 let mut pending = self.lock();
                 for entry in entries.into_iter().skip(i * FLUSH_CHUNK) {
                     merge(&mut pending, entry);
@@ -54,6 +62,8 @@ impl Indexed {
                 return;
             }
         }
+        self.failing
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, FleetEntry>> {
@@ -72,12 +82,19 @@ impl Indexed {
         merge(&mut self.lock(), entry);
     }
 
+    /// Notes an admission's usage, and a denial's too: a scope refused because its limit
+    /// was lowered (a reload, a stricter override) is over it without any new charge.
     fn note_decision(&self, scope: &str, profile: &Profile, decision: &Decision) {
-        if let Decision::Allowed(a) = decision
-            && !a.replay
-        {
-            let expires = a.reservation.expires_at_ms();
-            self.note(scope, profile, &a.usage, expires);
+        match decision {
+            Decision::Allowed(a) if !a.replay => {
+                let expires = a.reservation.expires_at_ms();
+                self.note(scope, profile, &a.usage, expires);
+            }
+            Decision::Allowed(_) => {}
+            Decision::Denied(d) => {
+                let expires = forced_expiry(&d.usage, Some(d.at));
+                self.note(scope, profile, &d.usage, expires);
+            }
         }
     }
 }

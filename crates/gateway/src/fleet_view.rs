@@ -151,11 +151,16 @@ async fn recompute(state: &AppState, entry: FleetEntry) -> Result<Option<Row>, S
             .await?;
         return Ok(None);
     }
+    let raised = now > entry.utilization;
     let entry = FleetEntry {
         utilization: now,
         profile: profile.name().to_owned(),
         ..entry
     };
+    if raised {
+        // Over its bound (a limit lowered since it was noted): the index learns it.
+        state.store.fleet_note(std::slice::from_ref(&entry)).await?;
+    }
     Ok(Some(Row { entry, usage }))
 }
 

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use common::{Gateway, client, config, fake, message};
 use fake_nylas::Grant;
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{Value, json};
 use testkit::RedisServer;
 
 const GRANTS: usize = 1000;
@@ -220,4 +220,36 @@ async fn clients_with_a_profile_are_listed_beside_their_grants() {
         "the client at 3 of 4 messages, then the grant at 3 of 100 recipients"
     );
     assert_eq!(rows[0]["id"], "billing");
+}
+
+/// A limit lowered by a reload puts a grant over it without any new charge: its next
+/// (refused) send puts it in the view, at its figure under the new limit.
+#[tokio::test]
+async fn a_grant_over_a_lowered_limit_shows_with_its_next_attempt() {
+    let nylas = fake().await;
+    let toml = config(&nylas.url(), PROFILE);
+    let gw = Gateway::start(&toml).await;
+    let c = client();
+    let sixty: Vec<String> = (0..60).map(|k| format!("r{k}@x.example")).collect();
+    let sixty: Vec<&str> = sixty.iter().map(String::as_str).collect();
+    let grant = fake_nylas::DEMO_GRANT_ID;
+    let resp = gw
+        .send_json(&c, grant, &message(&sixty, &[], &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(pages(&gw, 0.8, 10).await.concat().is_empty(), "at 60 %");
+    let lowered = toml.replace("recipients = 100", "recipients = 50");
+    gw.state
+        .reload(gateway::config::Config::from_toml_str(&lowered).unwrap());
+    let one = message(&["a@x.example"], &[], &[]);
+    let resp = gw.send_json(&c, grant, &one).send().await.unwrap();
+    assert_eq!(resp.status(), 429);
+    let rows = pages(&gw, 0.8, 10).await.concat();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (&rows[0]["id"], &rows[0]["utilization"]),
+        (&json!(grant), &json!(1.2))
+    );
 }

@@ -5,7 +5,8 @@
 //! [`utilization_bound`] of the usage right after a charge: the busiest window's fraction,
 //! counting what was sent and what is scheduled. Without new charges that figure can only
 //! fall (buckets expire, scheduled sends only move from `scheduled` into `used`), so an
-//! entry never understates its scope. Notes only ever raise an entry; only
+//! entry does not understate its scope (unless its limits were lowered since: the gateway
+//! notes refusals too, and raises an entry a reader finds above its bound). Notes only ever raise an entry; only
 //! [`QuotaStore::fleet_lower`](crate::QuotaStore::fleet_lower), given the bound it read,
 //! lowers one, so a reader that recomputed a scope's usage can tighten its entry without
 //! undoing a charge noted meanwhile.
@@ -152,7 +153,7 @@ impl MemoryFleet {
             .collect()
     }
 
-    /// Forgets `scope` (a reset).
+    /// Forgets `scope`.
     pub(crate) fn remove(&mut self, scope: &str) {
         if let Some((bound, _, expires)) = self.entries.remove(scope) {
             self.order.remove(&(bound, scope.to_owned()));

@@ -18,26 +18,43 @@ pub(super) fn run(
         return Err(QuotaError::Usage("--limit must be from 1 to 1000".into()));
     }
     let (admin, token, trust) = admin_and_token(&t.to, config)?;
-    let mut url = admin.clone();
-    url.path_segments_mut()
+    let mut base = admin.clone();
+    base.path_segments_mut()
         .map_err(|()| QuotaError::Usage(format!("--admin: {admin} cannot be a base URL")))?
         .pop_if_empty()
         .extend(["v1", "usage"]);
-    url.set_query(Some(&format!(
-        "min_utilization={}&limit={}",
-        t.min, t.limit
-    )));
-    let body = call_admin(&admin, url, false, token.as_deref(), trust.as_deref())?;
-    if t.to.json {
-        return Ok(format!("{}\n", body.trim_end()));
+    // A page can come back short, even empty, with a cursor (stale entries it lowered on
+    // the way): follow it until the rows asked for are in, or the fleet ends.
+    let mut data: Vec<Value> = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let mut url = base.clone();
+        let mut query = format!("min_utilization={}&limit={}", t.min, t.limit - data.len());
+        if let Some(c) = &cursor {
+            query.push_str(&format!("&cursor={c}"));
+        }
+        url.set_query(Some(&query));
+        let body = call_admin(&admin, url, false, token.as_deref(), trust.as_deref())?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| {
+            QuotaError::Failed(format!(
+                "the admin API at {admin} answered with bad JSON: {e}"
+            ))
+        })?;
+        data.extend(v["data"].as_array().cloned().unwrap_or_default());
+        cursor = v["next_cursor"].as_str().map(str::to_owned);
+        if cursor.is_none() || data.len() >= t.limit {
+            break;
+        }
     }
-    let v: Value = serde_json::from_str(&body).map_err(|e| {
-        QuotaError::Failed(format!(
-            "the admin API at {admin} answered with bad JSON: {e}"
-        ))
-    })?;
+    let v = serde_json::json!({ "data": data, "next_cursor": cursor });
+    if t.to.json {
+        return Ok(format!("{v}\n"));
+    }
     Ok(render(&v, t.min))
 }
+
+/// Pages one `quota top` reads at most.
+const MAX_PAGES: usize = 50;
 
 /// One line per scope: how full, what, under which profile, and the fullest window.
 fn render(v: &Value, min: f64) -> String {
@@ -48,6 +65,10 @@ fn render(v: &Value, min: f64) -> String {
         .iter()
         .map(row)
         .collect();
+    if rows.is_empty() && v["next_cursor"].is_string() {
+        return "nothing found yet: the fleet index holds many stale entries; run it again\n"
+            .into();
+    }
     if rows.is_empty() {
         return format!("nothing is at or above {:.0} % of a limit\n", min * 100.0);
     }

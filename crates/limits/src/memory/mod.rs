@@ -257,10 +257,15 @@ impl MemoryStore {
         let now = self.clock.now_ms().max(state.latest);
         let at = charge_instant(ask.at, now)?;
         let (slots, refused) = state.judge(&ask, at, now);
-        Ok(match refused {
-            Some(d) => Probe::Refused(d),
-            None => Probe::Fits(state.usage(ask.profile, &slots, now)),
-        })
+        if let Some(d) = refused {
+            return Ok(Probe::Refused(d));
+        }
+        for (i, w) in ask.profile.windows().iter().enumerate() {
+            if state.windows[slots[i]].1.opens_too_many(w, at, now) {
+                return Err(too_many_scheduled(w.label()));
+            }
+        }
+        Ok(Probe::Fits(state.usage(ask.profile, &slots, now)))
     }
 
     fn decide(&self, scope: &str, ask: Ask<'_>, key: Option<&str>) -> Result<Decision, StoreError> {

@@ -67,6 +67,8 @@ local out = {}
 local min = tonumber(ARGV[2])
 for i = 1, #flat, 2 do
   if tonumber(flat[i + 1]) < min then break end
+  -- An expired entry is listed too: the reader finds nothing counted and removes it (and
+  -- the next note drops it anyway).
   out[#out + 1] = flat[i]
   out[#out + 1] = flat[i + 1]
   out[#out + 1] = redis.call('HGET', KEYS[3], flat[i]) or ''
