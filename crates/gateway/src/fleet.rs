@@ -78,6 +78,7 @@ impl Indexed {
             profile: profile.name().to_owned(),
             utilization: utilization_bound(usage),
             expires_at,
+            version: 0,
         };
         merge(&mut self.lock(), entry);
     }
@@ -250,7 +251,7 @@ impl QuotaStore for Indexed {
         self.inner.fleet_list(min, after, count).await
     }
 
-    async fn fleet_lower(&self, scope: &str, seen: f64, to: f64) -> Result<(), StoreError> {
+    async fn fleet_lower(&self, scope: &str, seen: u64, to: f64) -> Result<(), StoreError> {
         self.inner.fleet_lower(scope, seen, to).await
     }
 

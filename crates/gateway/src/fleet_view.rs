@@ -147,7 +147,7 @@ async fn recompute(state: &AppState, entry: FleetEntry) -> Result<Option<Row>, S
     if now < entry.utilization {
         state
             .store
-            .fleet_lower(&entry.scope, entry.utilization, now)
+            .fleet_lower(&entry.scope, entry.version, now)
             .await?;
         return Ok(None);
     }

@@ -247,7 +247,7 @@ impl QuotaStore for BreakerStore {
         self.call(self.inner.fleet_list(min, after, count)).await
     }
 
-    async fn fleet_lower(&self, scope: &str, seen: f64, to: f64) -> Result<(), StoreError> {
+    async fn fleet_lower(&self, scope: &str, seen: u64, to: f64) -> Result<(), StoreError> {
         self.call(self.inner.fleet_lower(scope, seen, to)).await
     }
 

@@ -7,7 +7,7 @@
 //! fall (buckets expire, scheduled sends only move from `scheduled` into `used`), so an
 //! entry does not understate its scope (unless its limits were lowered since: the gateway
 //! notes refusals too, and raises an entry a reader finds above its bound). Notes only ever raise an entry; only
-//! [`QuotaStore::fleet_lower`](crate::QuotaStore::fleet_lower), given the bound it read,
+//! [`QuotaStore::fleet_lower`](crate::QuotaStore::fleet_lower), given the version it read,
 //! lowers one, so a reader that recomputed a scope's usage can tighten its entry without
 //! undoing a charge noted meanwhile.
 //!
@@ -29,6 +29,9 @@ pub struct FleetEntry {
     pub utilization: f64,
     /// When everything charged so far stops counting, in ms since the epoch.
     pub expires_at: Millis,
+    /// Changes with every note of the scope: what a reader compares to lower it (set by the
+    /// store when listing; ignored by [`QuotaStore::fleet_note`](crate::QuotaStore::fleet_note)).
+    pub version: u64,
 }
 
 /// A place in index order: entries after it have a lower bound, or the same bound and a
@@ -79,6 +82,8 @@ pub(crate) struct MemoryFleet {
     order: std::collections::BTreeSet<(Bound, String)>,
     entries: std::collections::HashMap<String, (Bound, String, Millis)>,
     by_expiry: std::collections::BTreeSet<(Millis, String)>,
+    /// Each scope's [`FleetEntry::version`].
+    versions: std::collections::HashMap<String, u64>,
 }
 
 /// An `f64` ordered by [`f64::total_cmp`].
@@ -107,20 +112,23 @@ impl MemoryFleet {
             None => (Bound(e.utilization), e.expires_at),
         };
         self.put(&e.scope, bound, e.profile.clone(), expires);
+        *self.versions.entry(e.scope.clone()).or_default() += 1;
         self.trim(now);
     }
 
-    /// Sets `scope`'s bound to `to` if it still is `seen`; removes the entry when `to` is 0.
-    pub(crate) fn lower(&mut self, scope: &str, seen: f64, to: f64) {
-        let Some((bound, profile, expires)) = self.entries.get(scope).cloned() else {
-            return;
-        };
-        if bound.0.to_bits() != seen.to_bits() {
+    /// Sets `scope`'s bound to `to` if its version still is `seen` (no note since it was
+    /// listed); removes the entry when `to` is 0.
+    pub(crate) fn lower(&mut self, scope: &str, seen: u64, to: f64) {
+        if self.versions.get(scope) != Some(&seen) {
             return;
         }
-        self.remove(scope);
+        let Some((_, profile, expires)) = self.entries.get(scope).cloned() else {
+            return;
+        };
         if to > 0.0 {
             self.put(scope, Bound(to), profile, expires);
+        } else {
+            self.remove(scope);
         }
     }
 
@@ -147,6 +155,7 @@ impl MemoryFleet {
                     profile: profile.clone(),
                     utilization: b.0,
                     expires_at: *expires,
+                    version: self.versions.get(s).copied().unwrap_or(0),
                 })
             })
             .take(count)
@@ -155,6 +164,12 @@ impl MemoryFleet {
 
     /// Forgets `scope`.
     pub(crate) fn remove(&mut self, scope: &str) {
+        self.unplace(scope);
+        self.versions.remove(scope);
+    }
+
+    /// Takes `scope`'s entry out of the orders (its version stays).
+    fn unplace(&mut self, scope: &str) {
         if let Some((bound, _, expires)) = self.entries.remove(scope) {
             self.order.remove(&(bound, scope.to_owned()));
             self.by_expiry.remove(&(expires, scope.to_owned()));
@@ -162,7 +177,7 @@ impl MemoryFleet {
     }
 
     fn put(&mut self, scope: &str, bound: Bound, profile: String, expires: Millis) {
-        self.remove(scope);
+        self.unplace(scope);
         self.order.insert((bound, scope.to_owned()));
         self.by_expiry.insert((expires, scope.to_owned()));
         self.entries
@@ -190,6 +205,7 @@ mod tests {
             profile: "p".into(),
             utilization,
             expires_at,
+            version: 0,
         }
     }
 
@@ -214,16 +230,21 @@ mod tests {
     }
 
     #[test]
-    fn notes_only_raise_and_lowering_needs_the_bound_read() {
+    fn notes_only_raise_and_lowering_needs_the_version_read() {
         let mut f = MemoryFleet::default();
         f.note(&entry("a", 0.8, 100), 0);
         f.note(&entry("a", 0.3, 50), 0);
-        assert_eq!(f.list(0.0, None, 1, 0), [entry("a", 0.8, 100)]);
-        f.lower("a", 0.7, 0.2);
+        let listed = f.list(0.0, None, 1, 0);
+        assert_eq!((listed[0].utilization, listed[0].expires_at), (0.8, 100));
+        let seen = listed[0].version;
+        // A note after the listing, even of the same bound, wins over the reader's lower.
+        f.note(&entry("a", 0.8, 100), 0);
+        f.lower("a", seen, 0.2);
         assert_eq!(f.list(0.0, None, 1, 0)[0].utilization, 0.8);
-        f.lower("a", 0.8, 0.2);
+        let seen = f.list(0.0, None, 1, 0)[0].version;
+        f.lower("a", seen, 0.2);
         assert_eq!(f.list(0.0, None, 1, 0)[0].utilization, 0.2);
-        f.lower("a", 0.2, 0.0);
+        f.lower("a", seen, 0.0);
         assert_eq!(f.list(0.0, None, 1, 0), []);
     }
 

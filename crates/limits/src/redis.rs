@@ -1071,7 +1071,7 @@ impl QuotaStore for RedisStore {
         self.list_fleet(min, after, count).await
     }
 
-    async fn fleet_lower(&self, scope: &str, seen: f64, to: f64) -> Result<(), StoreError> {
+    async fn fleet_lower(&self, scope: &str, seen: u64, to: f64) -> Result<(), StoreError> {
         self.lower_fleet(scope, seen, to).await
     }
 

@@ -240,13 +240,13 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
         Ok(Vec::new())
     }
 
-    /// Sets `scope`'s fleet-index bound to `to` if it is still `seen` (what a reader listed
-    /// before recomputing the scope's usage); removes the entry when `to` is 0. A note made
-    /// meanwhile wins.
+    /// Sets `scope`'s fleet-index bound to `to` if its [`FleetEntry::version`] is still
+    /// `seen` (what a reader listed before recomputing the scope's usage); removes the entry
+    /// when `to` is 0. A note made meanwhile wins.
     ///
     /// # Errors
     /// Only infrastructure failures.
-    async fn fleet_lower(&self, scope: &str, seen: f64, to: f64) -> Result<(), StoreError> {
+    async fn fleet_lower(&self, scope: &str, seen: u64, to: f64) -> Result<(), StoreError> {
         let _ = (scope, seen, to);
         Ok(())
     }

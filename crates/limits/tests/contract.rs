@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{Harness, T0, contract};
 use limits::{
-    CalendarUnit, Cost, Decision, Guarded, META_COOLDOWN, META_PROFILE, Metric, Profile,
-    ProfileSpec, Reservation, Usage, WindowSpec,
+    CalendarUnit, Cost, Decision, FleetCursor, FleetEntry, Guarded, META_COOLDOWN, META_PROFILE,
+    Metric, Profile, ProfileSpec, Reservation, Usage, WindowSpec,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -763,7 +763,52 @@ async fn a_cool_downs_time_left_is_the_stores_own(h: Harness) {
     assert_eq!(h.store.meta_ttl("g", META_PROFILE).await.unwrap(), None);
 }
 
+/// The fleet index: notes only raise, listing is highest first with ties by name from the
+/// highest, a cursor inside a run of ties resumes after it, and a reader's lower takes
+/// effect only if no note came after its listing.
+async fn the_fleet_index_orders_pages_and_lowers_only_unchanged_entries(h: Harness) {
+    let entry = |scope: &str, utilization: f64| FleetEntry {
+        scope: scope.into(),
+        profile: "p".into(),
+        utilization,
+        expires_at: T0 + 3_600_000,
+        version: 0,
+    };
+    let notes: Vec<FleetEntry> = [("a", 0.5), ("b", 0.9), ("c", 0.5), ("d", 0.5), ("e", 0.1)]
+        .iter()
+        .map(|&(s, u)| entry(s, u))
+        .collect();
+    h.store.fleet_note(&notes).await.unwrap();
+    h.store.fleet_note(&[entry("b", 0.2)]).await.unwrap();
+    let names = |l: &[FleetEntry]| l.iter().map(|e| e.scope.clone()).collect::<Vec<_>>();
+    let all = h.store.fleet_list(0.0, None, 10).await.unwrap();
+    assert_eq!(names(&all), ["b", "d", "c", "a", "e"]);
+    assert_eq!(all[0].utilization, 0.9, "a note never lowers");
+    let after_d = FleetCursor::after(&all[1]);
+    let next = h.store.fleet_list(0.3, Some(&after_d), 10).await.unwrap();
+    assert_eq!(names(&next), ["c", "a"], "after d, down to 0.3");
+    // A note after the listing wins over the reader's lower, even of the same bound.
+    let seen = all[0].version;
+    h.store.fleet_note(&[entry("b", 0.9)]).await.unwrap();
+    h.store.fleet_lower("b", seen, 0.4).await.unwrap();
+    assert_eq!(
+        h.store.fleet_list(0.0, None, 1).await.unwrap()[0].scope,
+        "b"
+    );
+    let fresh = h.store.fleet_list(0.0, None, 1).await.unwrap()[0].version;
+    h.store.fleet_lower("b", fresh, 0.4).await.unwrap();
+    let all = h.store.fleet_list(0.0, None, 10).await.unwrap();
+    assert_eq!(names(&all), ["d", "c", "a", "b", "e"]);
+    let b = all.iter().find(|e| e.scope == "b").unwrap().version;
+    h.store.fleet_lower("b", b, 0.0).await.unwrap();
+    assert_eq!(
+        names(&h.store.fleet_list(0.0, None, 10).await.unwrap()),
+        ["d", "c", "a", "e"]
+    );
+}
+
 contract!(
+    the_fleet_index_orders_pages_and_lowers_only_unchanged_entries,
     a_cool_downs_time_left_is_the_stores_own,
     allows_up_to_the_limit_then_denies_without_charging,
     all_or_nothing_across_windows_and_metrics,

@@ -857,7 +857,7 @@ impl QuotaStore for MemoryStore {
         Ok(self.fleet_index().list(min, after, count, now))
     }
 
-    async fn fleet_lower(&self, scope: &str, seen: f64, to: f64) -> Result<(), StoreError> {
+    async fn fleet_lower(&self, scope: &str, seen: u64, to: f64) -> Result<(), StoreError> {
         self.fleet_index().lower(scope, seen, to);
         Ok(())
     }

@@ -1,9 +1,11 @@
-//! The fleet index in Redis (see [`crate::fleet`]): three keys sharing one hash tag, so
+//! The fleet index in Redis (see [`crate::fleet`]): four keys sharing one hash tag, so
 //! each script works on Redis Cluster too.
 //!
 //! - `<prefix>:{!fleet}:u`, a sorted set: scope → bound (its index order is `ZREVRANGE`'s);
 //! - `<prefix>:{!fleet}:x`, a sorted set: scope → when its charges stop counting (ms);
-//! - `<prefix>:{!fleet}:p`, a hash: scope → the profile it was last charged under.
+//! - `<prefix>:{!fleet}:p`, a hash: scope → the profile it was last charged under;
+//! - `<prefix>:{!fleet}:v`, a hash: scope → its version, raised by every note (what a
+//!   reader's lower compares).
 //!
 //! Scripts read the clock with `TIME`, as the reserve script does. The `!` keeps the tag
 //! apart from every scope's (scopes are tagged by their own names).
@@ -23,7 +25,8 @@ if ARGV[1] ~= '' then now = tonumber(ARGV[1]) else
   local t = redis.call('TIME'); now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function forget(m)
-  redis.call('ZREM', KEYS[1], m); redis.call('ZREM', KEYS[2], m); redis.call('HDEL', KEYS[3], m)
+  redis.call('ZREM', KEYS[1], m); redis.call('ZREM', KEYS[2], m)
+  redis.call('HDEL', KEYS[3], m); redis.call('HDEL', KEYS[4], m)
 end
 ";
 
@@ -33,6 +36,7 @@ for i = 3, #ARGV, 4 do
   redis.call('ZADD', KEYS[1], 'GT', ARGV[i + 1], ARGV[i])
   redis.call('ZADD', KEYS[2], 'GT', ARGV[i + 2], ARGV[i])
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 3])
+  redis.call('HINCRBY', KEYS[4], ARGV[i], 1)
 end
 local old = redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[2]))
 for _, m in ipairs(old) do forget(m) end
@@ -40,7 +44,7 @@ return #old
 ";
 
 /// ARGV: clock hint, min, count, cursor bound ('' for none), cursor scope. Answers
-/// (scope, bound, profile, expires) per entry. Ties are in descending byte order of their
+/// (scope, bound, profile, expires, version) per entry. Ties are in descending byte order of their
 /// names; Lua's `<` follows the locale, so names are compared byte by byte.
 const LIST: &str = r"
 local function less(a, b)
@@ -73,14 +77,15 @@ for i = 1, #flat, 2 do
   out[#out + 1] = flat[i + 1]
   out[#out + 1] = redis.call('HGET', KEYS[3], flat[i]) or ''
   out[#out + 1] = redis.call('ZSCORE', KEYS[2], flat[i]) or '0'
+  out[#out + 1] = redis.call('HGET', KEYS[4], flat[i]) or '0'
 end
 return out
 ";
 
-/// ARGV: clock hint, scope, the bound read, the new bound.
+/// ARGV: clock hint, scope, the version read, the new bound.
 const LOWER: &str = r"
-local s = redis.call('ZSCORE', KEYS[1], ARGV[2])
-if not s or tonumber(s) ~= tonumber(ARGV[3]) then return 0 end
+local v = redis.call('HGET', KEYS[4], ARGV[2])
+if not v or v ~= ARGV[3] then return 0 end
 if tonumber(ARGV[4]) <= 0 then forget(ARGV[2]) else redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2]) end
 return 1
 ";
@@ -106,7 +111,7 @@ impl Default for Scripts {
 impl RedisStore {
     fn fleet_invoke<'a>(&self, script: &'a Script) -> redis::ScriptInvocation<'a> {
         let mut inv = script.prepare_invoke();
-        for k in ["u", "x", "p"] {
+        for k in ["u", "x", "p", "v"] {
             inv.key(format!("{}:{{!fleet}}:{k}", self.prefix));
         }
         inv.arg(self.now_hint());
@@ -144,17 +149,17 @@ impl RedisStore {
         };
         let mut conn = self.conn().await?;
         let flat: Vec<String> = within(self.timeout, inv.invoke_async(&mut conn)).await?;
-        flat.chunks_exact(4).map(entry).collect()
+        flat.chunks_exact(5).map(entry).collect()
     }
 
     pub(super) async fn lower_fleet(
         &self,
         scope: &str,
-        seen: f64,
+        seen: u64,
         to: f64,
     ) -> Result<(), StoreError> {
         let mut inv = self.fleet_invoke(&self.fleet.lower);
-        inv.arg(scope).arg(seen.to_string()).arg(to.to_string());
+        inv.arg(scope).arg(seen).arg(to.to_string());
         let mut conn = self.conn().await?;
         let _: Value = within(self.timeout, inv.invoke_async(&mut conn)).await?;
         Ok(())
@@ -168,5 +173,6 @@ fn entry(f: &[String]) -> Result<FleetEntry, StoreError> {
         utilization: f[1].parse().map_err(|_| bad("bound"))?,
         profile: f[2].clone(),
         expires_at: f[3].parse::<f64>().map_err(|_| bad("expiry"))? as u64,
+        version: f[4].parse().map_err(|_| bad("version"))?,
     })
 }
