@@ -665,6 +665,41 @@ impl Metrics {
         for op in ["reserve", "release", "charge", "ping", "health"] {
             let _ = self.store_duration.get_or_create(&OpLabel { op });
         }
+        let webhook = |r#type, result| {
+            let _ = self
+                .webhooks
+                .get_or_create(&WebhookLabels { r#type, result });
+        };
+        webhook("unknown", "bad_signature");
+        webhook("other", "ignored");
+        for kind in ["message.send_success", "message.send_failed"] {
+            for result in ["settled", "unknown", "duplicate", "store_error"] {
+                webhook(kind, result);
+            }
+        }
+    }
+
+    /// Creates at zero the requests series of the configured clients (and of callers with
+    /// no client's token), so a rate over them exists before their first request.
+    pub fn zero_clients<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let mut any = false;
+        for client in names {
+            any = true;
+            for outcome in ["authorized", "forbidden"] {
+                let labels = ClientLabels {
+                    client: client.to_owned(),
+                    outcome,
+                };
+                let _ = self.clients.get_or_create(&labels);
+            }
+        }
+        if any {
+            let labels = ClientLabels {
+                client: "-".to_owned(),
+                outcome: "unauthenticated",
+            };
+            let _ = self.clients.get_or_create(&labels);
+        }
     }
 
     /// A fresh registry in which every family has one sample, so that its

@@ -96,6 +96,7 @@ impl AppState {
     pub fn with_store(config: Config, store: Arc<dyn QuotaStore>) -> anyhow::Result<Self> {
         let upstream = Upstream::new(&config.upstream.url, config.upstream.timeout)?;
         let metrics = Arc::new(Metrics::default());
+        metrics.zero_clients(config.clients.iter().map(|c| c.name.as_str()));
         let tls = match config.server.tls_files() {
             Some((cert, key)) => Some(Arc::new(Certs::load(cert, key)?)),
             None => None,
@@ -156,6 +157,8 @@ impl AppState {
                 "the reload removed every [[clients]] entry: the proxy takes any caller with its own Nylas credentials again"
             );
         }
+        self.metrics
+            .zero_clients(new.clients.iter().map(|c| c.name.as_str()));
         *self
             .config
             .write()

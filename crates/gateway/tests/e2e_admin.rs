@@ -574,6 +574,7 @@ async fn metrics_speak_prometheus_text_unless_openmetrics_is_asked_for() {
         "sendgw_decisions_total{outcome=\"denied\",reason=\"recipients\"} 0",
         "sendgw_upstream_responses_total{class=\"5xx\"} 0",
         "sendgw_scheduled_total{event=\"cancelled\"} 0",
+        "sendgw_webhooks_total{type=\"message.send_failed\",result=\"settled\"} 0",
     ] {
         assert!(text.lines().any(|l| l == series), "{series} in\n{text}");
     }

@@ -103,6 +103,15 @@ async fn without_a_client_token_nothing_reaches_the_store_or_nylas() {
     let labels = "client=\"-\",outcome=\"unauthenticated\"";
     let counted = metric_value(&metrics, "sendgw_client_requests_total", labels);
     assert_eq!(counted, n as f64, "{metrics}");
+    // The configured clients' series exist from start-up, at zero.
+    for client in ["billing", "crm"] {
+        let series =
+            format!("sendgw_client_requests_total{{client=\"{client}\",outcome=\"forbidden\"}} 0");
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "{series} in\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
