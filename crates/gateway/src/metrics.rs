@@ -662,7 +662,9 @@ impl Metrics {
                 .connections
                 .get_or_create(&ListenerLabel { listener });
         }
-        for op in ["reserve", "release", "charge", "ping", "health"] {
+        for op in [
+            "reserve", "release", "charge", "remember", "refund", "ping", "health",
+        ] {
             let _ = self.store_duration.get_or_create(&OpLabel { op });
         }
         let webhook = |r#type, result| {
