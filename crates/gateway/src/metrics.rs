@@ -636,20 +636,12 @@ impl Metrics {
         self.zero_send_series();
     }
 
-    /// The send path's series known in advance: the common decisions (other reasons are
-    /// many and appear with their first send), scheduled-send events, upstream classes,
-    /// listeners and store calls.
+    /// The send path's series known in advance: the decisions an alert or a rollout
+    /// watches (the store's failures, which `alerts.yaml` rates, and every shadow reason),
+    /// scheduled-send events, upstream classes, listeners and store calls. Rarer reasons
+    /// (a per-message refusal's error type, a draft's lock) appear with their first send.
     fn zero_send_series(&self) {
-        let decided = |outcome: Outcome, reason| {
-            let _ = self.decisions.get_or_create(&DecisionLabels {
-                outcome: outcome.as_str(),
-                reason,
-            });
-        };
-        decided(Outcome::Allowed, "within_quota");
-        for reason in ["messages", "recipients", "bytes", "provider_throttled"] {
-            decided(Outcome::Denied, reason);
-        }
+        self.zero_decisions();
         for event in ["remembered", "unconfirmed", "cancelled", "sent", "failed"] {
             let _ = self.scheduled.get_or_create(&EventLabel { event });
         }
@@ -679,6 +671,35 @@ impl Metrics {
                 webhook(kind, result);
             }
         }
+    }
+
+    fn zero_decisions(&self) {
+        const WINDOW: [&str; 3] = ["messages", "recipients", "bytes"];
+        const PER_MESSAGE: [&str; 2] = ["too_many_recipients", "message_too_large"];
+        const STORE: [&str; 5] = [
+            "unavailable",
+            "timeout",
+            "protocol",
+            "invalid",
+            "store_full",
+        ];
+        let decided = |outcome: Outcome, reasons: &[&'static str]| {
+            for &reason in reasons {
+                let outcome = outcome.as_str();
+                let _ = self
+                    .decisions
+                    .get_or_create(&DecisionLabels { outcome, reason });
+            }
+        };
+        decided(Outcome::Allowed, &["within_quota", "deferred"]);
+        for refused in [Outcome::Denied, Outcome::ShadowDenied] {
+            decided(refused, &WINDOW);
+            decided(refused, &["provider_throttled"]);
+        }
+        decided(Outcome::StaticRejected, &PER_MESSAGE);
+        decided(Outcome::ShadowDenied, &PER_MESSAGE);
+        decided(Outcome::StoreError, &STORE);
+        decided(Outcome::AllowedUncounted, &STORE);
     }
 
     /// Creates at zero the requests series of the configured clients (and of callers with

@@ -178,7 +178,7 @@ async fn sends_refused_while_redis_stalled_past_the_timeout_leave_no_charge() {
     let timeouts = metric_value(
         &gw.metrics().await,
         "sendgw_decisions_total",
-        "reason=\"timeout\"",
+        "outcome=\"store_error\",reason=\"timeout\"",
     );
     assert!(
         timeouts >= 1.0,
