@@ -208,8 +208,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
-/// `GET /metrics`: OpenMetrics when the scraper asks for it (`Accept:
-/// application/openmetrics-text`, as Prometheus does), else Prometheus text 0.0.4.
+/// `GET /metrics`: OpenMetrics when the scraper's `Accept` prefers it by its q-values (a
+/// tie included, as Prometheus asks), else Prometheus text 0.0.4.
 async fn metrics(State(state): State<Arc<AppState>>, headers: http::HeaderMap) -> Response {
     if let Some(b) = &state.breaker {
         state.metrics.breaker(b.state());
@@ -368,29 +368,25 @@ async fn explain_send(
         .await?
         .map(|(_, secs)| secs);
     let scope = Scope::grant(&id);
-    // A send_at already past is a send now, for the store as for Nylas.
-    let host_now = limits::Clock::now_ms(&limits::SystemClock);
-    let at = shape
-        .send_at
-        .map(|s| s.saturating_mul(1000))
-        .filter(|&t| t > host_now);
+    // As the proxy charges it: at send_at when Nylas will hold the send until then (more
+    // than two minutes ahead), else now.
+    let at = shape.send_at.and_then(crate::pipeline::scheduled_instant);
     let probe = state
         .store
         .probe_at(scope.as_str(), &selection.profile, shape.cost(), at)
         .await
         .map_err(store_failed)?;
-    let mut answer = match shape.send_at.filter(|_| at.is_some()) {
+    let mut answer = match at {
         None => {
             let mut a = crate::explain::explain(&selection.profile, &usage, left, shape);
             crate::explain::add_fits_at(&mut a, &probe);
             a
         }
-        Some(send_at) => {
-            let mut a = crate::explain::explain_scheduled(&selection.profile, &probe, left, shape);
-            a["send_at"] = json!(send_at);
-            a
-        }
+        Some(_) => crate::explain::explain_scheduled(&selection.profile, &probe, left, shape),
     };
+    if let Some(send_at) = shape.send_at {
+        answer["send_at"] = json!(send_at);
+    }
     answer["grant_id"] = json!(id);
     answer["profile"] = json!(selection.profile.name());
     answer["profile_source"] = json!(selection.source.as_str());

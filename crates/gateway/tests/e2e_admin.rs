@@ -784,6 +784,15 @@ async fn explain_at_a_send_at_agrees_with_the_scheduled_send() {
     assert_eq!(e["binding"]["used"], 2, "{e}");
     assert_eq!(gw.send_status(&scheduled(at)).await, 429);
     assert_eq!(ask(String::new()).await["admitted"], true);
+    // A send_at within Nylas's two minutes goes out at once and is charged now: explained
+    // as a send now (its binding window has room left), with the send_at echoed.
+    let near = ask(format!("send_at={}", now + 60)).await;
+    assert_eq!(
+        (&near["admitted"], &near["send_at"]),
+        (&json!(true), &json!(now + 60)),
+        "{near}"
+    );
+    assert!(near["binding"].get("remaining").is_some(), "{near}");
     // When it would fit is an instant the real send takes.
     let fits = e["fits_at"].as_u64().unwrap();
     assert!(fits > at, "{e}");

@@ -234,3 +234,45 @@ async fn a_client_quota_not_in_shadow_holds_when_the_grants_quota_is_in_shadow()
     let units = metric_value(&m, "sendgw_units_total", "metric=\"messages\"");
     assert_eq!(units, 2.0, "units counted once per send: {m}");
 }
+
+/// A client's own profile in shadow names a send over its whole window as the per-message
+/// refusal enforcing would answer (422 `too_many_recipients`), as a grant's does.
+#[tokio::test]
+async fn a_client_quota_in_shadow_names_a_send_over_its_whole_window_as_enforce_would() {
+    let nylas = fake().await;
+    let digest: String = gateway::config::token_digest(b"app-token")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let toml = config(
+        &nylas.url(),
+        &format!(
+            "api_key = \"k\"\n[grants]\ndefault_profile = \"roomy\"\n\
+             [profiles.roomy]\n[[profiles.roomy.windows]]\nperiod = \"1d\"\nmessages = 100\n\
+             [profiles.mine]\nshadow = true\n\
+             [[profiles.mine.windows]]\nperiod = \"1d\"\nrecipients = 2\n\
+             [[clients]]\nname = \"app\"\ntoken_sha256 = \"{digest}\"\nprofile = \"mine\"\n"
+        ),
+    );
+    let gw = Gateway::start(&toml).await;
+    let to = ["a@example.org", "b@example.org", "c@example.org"];
+    let resp = client()
+        .post(format!(
+            "{}/v3/grants/{DEMO_GRANT_ID}/messages/send",
+            gw.url
+        ))
+        .bearer_auth("app-token")
+        .json(&message(&to, &[], &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "forwarded in shadow");
+    assert_eq!(would_deny(&resp).as_deref(), Some("too_many_recipients"));
+    let m = gw.metrics().await;
+    let labels = "outcome=\"shadow_denied\",reason=\"too_many_recipients\"";
+    assert_eq!(
+        metric_value(&m, "sendgw_decisions_total", labels),
+        1.0,
+        "{m}"
+    );
+}

@@ -87,7 +87,11 @@ pub(super) async fn admit(
         Ok(Decision::Denied(d)) if ctx.config.in_shadow(&charged.profile) => {
             let mut admitted = shadowed(ctx, charged, (charge, ask.at), &d);
             enforced_client(state, ctx, charged, ask.at, &mut admitted).await?;
-            Ok(admitted)
+            // The client's reservation, when one was made, is kept before the forward.
+            match admitted.lease {
+                Some(_) => kept_first(state, ctx, admitted).await,
+                None => Ok(admitted),
+            }
         }
         Ok(Decision::Denied(d)) => {
             let horizon = ask.defer.filter(|_| d.retry_after.is_some());
@@ -149,13 +153,7 @@ fn shadowed(
     (charge, at): (Cost, Option<Millis>),
     d: &Denial,
 ) -> Admitted {
-    // As `denied` would answer: more than a whole window is a per-message refusal.
-    let reason = match d.metric {
-        Metric::Bytes if d.fits_at.is_none() => "message_too_large",
-        Metric::Recipients if d.fits_at.is_none() => "too_many_recipients",
-        m => m.as_str(),
-    };
-    ctx.would_deny(reason);
+    ctx.would_deny(shadow_reason(d));
     let mut after = vec![AfterSend {
         scope: charged.scope.clone(),
         profile: charged.profile.clone(),
@@ -377,7 +375,7 @@ async fn client_too(
         }
         // In shadow, reported and charged once the send has gone out (see `client_after`).
         Ok(Decision::Denied(d)) if shadow => {
-            client.shadow_denied = Some(d.metric.as_str());
+            client.shadow_denied = Some(shadow_reason(&d));
             return Ok(Decision::Allowed(a));
         }
         Err(e) if on_unavailable != OnUnavailable::Reject => {
@@ -400,6 +398,16 @@ async fn reselect(state: &AppState, ctx: &SendCtx, charged: &mut Charged, name: 
     let selection = super::charged::select(state, ctx, &grant, name).await;
     charged.profile = selection.profile;
     charged.override_name = selection.override_name;
+}
+
+/// What a window's refusal is reported as in shadow, as [`denied`] would answer it: more
+/// than a whole window is a per-message refusal.
+fn shadow_reason(d: &Denial) -> &'static str {
+    match d.metric {
+        Metric::Bytes if d.fits_at.is_none() => "message_too_large",
+        Metric::Recipients if d.fits_at.is_none() => "too_many_recipients",
+        m => m.as_str(),
+    }
 }
 
 /// A window's quota refused the send.

@@ -29,7 +29,7 @@ mod schedule;
 mod settle;
 mod shadow;
 
-pub use schedule::{DEFER_HEADER, DEFERRED_UNTIL};
+pub use schedule::{DEFER_HEADER, DEFERRED_UNTIL, scheduled_instant};
 pub use shadow::WOULD_DENY;
 
 use std::sync::Arc;

@@ -39,7 +39,14 @@ const DEFER_ATTEMPTS: usize = 3;
 /// a draft's own) when Nylas will hold it until then, else `None` (now). A send Nylas then
 /// does not confirm as scheduled is counted now as well (see `settle.rs`).
 pub(super) fn charge_at(schedule: &Schedule) -> Option<Millis> {
-    let at = schedule.send_at?.saturating_mul(1000);
+    scheduled_instant(schedule.send_at?)
+}
+
+/// The instant (ms) a send with this `send_at` (unix seconds) is charged at: `send_at`
+/// when Nylas will hold the send until then, else `None` (now). The explain endpoint
+/// judges a `send_at` by the same rule.
+pub fn scheduled_instant(send_at: u64) -> Option<Millis> {
+    let at = send_at.saturating_mul(1000);
     (at > SystemClock.now_ms().saturating_add(NYLAS_MIN_LEAD_MS)).then_some(at)
 }
 
