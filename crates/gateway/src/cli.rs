@@ -41,7 +41,8 @@ pub enum Command {
     /// Print the effective configuration (secrets masked) and exit; a bad one exits 64 with
     /// one line naming the key.
     CheckConfig,
-    /// Show or reset a grant's quota through a running gateway's admin API.
+    /// Show, reset or explain a grant's quota, or list the busiest, through a running
+    /// gateway's admin API.
     #[command(subcommand)]
     Quota(QuotaCommand),
 }
@@ -52,7 +53,8 @@ pub enum QuotaCommand {
     Show(QuotaArgs),
     /// Forget a grant's usage in every window.
     Reset(QuotaArgs),
-    /// Say whether a send of this shape would be admitted now, and why (charges nothing).
+    /// Say whether a send of this shape would be admitted, now or at --send-at, and why
+    /// (charges nothing).
     Explain(ExplainArgs),
     /// List the grants, domains and clients nearest their limits, busiest first.
     Top(TopArgs),
@@ -75,7 +77,8 @@ pub struct ExplainArgs {
 
 #[derive(Debug, Args)]
 pub struct QuotaArgs {
-    /// The grant id (or `grant:<id>`).
+    /// The grant id (or `grant:<id>`); with [upstream] api_key also its email, `email:<addr>`
+    /// or `external:<id>`.
     pub grant: String,
     #[command(flatten)]
     pub to: AdminArgs,
@@ -183,8 +186,8 @@ enum QuotaError {
     Failed(String),
 }
 
-/// Runs `quota show` or `quota reset`. `config` is loaded only when `--admin` or `--token`
-/// is missing.
+/// Runs a `quota` subcommand (`show`, `reset`, `explain`, `top`). `config` is loaded only
+/// when `--admin` or `--token` is missing.
 pub fn quota(
     command: QuotaCommand,
     config: impl FnOnce() -> Result<Config, ConfigError>,

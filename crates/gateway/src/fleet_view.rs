@@ -44,7 +44,8 @@ impl Query {
     /// `cursor` from a query string; anything else is 400.
     ///
     /// # Errors
-    /// An unknown key, a value out of range, or a cursor this gateway did not hand out.
+    /// An unknown key, a value out of range, or an unreadable cursor (not the hex of a
+    /// finite bound, a space and a scope).
     pub fn parse(query: &str) -> Result<Query, GatewayError> {
         let bad = |m: &str| GatewayError::InvalidAdminRequest(m.to_owned());
         let mut q = Query {
