@@ -1,6 +1,6 @@
 //! End to end: the gateway counts on a password-protected Redis Cluster given several seeds
-//! (plain and over TLS), and on a Sentinel-managed primary, through a failover, without a
-//! restart. Each topology is started by the test from `redis-server` on free ports.
+//! (plain and over TLS), and on a Sentinel-managed primary (plain and over TLS), through a
+//! failover, without a restart. Each topology is started by the test from `redis-server` on free ports.
 
 mod common;
 
@@ -84,11 +84,30 @@ async fn sends_are_counted_on_a_cluster_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_are_counted_through_sentinel_and_after_a_failover() {
     let set = RedisSentinelSet::start("mymaster", Some(PASSWORD), Some("watch-pw"));
+    counted_through_a_failover(set).await;
+}
+
+/// As above with every sentinel and data node over TLS only (`rediss+sentinel://`, the
+/// private CA in `tls_ca_file`): the sentinels are asked over TLS, the primary they name
+/// is reached over TLS, before and after the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_are_counted_through_sentinel_over_tls_and_after_a_failover() {
+    let set = RedisSentinelSet::start_tls("mymaster", Some(PASSWORD), Some("watch-pw"));
+    assert!(set.url().starts_with("rediss+sentinel://"), "{}", set.url());
+    counted_through_a_failover(set).await;
+}
+
+/// A gateway on `set` counts a send, follows a failover by itself (refusing, never letting
+/// through uncounted, until it has), and the new primary holds every charge.
+async fn counted_through_a_failover(set: RedisSentinelSet) {
     let nylas = fake().await;
-    let store = format!(
+    let mut store = format!(
         "[store]\nbackend = \"redis\"\nurl = \"{}\"\nsentinel_password = \"watch-pw\"\n",
         set.url()
     );
+    if let Some(certs) = set.certs() {
+        store.push_str(&format!("tls_ca_file = \"{}\"\n", certs.ca.display()));
+    }
     let gw = Gateway::start(&config(&nylas.url(), &store)).await;
     assert!(send_one(&gw).await, "a send through Sentinel");
     let before = set.master_port();

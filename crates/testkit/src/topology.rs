@@ -42,7 +42,9 @@
 //! master is up. [`RedisSentinelSet::failover`] asks for a failover and returns only once
 //! the roles have really swapped (sentinels, `ROLE` of both nodes, replication link up);
 //! this takes about ten seconds, because a sentinel demotes the old master only at its next
-//! `INFO` poll, at least eight seconds after the failover.
+//! `INFO` poll, at least eight seconds after the failover. [`RedisSentinelSet::start_tls`]
+//! runs every node TLS only (`port 0`, `tls-port`, `tls-replication yes`, which sentinels
+//! also use to reach the data nodes; client certificates optional).
 
 use std::collections::HashMap;
 use std::io;
@@ -683,6 +685,7 @@ pub struct RedisSentinelSet {
     /// The first data node starts as master, the second as its replica.
     data: Vec<Node>,
     sentinels: Vec<Node>,
+    certs: Option<TestCerts>,
     root: PathBuf,
 }
 
@@ -697,9 +700,30 @@ impl RedisSentinelSet {
         data_password: Option<&str>,
         sentinel_password: Option<&str>,
     ) -> RedisSentinelSet {
+        Self::start_inner(master, (data_password, sentinel_password), false)
+    }
+
+    /// Like [`RedisSentinelSet::start`], with every node (data and sentinels) over TLS
+    /// only; see [`RedisSentinelSet::certs`].
+    ///
+    /// # Panics
+    /// As [`RedisSentinelSet::start`].
+    pub fn start_tls(
+        master: &str,
+        data_password: Option<&str>,
+        sentinel_password: Option<&str>,
+    ) -> RedisSentinelSet {
+        Self::start_inner(master, (data_password, sentinel_password), true)
+    }
+
+    fn start_inner(
+        master: &str,
+        (data_password, sentinel_password): (Option<&str>, Option<&str>),
+        tls: bool,
+    ) -> RedisSentinelSet {
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::try_start(master, data_password, sentinel_password) {
+            match Self::try_start(master, data_password, sentinel_password, tls) {
                 Ok(s) => return s,
                 Err(e) => last = e,
             }
@@ -711,19 +735,22 @@ impl RedisSentinelSet {
         master: &str,
         data_password: Option<&str>,
         sentinel_password: Option<&str>,
+        tls: bool,
     ) -> Result<RedisSentinelSet, String> {
         let root = fresh_dir("sentinel");
+        let certs = tls.then(|| TestCerts::generate(&root.join("tls")));
         let mut set = RedisSentinelSet {
             master_name: master.to_owned(),
             data_password: data_password.map(str::to_owned),
             sentinel_password: sentinel_password.map(str::to_owned),
             data: Vec::new(),
             sentinels: Vec::new(),
+            certs,
             root,
         };
         let master_port = free_port();
-        set.data = data_nodes(&set.root, master_port, data_password);
-        spawn_all(&mut set.data, data_password)?;
+        set.data = data_nodes(&set.root, master_port, data_password, set.certs.as_ref());
+        spawn_all(&mut set.data, data_password, set.certs.as_ref())?;
         // The replica in sync before the sentinels start: their first INFO of the master
         // then already lists it.
         let replica = set.data[1].port;
@@ -744,12 +771,12 @@ impl RedisSentinelSet {
         );
         set.sentinels = sentinel_nodes(
             &set.root,
-            master,
-            master_port,
+            (master, master_port),
             data_password,
             sentinel_password,
+            set.certs.as_ref(),
         );
-        spawn_all(&mut set.sentinels, sentinel_password)?;
+        spawn_all(&mut set.sentinels, sentinel_password, set.certs.as_ref())?;
         set.wait_sentinels_know(master_port, replica);
         Ok(set)
     }
@@ -829,8 +856,15 @@ impl RedisSentinelSet {
         self.data.iter().map(|n| n.port).collect()
     }
 
-    /// `redis+sentinel://[:pass@]127.0.0.1:s1,127.0.0.1:s2,127.0.0.1:s3/<master name>`,
-    /// with the data nodes' password (not the sentinels') in the userinfo.
+    /// The certificates of a [`RedisSentinelSet::start_tls`] set: the server certificate is
+    /// for `127.0.0.1` and `localhost`, signed by `ca`.
+    pub fn certs(&self) -> Option<&TestCerts> {
+        self.certs.as_ref()
+    }
+
+    /// `redis+sentinel://[:pass@]127.0.0.1:s1,127.0.0.1:s2,127.0.0.1:s3/<master name>`
+    /// (`rediss+sentinel://` over TLS), with the data nodes' password (not the sentinels')
+    /// in the userinfo.
     pub fn url(&self) -> String {
         let auth = self
             .data_password
@@ -843,7 +877,11 @@ impl RedisSentinelSet {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect::<Vec<_>>()
             .join(",");
-        format!("redis+sentinel://{auth}{hosts}/{}", self.master_name)
+        let scheme = match self.certs {
+            Some(_) => "rediss+sentinel",
+            None => "redis+sentinel",
+        };
+        format!("{scheme}://{auth}{hosts}/{}", self.master_name)
     }
 
     /// The master's port as sentinel 0 names it (`SENTINEL get-master-addr-by-name`).
@@ -945,7 +983,7 @@ impl RedisSentinelSet {
         Cli {
             port,
             password: self.data_password.as_deref(),
-            certs: None,
+            certs: self.certs.as_ref(),
         }
         .run(&[], args)
     }
@@ -958,7 +996,7 @@ impl RedisSentinelSet {
         Cli {
             port: self.sentinels[i].port,
             password: self.sentinel_password.as_deref(),
-            certs: None,
+            certs: self.certs.as_ref(),
         }
         .run(&[], args)
     }
@@ -977,8 +1015,13 @@ fn path_text(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// A master on `master_port` and its replica, not started yet.
-fn data_nodes(root: &Path, master_port: u16, password: Option<&str>) -> Vec<Node> {
+/// A master on `master_port` and its replica, not started yet (TLS only with `certs`).
+fn data_nodes(
+    root: &Path,
+    master_port: u16,
+    password: Option<&str>,
+    certs: Option<&TestCerts>,
+) -> Vec<Node> {
     let d = path_text;
     [master_port, free_port()]
         .into_iter()
@@ -987,8 +1030,6 @@ fn data_nodes(root: &Path, master_port: u16, password: Option<&str>) -> Vec<Node
             let dir = root.join(format!("data{i}"));
             std::fs::create_dir_all(&dir).expect("create data dir");
             let mut args: Vec<String> = [
-                "--port",
-                &port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--dir",
@@ -1013,6 +1054,9 @@ fn data_nodes(root: &Path, master_port: u16, password: Option<&str>) -> Vec<Node
                     ["--replicaof", "127.0.0.1", &master_port.to_string()].map(str::to_owned),
                 );
             }
+            for (key, value) in listen_directives(port, certs) {
+                args.extend([format!("--{key}"), value]);
+            }
             Node {
                 port,
                 dir,
@@ -1023,13 +1067,14 @@ fn data_nodes(root: &Path, master_port: u16, password: Option<&str>) -> Vec<Node
         .collect()
 }
 
-/// Three sentinels watching `master`, not started yet.
+/// Three sentinels watching `master` on `master_port`, not started yet (TLS only with
+/// `certs`).
 fn sentinel_nodes(
     root: &Path,
-    master: &str,
-    master_port: u16,
+    (master, master_port): (&str, u16),
     data_password: Option<&str>,
     sentinel_password: Option<&str>,
+    certs: Option<&TestCerts>,
 ) -> Vec<Node> {
     let d = path_text;
     (0..3)
@@ -1038,7 +1083,7 @@ fn sentinel_nodes(
             let dir = root.join(format!("sentinel{i}"));
             std::fs::create_dir_all(&dir).expect("create sentinel dir");
             let mut conf = format!(
-                "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {log}\n\
+                "bind 127.0.0.1\ndir {dir}\nlogfile {log}\n\
                  sentinel resolve-hostnames no\nsentinel announce-ip 127.0.0.1\n\
                  sentinel monitor {master} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {master} 1000\n\
@@ -1053,6 +1098,9 @@ fn sentinel_nodes(
             if let Some(p) = sentinel_password {
                 conf.push_str(&format!("requirepass {p}\nsentinel sentinel-pass {p}\n"));
             }
+            for (key, value) in listen_directives(port, certs) {
+                conf.push_str(&format!("{key} {value}\n"));
+            }
             let file = dir.join("sentinel.conf");
             std::fs::write(&file, conf).expect("write sentinel.conf");
             Node {
@@ -1065,13 +1113,34 @@ fn sentinel_nodes(
         .collect()
 }
 
-/// Starts every node of `nodes`, each answering with `password`.
-fn spawn_all(nodes: &mut [Node], password: Option<&str>) -> Result<(), String> {
+/// Where a node listens: `port`, or with `certs` TLS only on it (`port 0`, `tls-port`),
+/// replicating over TLS too (which sentinels also use to reach the data nodes).
+fn listen_directives(port: u16, certs: Option<&TestCerts>) -> Vec<(&'static str, String)> {
+    let Some(c) = certs else {
+        return vec![("port", port.to_string())];
+    };
+    vec![
+        ("port", "0".to_owned()),
+        ("tls-port", port.to_string()),
+        ("tls-cert-file", path_text(&c.server_cert)),
+        ("tls-key-file", path_text(&c.server_key)),
+        ("tls-ca-cert-file", path_text(&c.ca)),
+        ("tls-auth-clients", "optional".to_owned()),
+        ("tls-replication", "yes".to_owned()),
+    ]
+}
+
+/// Starts every node of `nodes`, each answering with `password` (over TLS with `certs`).
+fn spawn_all(
+    nodes: &mut [Node],
+    password: Option<&str>,
+    certs: Option<&TestCerts>,
+) -> Result<(), String> {
     for node in nodes {
         let cli = Cli {
             port: node.port,
             password,
-            certs: None,
+            certs,
         };
         node.spawn(&cli)?;
     }
