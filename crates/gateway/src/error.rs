@@ -228,8 +228,13 @@ impl GatewayError {
             // a shed send finds room as soon as others finish.
             extra_headers.push((header::RETRY_AFTER, HeaderValue::from(1)));
         }
+        // RFC 6750: a 401 names the scheme it wants (the proxy's clients, the admin API).
         if let GatewayError::ClientUnauthenticated = &self {
             let challenge = HeaderValue::from_static("Bearer realm=\"send-gateway\"");
+            extra_headers.push((header::WWW_AUTHENTICATE, challenge));
+        }
+        if let GatewayError::Unauthorized = &self {
+            let challenge = HeaderValue::from_static("Bearer realm=\"send-gateway-admin\"");
             extra_headers.push((header::WWW_AUTHENTICATE, challenge));
         }
         if let GatewayError::QuotaStoreFull = &self {

@@ -187,6 +187,11 @@ async fn with_a_token_quota_reads_need_it_and_metrics_stay_open() {
     let gw = Gateway::start(&toml).await;
     let quota = format!("{}/v1/quota/{DEMO_GRANT_ID}", gw.admin);
     let resp = client().get(&quota).send().await.unwrap();
+    // RFC 6750: the 401 names the scheme it wants.
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        "Bearer realm=\"send-gateway-admin\""
+    );
     gateway_error(resp, 401, "unauthorized").await;
     let resp = client()
         .get(&quota)
