@@ -182,3 +182,42 @@ async fn a_full_store_refuses_new_grants_with_503() {
     assert!(m.contains("sendgw_store_scopes 2"), "{m}");
     assert!(m.contains("sendgw_store_scopes_refused_total 1"), "{m}");
 }
+
+/// The fleet view lists what was counted before a restart, with no send after it: the
+/// memory store journals its fleet index along with the counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_view_survives_a_restart() {
+    let nylas = fake().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &nylas.url(), "");
+    let mut gw = Process::spawn(&config);
+    for _ in 0..3 {
+        assert_eq!(gw.send_once(DEMO_GRANT_ID).await.0, 200);
+    }
+    let fleet = |gw: &Process| {
+        let url = format!("{}/v1/usage", gw.admin);
+        async move {
+            let resp = client().get(url).send().await.expect("usage");
+            assert_eq!(resp.status(), 200);
+            let page: Value = resp.json().await.expect("usage JSON");
+            page["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .map(|r| {
+                    (
+                        r["id"].as_str().unwrap().to_owned(),
+                        r["utilization"].as_f64().unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    // A page writes this replica's notes first: listed, and in the journal.
+    let before = fleet(&gw).await;
+    assert_eq!(before, [(DEMO_GRANT_ID.to_owned(), 3.0 / QUOTA as f64)]);
+    gw.signal("KILL");
+    assert!(gw.exit_status(Duration::from_secs(10)).await.is_some());
+    let gw = Process::spawn(&config);
+    assert_eq!(fleet(&gw).await, before, "listed again with no new send");
+}

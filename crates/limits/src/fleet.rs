@@ -132,6 +132,12 @@ impl MemoryFleet {
         }
     }
 
+    /// `scope`'s entry now: its bound, profile and expiry.
+    pub(crate) fn get(&self, scope: &str) -> Option<(f64, &str, Millis)> {
+        let (bound, profile, expires) = self.entries.get(scope)?;
+        Some((bound.0, profile, *expires))
+    }
+
     /// Up to `count` entries at or above `min`, after `after`, in index order.
     pub(crate) fn list(
         &self,

@@ -416,3 +416,69 @@ async fn a_full_store_refuses_new_scopes_and_keeps_the_old_ones() {
     assert!(new.unwrap().is_allowed());
     assert_eq!(store.refused_scopes(), 1);
 }
+
+async fn fleet_listed(store: &MemoryStore) -> Vec<(String, String, f64, u64)> {
+    let all = store.fleet_list(0.0, None, 100).await.unwrap();
+    all.into_iter()
+        .map(|e| (e.scope, e.profile, e.utilization, e.expires_at))
+        .collect()
+}
+
+/// The fleet index comes back with a reopened store: entries as noted, lowered or removed
+/// before the restart, through a compaction too, and an entry whose charges expired while
+/// the store was closed stays gone.
+#[tokio::test]
+async fn the_fleet_index_survives_a_restart() {
+    use limits::FleetEntry;
+    let entry = |scope: &str, utilization: f64, expires_in: u64| FleetEntry {
+        scope: scope.to_owned(),
+        profile: "two".to_owned(),
+        utilization,
+        expires_at: T0 + expires_in,
+        version: 0,
+    };
+    for compact_at in [64 << 20, 200] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = FakeClock::new(T0);
+        let store = open(dir.path(), &clock, compact_at);
+        let notes = [
+            entry("grant:a", 0.9, 3_600_000),
+            entry("grant:b", 0.5, 3_600_000),
+            entry("grant:c", 0.7, 3_600_000),
+            entry("grant:d", 0.95, 60_000),
+        ];
+        store.fleet_note(&notes).await.unwrap();
+        let listed_before = store.fleet_list(0.0, None, 100).await.unwrap();
+        let version = |s: &str| listed_before.iter().find(|e| e.scope == s).unwrap().version;
+        store
+            .fleet_lower("grant:a", version("grant:a"), 0.25)
+            .await
+            .unwrap();
+        store
+            .fleet_lower("grant:b", version("grant:b"), 0.0)
+            .await
+            .unwrap();
+        // Enough churn to pass the small store's compaction threshold.
+        for i in 0..20 {
+            store
+                .fleet_note(&[entry("grant:c", 0.7 + f64::from(i) / 1000.0, 3_600_000)])
+                .await
+                .unwrap();
+        }
+        let want = fleet_listed(&store).await;
+        assert_eq!(want.len(), 3, "{want:?}");
+        drop(store);
+        let again = open(dir.path(), &clock, compact_at);
+        assert_eq!(fleet_listed(&again).await, want, "compact_at {compact_at}");
+        // grant:d's charges stop counting after a minute: gone after a restart past it.
+        drop(again);
+        clock.advance(Duration::from_secs(61));
+        let third = open(dir.path(), &clock, compact_at);
+        let scopes: Vec<String> = fleet_listed(&third)
+            .await
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(scopes, ["grant:c", "grant:a"], "compact_at {compact_at}");
+    }
+}

@@ -43,6 +43,10 @@ use crate::window::{
 };
 
 const SWEEP_EVERY_MS: u64 = 60_000;
+
+/// The setting a scope's fleet entry is journaled under: `"<bound> <profile>"`, until the
+/// entry's expiry. No name the gateway uses starts with `!`.
+const FLEET_META: &str = "!fleet";
 /// How often a full store sweeps, looking for room for a new scope.
 const FULL_SWEEP_EVERY_MS: u64 = 1_000;
 
@@ -75,7 +79,7 @@ pub struct MemoryStore {
     max_scopes: Option<usize>,
     refused_scopes: AtomicU64,
     persist: Option<Arc<persist::Persist>>,
-    /// The fleet index (not journaled: after a restart a scope reappears with its next charge).
+    /// The fleet index; with a journal, each entry is also kept as a [`FLEET_META`] setting.
     fleet: std::sync::Mutex<MemoryFleet>,
 }
 
@@ -212,6 +216,74 @@ impl MemoryStore {
         let entry = self.meta.get(&key)?;
         let (value, exp) = entry.value();
         exp.is_none_or(|e| e > now).then(|| value.clone())
+    }
+
+    /// Keeps `scopes`' fleet entries as they now stand in `fleet` as [`FLEET_META`]
+    /// settings (buffered, like a charge within the limits), so that a reopened store lists
+    /// them again ([`MemoryStore::restore_fleet`]). Nothing for a store in memory only.
+    fn journal_fleet<'a>(
+        &self,
+        fleet: &MemoryFleet,
+        scopes: impl Iterator<Item = &'a str>,
+    ) -> Result<(), StoreError> {
+        if !self.is_persistent() {
+            return Ok(());
+        }
+        let now: Vec<(&str, Option<(String, Millis)>)> = scopes
+            .map(|s| (s, fleet.get(s).map(|(b, p, x)| (format!("{b} {p}"), x))))
+            .collect();
+        let mut recs = Vec::with_capacity(now.len());
+        for (scope, entry) in &now {
+            let key = ((*scope).to_owned(), FLEET_META.to_owned());
+            match entry {
+                Some((value, until)) => {
+                    self.meta.insert(key, (value.clone(), Some(*until)));
+                    let until = Some(*until);
+                    let (name, value) = (FLEET_META, value.as_str());
+                    recs.push(Record::MetaSet {
+                        scope,
+                        name,
+                        value,
+                        until,
+                    });
+                }
+                None if self.meta.remove(&key).is_some() => {
+                    recs.push(Record::MetaDelete {
+                        scope,
+                        name: FLEET_META,
+                    });
+                }
+                None => {}
+            }
+        }
+        self.log(&recs, Write::Buffered)
+    }
+
+    /// Rebuilds the fleet index from the [`FLEET_META`] settings a journal brought back.
+    pub(super) fn restore_fleet(&self) {
+        let now = self.clock.now_ms();
+        let mut fleet = self.fleet_index();
+        for entry in &self.meta {
+            let ((scope, name), (value, until)) = (entry.key(), entry.value());
+            let Some(expires_at) = until.filter(|_| name == FLEET_META) else {
+                continue;
+            };
+            let Some((bound, profile)) = value.split_once(' ') else {
+                continue;
+            };
+            let Ok(utilization) = bound.parse::<f64>() else {
+                continue;
+            };
+            let (scope, profile) = (scope.clone(), profile.to_owned());
+            let e = FleetEntry {
+                scope,
+                profile,
+                utilization,
+                expires_at,
+                version: 0,
+            };
+            fleet.note(&e, now);
+        }
     }
 
     /// Journals a setting as it now stands.
@@ -839,12 +911,13 @@ impl QuotaStore for MemoryStore {
     }
 
     async fn fleet_note(&self, entries: &[FleetEntry]) -> Result<(), StoreError> {
+        let _gate = self.gate()?;
         let now = self.clock.now_ms();
         let mut fleet = self.fleet_index();
         for e in entries {
             fleet.note(e, now);
         }
-        Ok(())
+        self.journal_fleet(&fleet, entries.iter().map(|e| e.scope.as_str()))
     }
 
     async fn fleet_list(
@@ -858,8 +931,10 @@ impl QuotaStore for MemoryStore {
     }
 
     async fn fleet_lower(&self, scope: &str, seen: u64, to: f64) -> Result<(), StoreError> {
-        self.fleet_index().lower(scope, seen, to);
-        Ok(())
+        let _gate = self.gate()?;
+        let mut fleet = self.fleet_index();
+        fleet.lower(scope, seen, to);
+        self.journal_fleet(&fleet, std::iter::once(scope))
     }
 
     async fn reset(&self, scope: &str) -> Result<(), StoreError> {

@@ -143,6 +143,7 @@ impl MemoryStore {
             self.apply(rec);
         }
         self.sweep();
+        self.restore_fleet();
         let persist = Arc::new(Persist {
             pending: Mutex::new(Vec::with_capacity(64 << 10)),
             sync_handle: Mutex::new(Arc::new(journal.sync_handle()?)),
