@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use limits::{FleetCursor, FleetEntry, StoreError, Usage, utilization_bound};
+use limits::{FleetCursor, FleetEntry, Profile, StoreError, Usage, utilization_bound};
 
 use crate::error::GatewayError;
 use crate::state::AppState;
@@ -136,13 +136,11 @@ pub async fn page(state: &AppState, q: &Query) -> Result<Page, StoreError> {
     })
 }
 
-/// `entry`'s usage now; a stale bound is lowered in the index, and the row left for when
-/// the scan meets it again (`None`).
+/// `entry`'s usage now, under the profile it is charged under now; a stale bound is
+/// lowered in the index, and the row left for when the scan meets it again (`None`).
 async fn recompute(state: &AppState, entry: FleetEntry) -> Result<Option<Row>, StoreError> {
-    let config = state.config();
-    let profile = config
-        .profile(&entry.profile)
-        .unwrap_or_else(|| config.default_profile());
+    let profile = current_profile(state, &entry).await?;
+    let profile = &profile;
     let usage = state.store.usage(&entry.scope, profile).await?;
     let now = utilization_bound(&usage);
     if now < entry.utilization {
@@ -163,6 +161,32 @@ async fn recompute(state: &AppState, entry: FleetEntry) -> Result<Option<Row>, S
         state.store.fleet_note(std::slice::from_ref(&entry)).await?;
     }
     Ok(Some(Row { entry, usage }))
+}
+
+/// The profile `entry`'s scope is charged under now: for a grant, as its next send would
+/// pick it (an override set or removed since its last charge counts), from what this
+/// replica and the store know; else, or when that takes a provider no one knows, the
+/// profile it was last charged under, by name (a reload's new limits count).
+async fn current_profile(state: &AppState, entry: &FleetEntry) -> Result<Profile, StoreError> {
+    let config = state.config();
+    let last = config
+        .profile(&entry.profile)
+        .unwrap_or_else(|| config.default_profile());
+    if let Some(name) = entry.scope.strip_prefix("client:") {
+        let named = config.clients.iter().find(|c| c.name == name);
+        let own = named.and_then(|c| c.profile.as_deref().and_then(|p| config.profile(p)));
+        return Ok(own.unwrap_or(last).clone());
+    }
+    let Some(grant) = entry.scope.strip_prefix("grant:") else {
+        return Ok(last.clone());
+    };
+    let store = state.store.as_ref();
+    let stored = crate::selection::stored_override(store, grant).await?;
+    let now = state
+        .selector
+        .select_known(store, &config, grant, stored)
+        .await;
+    Ok(now.map_or_else(|| last.clone(), |s| s.profile))
 }
 
 /// A cursor as handed out: the hex of `<bound> <scope>`.

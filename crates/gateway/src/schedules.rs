@@ -48,8 +48,13 @@ fn companion_name(schedule_id: &str) -> String {
     format!("schedule-client:{schedule_id}")
 }
 
-/// Remembers `reservation` as the charge of the scheduled send `schedule_id` of `scope`,
-/// and `companion`, the client's own charge of it, beside it.
+/// What the grant's record holds when only the client's own charge was reserved (the
+/// grant's was charged outright, in shadow): nothing of the grant's to give back.
+const NO_RESERVATION: &str = "-";
+
+/// Remembers `reservation` as the charge of the scheduled send `schedule_id` of `scope`
+/// (`None`: the scope's charge cannot be given back, only the companion's), and
+/// `companion`, the client's own charge of it, beside it.
 ///
 /// # Errors
 /// The store failed; the charge stays, it just cannot be given back.
@@ -57,17 +62,18 @@ pub async fn remember(
     store: &dyn QuotaStore,
     scope: &Scope,
     schedule_id: &str,
-    reservation: &Reservation,
+    reservation: Option<&Reservation>,
     companion: Option<&Reservation>,
 ) -> Result<(), StoreError> {
     if schedule_id.is_empty() || schedule_id.len() > MAX_ID {
         return Err(StoreError::Invalid("unusable schedule id".into()));
     }
-    let left = reservation
-        .expires_at_ms()
-        .saturating_sub(SystemClock.now_ms());
+    let Some(longest) = reservation.or(companion) else {
+        return Ok(());
+    };
+    let left = longest.expires_at_ms().saturating_sub(SystemClock.now_ms());
     let ttl = Duration::from_millis(left) + MARGIN;
-    let record = reservation.to_record();
+    let record = reservation.map_or_else(|| NO_RESERVATION.to_owned(), Reservation::to_record);
     store
         .meta_set(scope.as_str(), &name(schedule_id), &record, Some(ttl))
         .await?;
@@ -116,7 +122,9 @@ pub async fn refund(
     };
     // The client's first: once the grant's record is gone, a retry finds nothing.
     refund_companion(store, scope, schedule_id).await?;
-    if let Some(reservation) = Reservation::from_record(scope.as_str(), &record) {
+    if record != NO_RESERVATION
+        && let Some(reservation) = Reservation::from_record(scope.as_str(), &record)
+    {
         store.release(&reservation).await?;
     }
     store.meta_delete(scope.as_str(), &key).await?;

@@ -139,45 +139,48 @@ impl Selector {
         } else {
             None
         };
-        if let Some(name) = &override_name {
-            if let Some(p) = config.profile(name) {
-                return Selection {
-                    profile: p.clone(),
-                    source: Source::Override,
-                    override_name,
-                    provider,
-                };
-            }
-            // An override naming a profile this configuration no longer has: count under
-            // the usual profile rather than not at all.
-            tracing::warn!(grant, profile = %name, "override names an unknown profile; using the usual one");
-        }
-        if let Some(p) = config
-            .grants
-            .overrides
-            .get(grant)
-            .and_then(|n| config.profile(n))
-        {
-            return Selection {
-                profile: p.clone(),
-                source: Source::Config,
-                override_name,
-                provider,
-            };
-        }
-        let (profile, source) = match provider.as_deref() {
-            Some(p) if config.grants.provider_profiles.contains_key(p) => (
-                config.profile_for_provider(Some(p)).clone(),
-                Source::Provider(p.to_owned()),
-            ),
-            _ => (config.default_profile().clone(), Source::Default),
+        choose(config, grant, override_name, provider)
+    }
+
+    /// As [`Selector::select`], from what this replica and `store` know, never asking
+    /// Nylas: `None` when the choice would take the grant's provider and neither knows it
+    /// (the fleet view then keeps the profile the grant was last charged under).
+    pub async fn select_known(
+        &self,
+        store: &dyn QuotaStore,
+        config: &Config,
+        grant: &str,
+        override_name: Option<String>,
+    ) -> Option<Selection> {
+        let provider = if config.grants.resolve_provider {
+            self.known_provider(store, config, grant).await
+        } else {
+            None
         };
-        Selection {
-            profile,
-            source,
-            override_name,
-            provider,
+        let unknown = config.grants.resolve_provider && provider.is_none();
+        let selection = choose(config, grant, override_name, provider);
+        (!(unknown && matches!(selection.source, Source::Default))).then_some(selection)
+    }
+
+    /// The grant's provider from the local cache or the store, or `None`.
+    async fn known_provider(
+        &self,
+        store: &dyn QuotaStore,
+        config: &Config,
+        grant: &str,
+    ) -> Option<String> {
+        let ttl = config.grants.provider_cache_ttl;
+        if let Some((p, at)) = lock(&self.providers).get(grant)
+            && at.elapsed() < ttl
+        {
+            return p.clone();
         }
+        let scope = Scope::grant(grant);
+        store
+            .meta_get(scope.as_str(), META_PROVIDER)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The grant's provider: local cache, then the store, then Nylas.
@@ -278,6 +281,55 @@ async fn ask_nylas(
             tracing::warn!(grant, error = %e, "provider look-up failed; using the default profile");
             None
         }
+    }
+}
+
+/// The profile for `grant` once its provider is known (or not needed): the stored
+/// override, else `[grants.overrides]`, else the provider's mapped profile, else the default.
+fn choose(
+    config: &Config,
+    grant: &str,
+    override_name: Option<String>,
+    provider: Option<String>,
+) -> Selection {
+    if let Some(name) = &override_name {
+        if let Some(p) = config.profile(name) {
+            return Selection {
+                profile: p.clone(),
+                source: Source::Override,
+                override_name,
+                provider,
+            };
+        }
+        // An override naming a profile this configuration no longer has: count under
+        // the usual profile rather than not at all.
+        tracing::warn!(grant, profile = %name, "override names an unknown profile; using the usual one");
+    }
+    if let Some(p) = config
+        .grants
+        .overrides
+        .get(grant)
+        .and_then(|n| config.profile(n))
+    {
+        return Selection {
+            profile: p.clone(),
+            source: Source::Config,
+            override_name,
+            provider,
+        };
+    }
+    let (profile, source) = match provider.as_deref() {
+        Some(p) if config.grants.provider_profiles.contains_key(p) => (
+            config.profile_for_provider(Some(p)).clone(),
+            Source::Provider(p.to_owned()),
+        ),
+        _ => (config.default_profile().clone(), Source::Default),
+    };
+    Selection {
+        profile,
+        source,
+        override_name,
+        provider,
     }
 }
 

@@ -41,13 +41,7 @@ pub(super) async fn what(
 ) -> Result<Priced, Stop> {
     let opts = InspectOptions {
         json_limit: ctx.config.server.max_json_body,
-        // In shadow a message over the cap goes on (and is reported by `admit`): nothing
-        // refuses it or cuts it off on the way.
-        max_message_size: charged
-            .profile
-            .max_message_size()
-            .filter(|_| !ctx.config.in_shadow(&charged.profile))
-            .map(|v| v.get()),
+        max_message_size: enforced_size_cap(ctx, charged),
         ..InspectOptions::default()
     };
     let inspected = match inspect(route, headers, body, &opts).await {
@@ -78,6 +72,20 @@ pub(super) async fn what(
         priced.size_known = true;
     }
     Ok(priced)
+}
+
+/// The largest message any enforced profile of the send allows (the grant's or domain's,
+/// and the client's own): a body is refused over it, and a streamed one cut off when it
+/// grows past it. A profile in shadow lets a message over its cap go on (reported by
+/// `admit`): nothing refuses it or cuts it off on its account.
+fn enforced_size_cap(ctx: &SendCtx, charged: &Charged) -> Option<u64> {
+    let client = charged.client.as_ref().map(|c| &c.profile);
+    std::iter::once(&charged.profile)
+        .chain(client)
+        .filter(|p| !ctx.config.in_shadow(p))
+        .filter_map(|p| p.max_message_size())
+        .map(std::num::NonZero::get)
+        .min()
 }
 
 /// Takes the lock of the draft `draft_id` before it is read (see [`crate::drafts`]).

@@ -79,7 +79,10 @@ pub(super) async fn settle(
         (resp, None)
     } else {
         match lease {
-            Some(lease) => keep(state, ctx, charged, lease, resp).await?,
+            Some(lease) => {
+                let streamed = streamed_extra(charged, lease.cost(), &sent.overflow);
+                keep(state, ctx, charged, (lease, streamed), resp).await?
+            }
             None => (resp, None),
         }
     };
@@ -167,21 +170,22 @@ fn kept_unknown(ctx: &mut SendCtx, lease: Option<Lease>) {
     }
 }
 
-/// Keeps the charge of a send Nylas answered; a 2xx JSON answer small enough to read is
-/// checked for more than was charged, and its `data.schedule_id` (a scheduled send)
-/// remembered with the reservation, for a cancel to give back.
+/// Keeps the charge of a send Nylas answered, with the bytes a streamed body turned out to
+/// hold beyond it (`streamed`); a 2xx JSON answer small enough to read is checked for more
+/// than was charged, and its `data.schedule_id` (a scheduled send) remembered with the
+/// reservation, for a cancel to give back.
 async fn keep(
     state: &AppState,
     ctx: &mut SendCtx,
     charged: &Charged,
-    lease: Lease,
+    (lease, streamed): (Lease, Cost),
     resp: Response,
 ) -> Result<(Response, Option<Kept>), Stop> {
     ctx.record.settlement = Some(Settlement::Kept);
     let reservation = lease.reservation().cloned();
     let companion = lease.companion().cloned();
     if !resp.status().is_success() || !is_json(resp.headers()) {
-        let kept = lease.keep();
+        let kept = lease.keep_with(streamed).await;
         also_now(state, ctx, charged, reservation.as_ref()).await;
         return Ok((resp, Some(kept)));
     }
@@ -199,7 +203,8 @@ async fn keep(
                 }
             };
             let extra = correction(ctx, charged, lease.cost(), data.as_ref());
-            let kept = lease.keep_with(extra).await;
+            let most = extra.bytes.max(streamed.bytes);
+            let kept = lease.keep_with(Cost::new(0, extra.recipients, most)).await;
             match (&data, &reservation) {
                 (Some(data), Some(r))
                     if data
@@ -213,12 +218,12 @@ async fn keep(
             Ok((Response::from_parts(parts, Body::from(bytes)), Some(kept)))
         }
         Ok(Read::Large(body)) => {
-            let kept = lease.keep();
+            let kept = lease.keep_with(streamed).await;
             also_now(state, ctx, charged, reservation.as_ref()).await;
             Ok((Response::from_parts(parts, body), Some(kept)))
         }
         Err(e) => {
-            let _ = lease.keep();
+            let _ = lease.keep_with(streamed).await;
             Err(Stop::Fail(GatewayError::UpstreamUnavailable(format!(
                 "send answer broke off: {e}"
             ))))
@@ -274,6 +279,17 @@ fn correction(
     Cost::new(0, recipients, bytes)
 }
 
+/// The bytes a body turned out to hold beyond `cost` once streamed: a chunked body is
+/// charged before its end is read (at its per-message cap where it has one, else at what
+/// was read so far), so what the meter counted on the way corrects it, raw MIME included.
+/// Only where a window limits bytes.
+fn streamed_extra(charged: &Charged, cost: Cost, overflow: &Overflow) -> Cost {
+    if !counts_bytes(charged) {
+        return Cost::default();
+    }
+    Cost::new(0, 0, overflow.size().saturating_sub(cost.bytes))
+}
+
 /// Whether a window of the grant's profile, or of the client's own, limits bytes.
 fn counts_bytes(charged: &Charged) -> bool {
     limits_bytes(&charged.profile)
@@ -306,6 +322,14 @@ async fn remember_schedule(
     };
     let started = std::time::Instant::now();
     let store = state.store.as_ref();
+    // A client's own quota enforced under a grant in shadow: the lease is the client's
+    // (the grant's charge was owed, not reserved), so it is remembered as the companion,
+    // never as the grant's, or a cancel would give it back from the grant's count.
+    let (reservation, companion) = if reservation.scope() == charged.scope.as_str() {
+        (Some(reservation), companion)
+    } else {
+        (None, Some(reservation))
+    };
     let result = schedules::remember(store, &charged.scope, id, reservation, companion).await;
     state.metrics.store_call("remember", started.elapsed());
     match result {
