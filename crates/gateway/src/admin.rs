@@ -390,6 +390,8 @@ async fn explain_send(
     answer["grant_id"] = json!(id);
     answer["profile"] = json!(selection.profile.name());
     answer["profile_source"] = json!(selection.source.as_str());
+    // In shadow a refusal is only reported: say so, or the answer reads as a refusal.
+    answer["shadow"] = json!(state.config().in_shadow(&selection.profile));
     Ok(axum::Json(answer).into_response())
 }
 

@@ -297,6 +297,9 @@ fn run_explain(
     if let Some(t) = v["fits_at"].as_u64() {
         out.push_str(&format!("would fit from {t} (unix seconds)\n"));
     }
+    if v["shadow"] == Value::Bool(true) {
+        out.push_str("in shadow: a refusal is only reported, and the send goes out\n");
+    }
     Ok(out)
 }
 

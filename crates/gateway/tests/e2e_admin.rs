@@ -693,8 +693,8 @@ async fn explain_agrees_with_the_next_real_decision_and_charges_nothing() {
     let two = message(&["a@example.org", "b@example.org"], &[], &[]);
     let e = ask("recipients=2").await;
     assert_eq!(
-        (decided(&e), &e["profile"]),
-        (yes.clone(), &json!("tiny")),
+        (decided(&e), &e["profile"], &e["shadow"]),
+        (yes.clone(), &json!("tiny"), &json!(false)),
         "{e}"
     );
     // Asking charged nothing; the real send agrees.

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use fake_nylas::{DEMO_GRANT_ID, Rule};
 use gateway::config::Config;
+use serde_json::json;
 
 /// Two messages a minute, two recipients a message, under `mode`, with `rest` after.
 fn tiny(nylas: &fake_nylas::FakeNylas, mode: &str, rest: &str) -> String {
@@ -275,4 +276,36 @@ async fn a_client_quota_in_shadow_names_a_send_over_its_whole_window_as_enforce_
         1.0,
         "{m}"
     );
+}
+
+/// Explain in shadow says what enforcing would refuse, and that it is only reported: the
+/// next real send is forwarded with the same reason in its header.
+#[tokio::test]
+async fn explain_in_shadow_names_the_refusal_and_that_it_is_only_reported() {
+    let nylas = fake().await;
+    let gw = Gateway::start(&tiny(&nylas, "shadow", "")).await;
+    let explain = || async {
+        let url = format!("/v1/quota/{DEMO_GRANT_ID}/explain");
+        let resp = gw.admin_get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json::<serde_json::Value>().await.unwrap()
+    };
+    let e = explain().await;
+    assert_eq!(
+        (&e["admitted"], &e["shadow"]),
+        (&json!(true), &json!(true)),
+        "{e}"
+    );
+    for _ in 0..2 {
+        send(&gw, &["a@example.org"]).await;
+    }
+    let e = explain().await;
+    assert_eq!(
+        (&e["admitted"], &e["reason"], &e["shadow"]),
+        (&json!(false), &json!("messages"), &json!(true)),
+        "{e}"
+    );
+    let resp = send(&gw, &["a@example.org"]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(would_deny(&resp).as_deref(), Some("messages"));
 }
