@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use limits::{
-    Cost, Decision, FleetCursor, FleetEntry, Guarded, Millis, Probe, Profile, QuotaStore,
-    Reservation, StoreError, StoreHealth, Usage, utilization_bound,
+    Allowance, Cost, Decision, FleetCursor, FleetEntry, Guarded, Millis, Probe, Profile,
+    QuotaStore, Reservation, StoreError, StoreHealth, Usage, utilization_bound,
 };
 
 /// How often this replica's notes are written to the store.
@@ -146,10 +146,11 @@ impl QuotaStore for Indexed {
         profile: &Profile,
         cost: Cost,
         at: Option<Millis>,
-    ) -> Result<Usage, StoreError> {
-        let usage = self.inner.charge(scope, profile, cost, at).await?;
-        self.note(scope, profile, &usage, forced_expiry(&usage, at));
-        Ok(usage)
+    ) -> Result<Allowance, StoreError> {
+        let charged = self.inner.charge(scope, profile, cost, at).await?;
+        let usage = &charged.usage;
+        self.note(scope, profile, usage, forced_expiry(usage, at));
+        Ok(charged)
     }
 
     async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {

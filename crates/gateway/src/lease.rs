@@ -132,11 +132,11 @@ impl Lease {
             armed.metrics.store_call("charge", started.elapsed());
         }
         let usage = match result {
-            Ok(usage) => {
+            Ok(charged) => {
                 for m in Metric::ALL.into_iter().filter(|m| extra.get(*m) > 0) {
                     armed.metrics.correction(m);
                 }
-                usage
+                charged.usage
             }
             Err(e) => {
                 tracing::error!(request_id = %armed.request_id, error = %e, "could not charge the difference Nylas reported");

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::clock::Millis;
-use crate::decision::{Cost, Decision, Probe, Reservation, Usage};
+use crate::decision::{Allowance, Cost, Decision, Probe, Reservation, Usage};
 use crate::fleet::{FleetCursor, FleetEntry};
 use crate::policy::Profile;
 use crate::store::{Guarded, QuotaStore, StoreError};
@@ -207,7 +207,7 @@ impl QuotaStore for BreakerStore {
         profile: &Profile,
         cost: Cost,
         at: Option<Millis>,
-    ) -> Result<Usage, StoreError> {
+    ) -> Result<Allowance, StoreError> {
         self.call(self.inner.charge(scope, profile, cost, at)).await
     }
 

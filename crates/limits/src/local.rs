@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::clock::Millis;
-use crate::decision::{Cost, Decision, Reservation, Usage};
+use crate::decision::{Allowance, Cost, Decision, Reservation, Usage};
 use crate::memory::MemoryStore;
 use crate::policy::Profile;
 use crate::store::{Guarded, QuotaStore, StoreError};
@@ -168,9 +168,9 @@ impl QuotaStore for LocalBudget {
         profile: &Profile,
         cost: Cost,
         at: Option<Millis>,
-    ) -> Result<Usage, StoreError> {
+    ) -> Result<Allowance, StoreError> {
         let scaled = profile.scaled(self.fraction);
-        let usage = self.store.charge(scope, &scaled, cost, at).await?;
+        let charged = self.store.charge(scope, &scaled, cost, at).await?;
         self.record(Entry {
             scope: Arc::from(scope),
             profile: profile.clone(),
@@ -178,7 +178,7 @@ impl QuotaStore for LocalBudget {
             at: at.unwrap_or(0),
             id: 0,
         });
-        Ok(usage)
+        Ok(charged)
     }
 
     async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {

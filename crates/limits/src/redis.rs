@@ -977,11 +977,11 @@ impl QuotaStore for RedisStore {
         profile: &Profile,
         cost: Cost,
         at: Option<Millis>,
-    ) -> Result<Usage, StoreError> {
+    ) -> Result<Allowance, StoreError> {
         let ask = Ask { profile, cost, at };
         let (f, _) = self.fields(scope, ask, MODE_FORCE).await?;
         match decision_of(&f, false, scope, ask, None)? {
-            Decision::Allowed(a) => Ok(a.usage),
+            Decision::Allowed(a) => Ok(a),
             Decision::Denied(_) => Err(protocol("a forced charge was denied")),
         }
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::clock::Millis;
-use crate::decision::{Cost, Decision, Probe, Reservation, Usage};
+use crate::decision::{Allowance, Cost, Decision, Probe, Reservation, Usage};
 use crate::fleet::{FleetCursor, FleetEntry};
 use crate::policy::Profile;
 
@@ -76,10 +76,11 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
     ) -> Result<Decision, StoreError>;
 
     /// Charges `cost` at `at` (as in [`QuotaStore::reserve_at`]) against every window of
-    /// `profile` whatever their limits say, and returns the usage after it. For a send that
-    /// has already gone out (or been scheduled) and turned out to cost more than was
-    /// reserved: the provider counted it, so the quota must too, even past a limit. Never
-    /// use it to admit a send.
+    /// `profile` whatever their limits say, and returns the charge (a reservation that
+    /// [`QuotaStore::release`] gives back like any other) and the usage after it. For a
+    /// send that has gone out (or been scheduled) and turned out to cost more than was
+    /// reserved, or one that goes out whatever its quota says (shadow mode): the provider
+    /// counts it, so the quota must too, even past a limit. Never use it to admit a send.
     ///
     /// # Errors
     /// Infrastructure failures, and [`StoreError::Invalid`] as for `reserve_at`.
@@ -89,7 +90,7 @@ pub trait QuotaStore: Send + Sync + std::fmt::Debug {
         profile: &Profile,
         cost: Cost,
         at: Option<Millis>,
-    ) -> Result<Usage, StoreError>;
+    ) -> Result<Allowance, StoreError>;
 
     /// Gives back exactly what `reservation` charged, in the buckets it charged. Releasing
     /// twice is a no-op; counters never go below zero; buckets that have expired are left

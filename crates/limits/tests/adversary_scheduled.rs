@@ -217,7 +217,8 @@ async fn a_forced_charge_past_the_limit_at_an_instant(h: Harness) {
     let u = s
         .charge("g", &p, Cost::new(5, 0, 0), Some(T0 + 20 * MIN))
         .await
-        .unwrap();
+        .unwrap()
+        .usage;
     assert_eq!(u.windows[0].metrics[0].scheduled, 5);
     assert_eq!(u.windows[0].metrics[0].remaining, 3);
     let d = denied(at(s, &p, Some(T0 + 15 * MIN), ONE).await);
@@ -383,8 +384,8 @@ async fn stores_agree_on_a_harsh_random_sequence() {
             9 => {
                 let at = Some(now + rnd(2 * HOUR));
                 let cost = Cost::new(rnd(2), rnd(4), 0);
-                let a = mem.store.charge("g", &p, cost, at).await.unwrap();
-                let b = red.store.charge("g", &p, cost, at).await.unwrap();
+                let a = mem.store.charge("g", &p, cost, at).await.unwrap().usage;
+                let b = red.store.charge("g", &p, cost, at).await.unwrap().usage;
                 assert_eq!(format!("{a:?}"), format!("{b:?}"), "step {step}: charges");
             }
             10..=11 if !held.is_empty() => {

@@ -667,7 +667,8 @@ async fn forced_charges_count_past_the_limit_and_deny_what_follows(h: Harness) {
         .store
         .charge("g", &p, Cost::new(0, 3, 0), None)
         .await
-        .unwrap();
+        .unwrap()
+        .usage;
     assert_eq!(used(&after, 0, Metric::Recipients), 7);
     assert_eq!(used(&after, 1, Metric::Recipients), 7);
     assert_eq!(used(&after, 0, Metric::Messages), 1);
@@ -682,6 +683,28 @@ async fn forced_charges_count_past_the_limit_and_deny_what_follows(h: Harness) {
         h.store.usage("g", &p).await.unwrap(),
         usage_now(&h, &p).await
     );
+}
+
+async fn a_forced_charge_is_given_back_like_a_reservation(h: Harness) {
+    let p = ProfileSpec::default()
+        .window(WindowSpec::rolling(HOUR).buckets(4).messages(2))
+        .build("test")
+        .unwrap();
+    allowed(&h, "g", &p, Cost::new(1, 1, 0)).await;
+    allowed(&h, "g", &p, Cost::new(1, 1, 0)).await;
+    // Past the limit, as shadow mode charges a send that goes out whatever its quota says.
+    let forced = h
+        .store
+        .charge("g", &p, Cost::new(1, 1, 0), None)
+        .await
+        .unwrap();
+    assert_eq!(used(&forced.usage, 0, Metric::Messages), 3);
+    // Nothing was sent after all: exactly that charge comes back, once.
+    h.store.release(&forced.reservation).await.unwrap();
+    h.store.release(&forced.reservation).await.unwrap();
+    let usage = h.store.usage("g", &p).await.unwrap();
+    assert_eq!(used(&usage, 0, Metric::Messages), 2);
+    assert!(!reserve(&h, "g", &p, Cost::new(1, 0, 0)).await.is_allowed());
 }
 
 async fn usage_now(h: &Harness, p: &Profile) -> Usage {
@@ -833,6 +856,7 @@ contract!(
     guarded_reservations_respect_cool_downs_and_overrides,
     settings_are_shared_and_set_once,
     forced_charges_count_past_the_limit_and_deny_what_follows,
+    a_forced_charge_is_given_back_like_a_reservation,
     a_setting_is_deleted_only_by_its_holder,
 );
 

@@ -79,8 +79,8 @@ async fn memory_and_redis_agree_on_a_random_sequence() {
             8 => {
                 let at = Some(limits::Clock::now_ms(&mem.clock) + rnd(300_000));
                 let cost = Cost::new(rnd(2), rnd(3), 0);
-                let a = mem.store.charge("g", &p, cost, at).await.unwrap();
-                let b = red.store.charge("g", &p, cost, at).await.unwrap();
+                let a = mem.store.charge("g", &p, cost, at).await.unwrap().usage;
+                let b = red.store.charge("g", &p, cost, at).await.unwrap().usage;
                 assert_eq!(
                     format!("{a:?}"),
                     format!("{b:?}"),

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use limits::{
-    BreakerState, BreakerStore, Cost, Decision, Guarded, LocalBudget, MemoryStore, Millis, Profile,
-    QuotaStore, RedisConfig, RedisStore, Reservation, StoreError, Usage,
+    Allowance, BreakerState, BreakerStore, Cost, Decision, Guarded, LocalBudget, MemoryStore,
+    Millis, Profile, QuotaStore, RedisConfig, RedisStore, Reservation, StoreError, Usage,
 };
 use testkit::RedisServer;
 
@@ -112,7 +112,7 @@ impl QuotaStore for Flaky {
         profile: &Profile,
         cost: Cost,
         at: Option<Millis>,
-    ) -> Result<Usage, StoreError> {
+    ) -> Result<Allowance, StoreError> {
         self.gate().await?;
         self.inner.charge(scope, profile, cost, at).await
     }

@@ -180,7 +180,8 @@ async fn forced_charges_at_an_instant_count_there(h: Harness) {
         .store
         .charge("g", &p, Cost::new(3, 0, 0), Some(T0 + 30 * MIN))
         .await
-        .unwrap();
+        .unwrap()
+        .usage;
     let m = &u.windows[0].metrics[0];
     assert_eq!((m.used, m.scheduled), (0, 3));
     assert!(!at(&h, &p, T0 + 25 * MIN, ONE).await.is_allowed());

@@ -843,7 +843,7 @@ impl QuotaStore for MemoryStore {
         profile: &Profile,
         cost: Cost,
         at: Option<Millis>,
-    ) -> Result<Usage, StoreError> {
+    ) -> Result<Allowance, StoreError> {
         let ask = Ask {
             profile,
             cost,
@@ -851,7 +851,7 @@ impl QuotaStore for MemoryStore {
             admit: Admit::Regardless,
         };
         match self.decide(scope, ask, None)? {
-            Decision::Allowed(a) => Ok(a.usage),
+            Decision::Allowed(a) => Ok(a),
             Decision::Denied(_) => Err(StoreError::Protocol("a forced charge was denied".into())),
         }
     }
