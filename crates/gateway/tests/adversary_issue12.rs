@@ -396,12 +396,11 @@ async fn holds_cancels_under_a_shadow_grant_never_free_more_than_was_cancelled()
 }
 
 /// ATTACK (cancel under a shadow grant): the grant's profile is in shadow and full, the
-/// client's enforced. A scheduled send then holds a lease on the client's quota only (the
-/// grant's charge is made outright). Remembering that lease as the grant's would make a
-/// cancel give a charge back from the grant's count, which never reserved it: the grant
-/// would count one send fewer than went out, and could send past its quota once the
-/// profile is enforced. The cancel must give back the client's charge, and the grant's
-/// count must keep the send it was charged outright for (an over-count, the safe side).
+/// client's enforced. A scheduled send over the grant's quota is charged to the grant
+/// outright and reserved on the client's. A cancel must give each charge back from its
+/// own quota: once, remembering the client's lease as the grant's made a cancel take the
+/// client's charge from the grant's count and leave the client's standing. Each count
+/// must end at the one send that still stands.
 #[tokio::test]
 async fn bypass_a_cancel_under_a_shadow_grant_gives_back_from_the_wrong_quota() {
     let nylas = fake().await;
@@ -453,5 +452,12 @@ async fn bypass_a_cancel_under_a_shadow_grant_gives_back_from_the_wrong_quota() 
         1,
         "client refunded: {w:?}"
     );
-    assert_eq!(grant_counted().await, 2, "the grant's count lost a charge");
+    assert_eq!(
+        grant_counted().await,
+        1,
+        "the grant's own charge given back"
+    );
+    // The grant's one send a day is still counted: the next would be refused.
+    let resp = post(&gw, &path).json(&body).send().await.unwrap();
+    assert_eq!(resp.headers()["send-gateway-would-deny"], "messages");
 }

@@ -40,21 +40,10 @@ pub(super) struct Ask {
 #[derive(Debug)]
 pub(super) struct Admitted {
     /// The charge; `None` when the store failed and `on_unavailable = "allow"` forwards
-    /// the send uncounted, or when shadow mode forwards a send its quota refused.
+    /// the send uncounted (or, in shadow, a forced charge failed).
     pub lease: Option<Lease>,
     /// The `send_at` (unix seconds) a deferred send was charged at and must be given.
     pub deferred_to: Option<u64>,
-    /// In shadow: what a refusal kept from being reserved, charged once the send went out.
-    pub after: Vec<AfterSend>,
-}
-
-/// A charge made only once a send has gone out (shadow mode: its quota refused it).
-#[derive(Debug)]
-pub(super) struct AfterSend {
-    pub scope: Scope,
-    pub profile: Profile,
-    pub cost: Cost,
-    pub at: Option<Millis>,
 }
 
 /// Admits a send: per-message checks, then one reserve (and, for a send a full window
@@ -79,15 +68,13 @@ pub(super) async fn admit(
                 None => ctx.decide(Outcome::Allowed, "within_quota"),
             }
             ctx.record.scheduled_for = ask.at.map(|_| a.reservation.at() / 1000);
-            let after = client_after(ctx, charged, ask.at);
-            let mut admitted = admitted(state, charged, a, None);
-            admitted.after = after;
+            shadow_client(state, ctx, charged, ask.at).await;
+            let admitted = admitted(state, charged, a, None);
             kept_first(state, ctx, admitted).await
         }
         Ok(Decision::Denied(d)) if ctx.config.in_shadow(&charged.profile) => {
-            let mut admitted = shadowed(ctx, charged, (charge, ask.at), &d);
-            enforced_client(state, ctx, charged, ask.at, &mut admitted).await?;
-            // The client's reservation, when one was made, is kept before the forward.
+            ctx.record.scheduled_for = ask.at.map(|at| at / 1000);
+            let admitted = shadowed(state, ctx, charged, (charge, ask.at), &d).await?;
             match admitted.lease {
                 Some(_) => kept_first(state, ctx, admitted).await,
                 None => Ok(admitted),
@@ -102,9 +89,8 @@ pub(super) async fn admit(
                 ctx.decide(Outcome::Allowed, "deferred");
                 ctx.record.deferred = true;
                 ctx.record.scheduled_for = Some(secs);
-                let after = client_after(ctx, charged, Some(secs * 1000));
-                let mut admitted = admitted(state, charged, a, Some(secs));
-                admitted.after = after;
+                shadow_client(state, ctx, charged, Some(secs * 1000)).await;
+                let admitted = admitted(state, charged, a, Some(secs));
                 return kept_first(state, ctx, admitted).await;
             }
             Err(denied(ctx, d))
@@ -121,7 +107,6 @@ pub(super) async fn admit(
             .map(|lease| Admitted {
                 lease,
                 deferred_to: None,
-                after: Vec::new(),
             }),
     }
 }
@@ -145,56 +130,82 @@ fn checked(ctx: &mut SendCtx, charged: &mut Charged, ask: Ask) -> Result<Cost, S
     Ok(Cost::new(1, cost.recipients, bytes))
 }
 
-/// A send its quota refused, in shadow: reported, forwarded, and charged (to the grant and
-/// the client) once it has gone out.
-fn shadowed(
+/// A send its quota refused, in shadow: reported, charged whatever the limits say before
+/// it goes (kept or given back on Nylas's answer, as any lease), and forwarded. A client's
+/// own quota is charged alike when in shadow too, and enforced otherwise.
+async fn shadowed(
+    state: &AppState,
     ctx: &mut SendCtx,
     charged: &Charged,
     (charge, at): (Cost, Option<Millis>),
     d: &Denial,
-) -> Admitted {
+) -> Result<Admitted, Stop> {
     ctx.would_deny(shadow_reason(d));
-    let mut after = vec![AfterSend {
-        scope: charged.scope.clone(),
-        profile: charged.profile.clone(),
-        cost: charge,
-        at,
-    }];
-    // A client's own quota that is not in shadow is enforced (`enforced_client`).
-    if let Some(c) = charged
-        .client
-        .as_ref()
-        .filter(|c| ctx.config.in_shadow(&c.profile))
-    {
-        after.push(AfterSend {
-            scope: c.scope.clone(),
-            profile: c.profile.clone(),
-            cost: c.charge,
-            at,
-        });
-    }
-    Admitted {
-        lease: None,
+    // The client's first: an enforced client quota that refuses leaves nothing charged.
+    let client = match &charged.client {
+        Some(c) if ctx.config.in_shadow(&c.profile) => {
+            forced(state, ctx, (&c.scope, &c.profile), c.charge, at).await
+        }
+        Some(_) => enforced_client(state, ctx, charged, at).await?,
+        None => None,
+    };
+    let client = client.zip(charged.client.as_ref().map(|c| c.profile.clone()));
+    let grant = forced(state, ctx, (&charged.scope, &charged.profile), charge, at).await;
+    let (store, metrics) = (state.store.clone(), state.metrics.clone());
+    let lease = match (grant, client) {
+        (Some(g), client) => {
+            let lease = Lease::new(
+                store,
+                metrics,
+                g.reservation,
+                charged.profile.clone(),
+                g.usage,
+            );
+            Some(match client {
+                Some((c, profile)) => lease.with_companion(c.reservation, profile),
+                None => lease,
+            })
+        }
+        (None, Some((c, profile))) => {
+            Some(Lease::new(store, metrics, c.reservation, profile, c.usage))
+        }
+        (None, None) => None,
+    };
+    Ok(Admitted {
+        lease,
         deferred_to: None,
-        after,
-    }
+    })
+}
+
+/// Charges `cost` to `scope` under `profile` whatever its limits say (shadow mode). A
+/// store failure is logged and leaves that charge out: shadow mode never holds a send up.
+async fn forced(
+    state: &AppState,
+    ctx: &SendCtx,
+    (scope, profile): (&Scope, &Profile),
+    cost: Cost,
+    at: Option<Millis>,
+) -> Option<Allowance> {
+    let started = Instant::now();
+    let result = state.store.charge(scope.as_str(), profile, cost, at).await;
+    state.metrics.store_call("charge", started.elapsed());
+    result
+        .inspect_err(|e| {
+            tracing::error!(request_id = %ctx.record.request_id, error = %e, "could not count a send shadow mode lets through");
+        })
+        .ok()
 }
 
 /// A send its grant's quota refused in shadow still answers to a client quota that is not
-/// in shadow: reserved for real (the lease of the send, then), or refused.
+/// in shadow: reserved for real, or refused.
 async fn enforced_client(
     state: &AppState,
     ctx: &mut SendCtx,
     charged: &Charged,
     at: Option<Millis>,
-    admitted: &mut Admitted,
-) -> Result<(), Stop> {
-    let Some(c) = charged
-        .client
-        .as_ref()
-        .filter(|c| !ctx.config.in_shadow(&c.profile))
-    else {
-        return Ok(());
+) -> Result<Option<Allowance>, Stop> {
+    let Some(c) = &charged.client else {
+        return Ok(None);
     };
     let started = Instant::now();
     let result = state
@@ -203,12 +214,7 @@ async fn enforced_client(
         .await;
     state.metrics.store_call("reserve", started.elapsed());
     match result {
-        Ok(Decision::Allowed(a)) => {
-            let (store, metrics) = (state.store.clone(), state.metrics.clone());
-            let lease = Lease::new(store, metrics, a.reservation, c.profile.clone(), a.usage);
-            admitted.lease = Some(lease);
-            Ok(())
-        }
+        Ok(Decision::Allowed(a)) => Ok(Some(a)),
         Ok(Decision::Denied(d)) => Err(denied(ctx, d)),
         Err(e) if ctx.config.store.on_unavailable == OnUnavailable::Reject => {
             ctx.decide(Outcome::StoreError, store_reason(&e));
@@ -216,27 +222,31 @@ async fn enforced_client(
         }
         Err(e) => {
             tracing::warn!(error = %e, "the client's quota could not be charged; the send is charged to the grant only");
-            Ok(())
+            Ok(None)
         }
     }
 }
 
 /// In shadow, a client's own quota that refused while the grant's admitted: reported, and
-/// charged once the send has gone out.
-fn client_after(ctx: &mut SendCtx, charged: &mut Charged, at: Option<Millis>) -> Vec<AfterSend> {
-    let Some(client) = &mut charged.client else {
-        return Vec::new();
-    };
-    let Some(reason) = client.shadow_denied.take() else {
-        return Vec::new();
+/// charged whatever its limits say, its reservation left on the client to settle with the
+/// grant's lease.
+async fn shadow_client(
+    state: &AppState,
+    ctx: &mut SendCtx,
+    charged: &mut Charged,
+    at: Option<Millis>,
+) {
+    let Some(reason) = charged.client.as_mut().and_then(|c| c.shadow_denied.take()) else {
+        return;
     };
     ctx.would_deny(reason);
-    vec![AfterSend {
-        scope: client.scope.clone(),
-        profile: client.profile.clone(),
-        cost: client.charge,
-        at,
-    }]
+    let Some(c) = &charged.client else {
+        return;
+    };
+    let a = forced(state, ctx, (&c.scope, &c.profile), c.charge, at).await;
+    if let Some(c) = &mut charged.client {
+        c.reservation = a.map(|a| a.reservation);
+    }
 }
 
 fn admitted(
@@ -256,7 +266,6 @@ fn admitted(
     Admitted {
         lease: Some(lease),
         deferred_to,
-        after: Vec::new(),
     }
 }
 

@@ -95,16 +95,8 @@ async fn phases(
         if let Some(secs) = admitted.deferred_to {
             priced.body = schedule::deferred_body(priced.body, secs);
         }
-        // In shadow: owed before it goes, charged once it went out (or may have).
-        // Units are counted once: by the lease when there is one (a client's own quota
-        // enforced under a grant in shadow), else by the grant's owed charge.
-        let units = admitted.lease.is_none();
-        let owed = shadow::Owed::new(state, ctx, (&charged.scope, units), admitted.after);
         let sent = forward::forward(state, ctx, parts, priced.body).await;
-        let settled = settle::settle(state, ctx, &charged, admitted.lease, sent).await;
-        owed.settle(settled.as_ref().map_or(true, |s| s.went_out))
-            .await;
-        let mut settled = settled?;
+        let mut settled = settle::settle(state, ctx, &charged, admitted.lease, sent).await?;
         shadow::announce(ctx, &mut settled.response);
         if let Some(secs) = admitted.deferred_to {
             schedule::announce(&mut settled.response, secs);

@@ -46,8 +46,6 @@ const DEFAULT_PAUSE: Duration = Duration::from_secs(60);
 pub(super) struct Settled {
     pub response: Response,
     pub kept: Option<Kept>,
-    /// Whether Nylas's answer says the send went out (or may have).
-    pub went_out: bool,
 }
 
 /// Settles `lease` (none: forwarded uncounted) on what forwarding produced.
@@ -93,11 +91,7 @@ pub(super) async fn settle(
     for (k, v) in headers.into_iter().flatten() {
         response.headers_mut().insert(k, v);
     }
-    Ok(Settled {
-        response,
-        kept,
-        went_out,
-    })
+    Ok(Settled { response, kept })
 }
 
 async fn release(ctx: &mut SendCtx, lease: Option<Lease>) {
