@@ -219,8 +219,9 @@ impl MemoryStore {
     }
 
     /// Keeps `scopes`' fleet entries as they now stand in `fleet` as [`FLEET_META`]
-    /// settings (buffered, like a charge within the limits), so that a reopened store lists
-    /// them again ([`MemoryStore::restore_fleet`]). Nothing for a store in memory only.
+    /// settings, written before this returns (a page that wrote its notes holds them), so
+    /// that a reopened store lists them again ([`MemoryStore::restore_fleet`]). Nothing
+    /// for a store in memory only.
     fn journal_fleet<'a>(
         &self,
         fleet: &MemoryFleet,
@@ -256,7 +257,7 @@ impl MemoryStore {
                 None => {}
             }
         }
-        self.log(&recs, Write::Buffered)
+        self.log(&recs, Write::Now)
     }
 
     /// Rebuilds the fleet index from the [`FLEET_META`] settings a journal brought back.
