@@ -323,6 +323,36 @@ async fn holds_a_client_quota_across_grants_domains_schedules_and_concurrency() 
     assert_eq!(w.used.messages + w.scheduled.messages, 3, "{w:?}");
 }
 
+/// A grant whose profile is in shadow (one message a day) and the client `app`, whose own
+/// profile is enforced (`client_messages` a day).
+async fn shadow_grant_with_app(client_messages: u32) -> (fake_nylas::FakeNylas, Gateway) {
+    let nylas = fake().await;
+    let toml = with_app(
+        &nylas.url(),
+        &format!(
+            "[grants]\ndefault_profile = \"tiny\"\n\
+             [profiles.tiny]\nshadow = true\n\
+             [[profiles.tiny.windows]]\nperiod = \"1d\"\nmessages = 1\n\
+             [profiles.mine]\n[[profiles.mine.windows]]\nperiod = \"1d\"\n\
+             messages = {client_messages}\n"
+        ),
+    );
+    let gw = Gateway::start(&toml).await;
+    (nylas, gw)
+}
+
+/// The demo grant's send path, and a message scheduled an hour from now.
+fn scheduled_in_an_hour() -> (String, Value) {
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let mut body = simple();
+    body["send_at"] = json!(later);
+    (format!("/v3/grants/{DEMO_GRANT_ID}/messages/send"), body)
+}
+
 /// HOLDS (shadow grant, enforced client, scheduled sends and cancels): the grant's
 /// profile is in shadow (1 a minute), the client's is enforced (2 a day). Scheduled sends
 /// go out until the client's day is full; cancelling one (twice, concurrently) gives
@@ -333,23 +363,8 @@ async fn holds_a_client_quota_across_grants_domains_schedules_and_concurrency() 
 /// over-count, the safe side, so this holds.)
 #[tokio::test]
 async fn holds_cancels_under_a_shadow_grant_never_free_more_than_was_cancelled() {
-    let nylas = fake().await;
-    let toml = with_app(
-        &nylas.url(),
-        "[grants]\ndefault_profile = \"tiny\"\n\
-         [profiles.tiny]\nshadow = true\n\
-         [[profiles.tiny.windows]]\nperiod = \"1d\"\nmessages = 1\n\
-         [profiles.mine]\n[[profiles.mine.windows]]\nperiod = \"1d\"\nmessages = 2\n",
-    );
-    let gw = Gateway::start(&toml).await;
-    let later = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let mut body = simple();
-    body["send_at"] = json!(later);
-    let path = format!("/v3/grants/{DEMO_GRANT_ID}/messages/send");
+    let (_nylas, gw) = shadow_grant_with_app(2).await;
+    let (path, body) = scheduled_in_an_hour();
     let mut ids = Vec::new();
     let mut refused = 0;
     for _ in 0..3 {
@@ -403,23 +418,8 @@ async fn holds_cancels_under_a_shadow_grant_never_free_more_than_was_cancelled()
 /// must end at the one send that still stands.
 #[tokio::test]
 async fn bypass_a_cancel_under_a_shadow_grant_gives_back_from_the_wrong_quota() {
-    let nylas = fake().await;
-    let toml = with_app(
-        &nylas.url(),
-        "[grants]\ndefault_profile = \"tiny\"\n\
-         [profiles.tiny]\nshadow = true\n\
-         [[profiles.tiny.windows]]\nperiod = \"1d\"\nmessages = 1\n\
-         [profiles.mine]\n[[profiles.mine.windows]]\nperiod = \"1d\"\nmessages = 5\n",
-    );
-    let gw = Gateway::start(&toml).await;
-    let later = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let mut body = simple();
-    body["send_at"] = json!(later);
-    let path = format!("/v3/grants/{DEMO_GRANT_ID}/messages/send");
+    let (_nylas, gw) = shadow_grant_with_app(5).await;
+    let (path, body) = scheduled_in_an_hour();
     let mut ids = Vec::new();
     for _ in 0..2 {
         let resp = post(&gw, &path).json(&body).send().await.unwrap();

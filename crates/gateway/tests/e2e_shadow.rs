@@ -28,6 +28,14 @@ async fn send(gw: &Gateway, to: &[&str]) -> reqwest::Response {
         .unwrap()
 }
 
+/// The hex SHA-256 of the client token `app-token`, as `[[clients]] token_sha256` takes it.
+fn app_digest() -> String {
+    gateway::config::token_digest(b"app-token")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn would_deny(resp: &reqwest::Response) -> Option<String> {
     resp.headers()
         .get("send-gateway-would-deny")
@@ -148,10 +156,7 @@ async fn in_shadow_a_send_whose_client_leaves_before_the_answer_still_counts() {
 #[tokio::test]
 async fn a_client_quota_in_shadow_is_counted_when_the_grant_defers_the_send() {
     let nylas = fake().await;
-    let digest: String = gateway::config::token_digest(b"app-token")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = app_digest();
     // The grant's profile defers a full window; the client's own profile is in shadow.
     let toml = config(
         &nylas.url(),
@@ -191,10 +196,7 @@ async fn a_client_quota_in_shadow_is_counted_when_the_grant_defers_the_send() {
 #[tokio::test]
 async fn a_client_quota_not_in_shadow_holds_when_the_grants_quota_is_in_shadow() {
     let nylas = fake().await;
-    let digest: String = gateway::config::token_digest(b"app-token")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = app_digest();
     // The grant's profile is in shadow, one message a minute; the client's is enforced,
     // two a day.
     let toml = config(
@@ -241,10 +243,7 @@ async fn a_client_quota_not_in_shadow_holds_when_the_grants_quota_is_in_shadow()
 #[tokio::test]
 async fn a_client_quota_in_shadow_names_a_send_over_its_whole_window_as_enforce_would() {
     let nylas = fake().await;
-    let digest: String = gateway::config::token_digest(b"app-token")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = app_digest();
     let toml = config(
         &nylas.url(),
         &format!(
