@@ -48,8 +48,8 @@ fn companion_name(schedule_id: &str) -> String {
     format!("schedule-client:{schedule_id}")
 }
 
-/// What the grant's record holds when only the client's own charge was reserved (the
-/// grant's was charged outright, in shadow): nothing of the grant's to give back.
+/// What the grant's record holds when only the client's own charge is held (in shadow,
+/// when the grant's forced charge failed): nothing of the grant's to give back.
 const NO_RESERVATION: &str = "-";
 
 /// Remembers `reservation` as the charge of the scheduled send `schedule_id` of `scope`

@@ -382,7 +382,7 @@ async fn client_too(
             client.reservation = Some(c.reservation);
             return Ok(Decision::Allowed(a));
         }
-        // In shadow, reported and charged once the send has gone out (see `client_after`).
+        // In shadow, reported, and charged whatever its limits say (see `shadow_client`).
         Ok(Decision::Denied(d)) if shadow => {
             client.shadow_denied = Some(shadow_reason(&d));
             return Ok(Decision::Allowed(a));

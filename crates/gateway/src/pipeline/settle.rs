@@ -316,9 +316,9 @@ async fn remember_schedule(
     };
     let started = std::time::Instant::now();
     let store = state.store.as_ref();
-    // A client's own quota enforced under a grant in shadow: the lease is the client's
-    // (the grant's charge was owed, not reserved), so it is remembered as the companion,
-    // never as the grant's, or a cancel would give it back from the grant's count.
+    // A lease of another scope (a client's own quota, when in shadow the grant's forced
+    // charge failed) is remembered as the companion, never as the grant's, or a cancel
+    // would give it back from the grant's count.
     let (reservation, companion) = if reservation.scope() == charged.scope.as_str() {
         (Some(reservation), companion)
     } else {
