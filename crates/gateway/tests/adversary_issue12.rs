@@ -461,3 +461,34 @@ async fn bypass_a_cancel_under_a_shadow_grant_gives_back_from_the_wrong_quota() 
     let resp = post(&gw, &path).json(&body).send().await.unwrap();
     assert_eq!(resp.headers()["send-gateway-would-deny"], "messages");
 }
+
+/// HOLDS (the streamed-size correction stays on streamed bodies): a JSON send deferred
+/// under a bytes window goes out with the `send_at` the gateway added. That field is not
+/// the message's: the deferred send is charged what the same message sent now is.
+#[tokio::test]
+async fn holds_a_deferred_json_send_is_charged_its_own_size() {
+    let nylas = fake().await;
+    let toml = config(
+        &nylas.url(),
+        "[grants]\ndefault_profile = \"bytes\"\n\
+         [profiles.bytes]\ndefer_up_to = \"1h\"\n\
+         [[profiles.bytes.windows]]\nperiod = \"10m\"\nbuckets = 10\nmessages = 1\nbytes = 1000000\n",
+    );
+    let gw = Gateway::start(&toml).await;
+    // With its own `from`, Nylas's answer lists nothing the request did not: no correction
+    // from the answer can hide one from the bytes the gateway added.
+    let mut m = simple();
+    m["from"] = json!([{ "email": DEMO_GRANT_EMAIL }]);
+    assert_eq!(gw.send_status(&m).await, 200);
+    let resp = gw
+        .send_json(&client(), DEMO_GRANT_ID, &m)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("send-gateway-deferred-until"));
+    let q = gw.quota(DEMO_GRANT_ID).await;
+    let bytes = &q["windows"][0]["bytes"];
+    assert!(bytes["used"].as_u64().unwrap() > 0, "{q}");
+    assert_eq!(bytes["used"], bytes["scheduled"], "{q}");
+}

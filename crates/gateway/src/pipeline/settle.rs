@@ -278,7 +278,9 @@ fn correction(
 /// was read so far), so what the meter counted on the way corrects it, raw MIME included.
 /// Only where a window limits bytes.
 fn streamed_extra(charged: &Charged, cost: Cost, overflow: &Overflow) -> Cost {
-    if !counts_bytes(charged) {
+    // A buffered body (JSON) was costed whole; its size grows only by what the gateway
+    // added (a deferred send's `send_at`), which is not the message's.
+    if !overflow.is_streamed() || !counts_bytes(charged) {
         return Cost::default();
     }
     Cost::new(0, 0, overflow.size().saturating_sub(cost.bytes))

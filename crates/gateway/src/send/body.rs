@@ -63,6 +63,9 @@ impl SizeModel {
 #[derive(Debug, Clone)]
 pub struct Overflow {
     limit: Option<u64>,
+    /// Whether the body is streamed (read in part before the charge, the rest metered on
+    /// the way) rather than buffered whole.
+    streamed: bool,
     state: Arc<OverflowState>,
 }
 
@@ -77,11 +80,18 @@ struct OverflowState {
 }
 
 impl Overflow {
-    pub(crate) fn new(limit: Option<u64>) -> Self {
+    pub(crate) fn new(limit: Option<u64>, streamed: bool) -> Self {
         Overflow {
             limit,
+            streamed,
             state: Arc::default(),
         }
+    }
+
+    /// Whether the body is streamed: its [`size`](Self::size) is then what the meter
+    /// counted on the way, which a charge made before its end can fall short of.
+    pub fn is_streamed(&self) -> bool {
+        self.streamed
     }
 
     /// True when the message grew past the limit and the body was cut short.
@@ -489,7 +499,7 @@ impl fmt::Debug for UpstreamBody {
 impl UpstreamBody {
     /// A body read in full during inspection, of the given message size.
     pub(crate) fn buffered(body: Bytes, size: u64, limit: Option<u64>) -> Self {
-        let overflow = Overflow::new(limit);
+        let overflow = Overflow::new(limit, false);
         let len = body.len() as u64;
         overflow.record(len, size);
         overflow.finish();
@@ -508,7 +518,7 @@ impl UpstreamBody {
         limit: Option<u64>,
         content_length: Option<u64>,
     ) -> Self {
-        let overflow = Overflow::new(limit);
+        let overflow = Overflow::new(limit, true);
         let driver = Driver {
             source,
             parser: Some(parser),
@@ -607,7 +617,7 @@ mod tests {
 
     #[test]
     fn overflow_records_the_first_failure() {
-        let overflow = Overflow::new(Some(5));
+        let overflow = Overflow::new(Some(5), true);
         overflow.fail(InspectError::TooLarge { size: 9, limit: 5 });
         overflow.fail(InspectError::Body("later".into()));
         assert!(overflow.is_over());
